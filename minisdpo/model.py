@@ -1,0 +1,419 @@
+"""A textbook Llama in plain PyTorch: ModelArgs, RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Follows "LLaMA: Open and Efficient Foundation Language Models" (Touvron et al., 2023) and
+Llama 2/3 (grouped-query attention, Ainslie et al. 2023; the "llama3" RoPE frequency scaling),
+written in the style of gpt-fast's model.py: one ``ModelArgs`` dataclass, a KV cache object
+with explicit positions, prefill and decode kept apart. Modules are named exactly as Hugging
+Face's ``LlamaForCausalLM`` names them (DESIGN.md section 4), so a checkpoint loads as an
+identity copy, and RoPE uses the ``rotate_half`` form those checkpoints are stored for.
+
+Masks are boolean, True meaning "may attend". Every token may always attend to itself: a padding
+row would otherwise be fully masked and turn into NaN, which then leaks through 0 * NaN in the
+attention of the real tokens.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["ModelArgs", "RMSNorm", "Attention", "MLP", "Block", "KVCache", "Llama", "rope_inv_freq"]
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 32000
+    dim: int = 4096                      # hidden_size
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None        # None: n_heads (multi-head); 1: multi-query
+    intermediate_size: int = 11008
+    head_dim: int | None = None          # None: dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None   # None, or {"rope_type": "llama3", ...}
+    tie_word_embeddings: bool = False
+    max_seq_len: int = 2048              # max_position_embeddings; informative only
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim ({self.dim}) is not divisible by n_heads ({self.n_heads}); give head_dim")
+            self.head_dim = self.dim // self.n_heads
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "head_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"ModelArgs.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if rope_type != "llama3":
+                raise ValueError(f"unsupported rope type {rope_type!r} in rope_scaling: only 'llama3' (or none)")
+            for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                if key not in self.rope_scaling:
+                    raise ValueError(f"rope_scaling of type 'llama3' lacks {key!r}")
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> "ModelArgs":
+        """ModelArgs from a Hugging Face Llama ``config.json`` dict (transformers 4.x or 5.x)."""
+        architectures = config.get("architectures") or ["LlamaForCausalLM"]
+        if "LlamaForCausalLM" not in architectures:
+            raise ValueError(f"unsupported architecture {architectures}: only LlamaForCausalLM")
+        if config.get("model_type", "llama") != "llama":
+            raise ValueError(f"unsupported model_type {config['model_type']!r}: only 'llama'")
+        if config.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {config['hidden_act']!r}: only 'silu'")
+        for flag in ("attention_bias", "mlp_bias"):
+            if config.get(flag, False):
+                raise ValueError(f"unsupported {flag}=True: this Llama has no biases")
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+            if key not in config:
+                raise ValueError(f"config.json lacks {key!r}")
+        # transformers 5 folds rope_theta and rope_scaling into rope_parameters; 4.x keeps them apart.
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"unsupported rope type {rope_type!r}: only 'default' and 'llama3'")
+        return cls(
+            vocab_size=config["vocab_size"],
+            dim=config["hidden_size"],
+            n_layers=config["num_hidden_layers"],
+            n_heads=config["num_attention_heads"],
+            n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+            intermediate_size=config["intermediate_size"],
+            head_dim=config.get("head_dim"),
+            norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope if rope_type == "llama3" else None,
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
+            max_seq_len=config.get("max_position_embeddings", 2048),
+            bos_token_id=config.get("bos_token_id"),
+            eos_token_id=config.get("eos_token_id"),
+        )
+
+    def to_hf_config(self, dtype: torch.dtype | None = None) -> dict[str, Any]:
+        """The inverse of ``from_hf_config``: a ``config.json`` dict for ``LlamaForCausalLM``."""
+        rope_parameters = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        config = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.norm_eps,
+            # Both spellings, so transformers 4.x and 5.x read the same RoPE.
+            "rope_theta": self.rope_theta,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+            "rope_parameters": rope_parameters,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_seq_len,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        }
+        if dtype is not None:
+            config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        return config
+
+
+def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None) -> torch.Tensor:
+    """The RoPE inverse frequencies theta^(-2i/d), i < d/2, in float32; "llama3" scaled if asked."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))  # (d/2,)
+    if args.rope_scaling is None:
+        return inv_freq
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    s = args.rope_scaling
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    # Pairs dimension i with i + d/2 (the layout Hugging Face checkpoints are stored for).
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, n_head, T, head_dim); cos, sin (B, 1, T, head_dim)
+    return x * cos + rotate_half(x) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, then round before scaling, as the reference implementation does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for ``max_len`` slots.
+
+    Slots are explicit positions in the cache; they are shared by the whole batch, while RoPE
+    positions (``position_ids``) are per row, so left-padded prompts of different lengths share
+    one cache. ``key_valid`` (B, max_len) marks the slots that hold real tokens.
+    """
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (batch_size, args.n_kv_heads, max_len, args.head_dim)  # (B, n_kv_head, S, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.max_len = max_len
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv_head, T, head_dim) at slots start..start+T; return slots 0..start+T."""
+        end = start + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def mask(self, start: int, length: int) -> torch.Tensor:
+        """(B, 1, length, start+length) bool: queries at slots start.. see earlier valid slots."""
+        end = start + length
+        q_slot = torch.arange(start, end, device=self.key_valid.device)[:, None]   # (T, 1)
+        k_slot = torch.arange(end, device=self.key_valid.device)[None, :]          # (1, S)
+        allowed = (k_slot <= q_slot) & self.key_valid[:, None, :end]             # (B, T, S)
+        return (allowed | (k_slot == q_slot))[:, None]                            # (B, 1, T, S)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, n_head, T, head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, start, k, v)                               # (B, n_kv_head, S, head_dim)
+        # Grouped-query attention: query head h reads key/value head h // (n_heads / n_kv_heads).
+        n_rep = self.n_heads // self.n_kv_heads
+        if n_rep > 1:
+            k = k.repeat_interleave(n_rep, dim=1)                                      # (B, n_head, S, head_dim)
+            v = v.repeat_interleave(n_rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, n_head, T, head_dim)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)              # (B, T, n_head * head_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args, layer)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The ``model.`` part of a Hugging Face checkpoint: embeddings, blocks, final norm."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Decoder(args)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tie_weights()
+        # A plain attribute, not a buffer: .to(bfloat16) must not round the frequencies.
+        self._inv_freq: torch.Tensor | None = None
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head when the config says so (again after loading)."""
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None,
+                        device: torch.device | str = "cpu") -> "Llama":
+        """Load a Hugging Face Llama directory; see ``minisdpo.checkpoint.from_pretrained``."""
+        from minisdpo.checkpoint import from_pretrained  # lazy: checkpoint imports this module
+        return from_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str, max_shard_size: int | str = "5GB") -> None:
+        """Write a Hugging Face directory; see ``minisdpo.checkpoint.save_pretrained``."""
+        from minisdpo.checkpoint import save_pretrained
+        save_pretrained(self, path, max_shard_size=max_shard_size)
+
+    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        device = position_ids.device
+        if self._inv_freq is None or self._inv_freq.device != device:
+            self._inv_freq = rope_inv_freq(self.args, device)
+        freqs = position_ids[..., None].float() * self._inv_freq       # (B, T, head_dim/2), float32
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]               # (B, 1, T, head_dim)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)                         # (B, T, dim)
+        cos, sin = self._rope(position_ids, x.dtype)
+        for block in self.model.layers:
+            x = block(x, cos, sin, mask, cache, start)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V), or final hidden states (B, T, dim) if return_hidden.
+
+        attention_mask (B, T): 1 for real tokens, 0 for padding (left or right).
+        position_ids (B, T) or (T,): RoPE positions; by default the count of real tokens before
+            each one, so left-padded rows start at 0.
+        mask (T, T), (B, T, T) or (B, 1, T, T) bool, True = may attend: replaces the causal mask
+            (for example a block mask: a shared prompt, responses that see the prompt and
+            themselves only). It is combined with attention_mask when both are given.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        device = input_ids.device
+        if attention_mask is not None and attention_mask.shape != (B, T):
+            raise ValueError(f"attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(T, device=device)
+            else:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if position_ids.shape not in ((T,), (B, T)):
+            raise ValueError(f"position_ids must have shape {(B, T)} or {(T,)}, got {tuple(position_ids.shape)}")
+        position_ids = position_ids.expand(B, T)
+
+        allowed = None                                                  # None: plain causal
+        if mask is not None:
+            if mask.dtype != torch.bool:
+                raise TypeError(f"mask must be a bool tensor (True = may attend), got {mask.dtype}")
+            if mask.shape[-2:] != (T, T) or mask.dim() not in (2, 3, 4):
+                raise ValueError(f"mask must be (T, T), (B, T, T) or (B, 1, T, T) with T={T}, "
+                                 f"got {tuple(mask.shape)}")
+            allowed = mask.view(-1, 1, T, T) if mask.dim() == 3 else mask  # (B, 1, T, T) or (T, T)
+        if attention_mask is not None:
+            if allowed is None:
+                allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            allowed = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
+        if allowed is not None:
+            allowed = allowed | torch.eye(T, dtype=torch.bool, device=device)
+        h = self._hidden(input_ids, position_ids, allowed)
+        return h if return_hidden else self.lm_head(h)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run left-padded prompts (B, T) through the model into slots 0..T; logits of the last slot (B, V)."""
+        T = input_ids.shape[1]
+        cache.key_valid[:, :T] = attention_mask.bool()
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)   # (B, T)
+        h = self._hidden(input_ids, position_ids, cache.mask(0, T), cache, 0)
+        return self.lm_head(h[:, -1])
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
+                    slot: int) -> torch.Tensor:
+        """One new token per row (B,) at cache slot ``slot`` and RoPE positions (B,); logits (B, V)."""
+        cache.key_valid[:, slot] = True
+        h = self._hidden(tokens[:, None], position_ids[:, None], cache.mask(slot, 1), cache, slot)
+        return self.lm_head(h[:, -1])
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | Sequence[int] | None,
+                 attention_mask: torch.Tensor | None = None, pad_id: int | None = None) -> torch.Tensor:
+        """Greedy decoding of left-padded prompts; returns only the new tokens (B, n), n <= max_new_tokens.
+
+        A row stops after its first EOS; later slots of that row hold ``pad_id`` (default: the
+        first EOS id). Decoding ends when every row has stopped or after max_new_tokens.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != (B, T):
+            raise ValueError(f"attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generate needs left-padded prompts: attention_mask[:, -1] must be 1")
+        eos = torch.tensor([] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id),
+                           dtype=torch.long, device=input_ids.device)
+        if pad_id is None:
+            pad_id = int(eos[0]) if len(eos) else 0
+
+        was_training = self.training
+        self.eval()
+        param = next(self.parameters())
+        cache = KVCache(self.args, B, T + max_new_tokens, param.dtype, input_ids.device)
+        logits = self.prefill(input_ids, attention_mask, cache)            # (B, V)
+        position = attention_mask.long().sum(-1)                            # (B,) next RoPE position
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        out = []
+        for step in range(max_new_tokens):
+            token = logits.argmax(-1).masked_fill(done, pad_id)             # (B,)
+            out.append(token)
+            done = done | torch.isin(token, eos)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            logits = self.decode_step(token, position, cache, T + step)
+            position = position + 1
+        self.train(was_training)
+        return torch.stack(out, dim=1)                                      # (B, n)
