@@ -1,0 +1,614 @@
+"""Data sets, prompts, negatives and batches for S-DPO recommendation.
+
+The task follows LLaRA (Liao et al., SIGIR 2024) and S-DPO (Chen et al., NeurIPS 2024,
+arXiv 2406.09215): a row is a user's history of item titles (oldest first, at most 10), 20
+candidate titles (the true next item and 19 others, shuffled) and the target. The prompt lists
+the history and the candidates and ends in "Answer:"; the response is the target's title.
+
+Data sets (``load_dataset``):
+
+* ``"movielens"`` (built in, domain "movies"): MovieLens-100K, prepared as LLaRA prepares it.
+  Each user's interactions are put in time order (ties keep the file's order); every step with
+  at least ``MIN_HISTORY`` = 3 past items (LLaRA keeps ``len_seq >= 3``) gives a row whose
+  history is the last (up to) ``MAX_HISTORY`` = 10 titles and whose target is the next item.
+  The 19 other candidates are drawn uniformly from the items that are neither in the shown
+  history nor the target (LLaRA's rule), by a ``random.Random`` seeded by (seed, user), so a
+  split is reproducible and does not depend on the order in which users are read.
+  **Split by user, 8:1:1**: the users are shuffled with the seed and cut 80% / 10% / 10%; all
+  the rows of a user go to that user's split. Why: it is how the paper's data was made (the
+  LastFM files of S-DPO hold 976 / 122 / 122 disjoint users, and LLaRA's 95 MovieLens test rows
+  are one per test user of exactly this cut of 943 users), so both built-in data sets measure
+  the same thing: recommending to users never seen in training. (A global time split would
+  avoid training on interactions later than the test ones, but would not match the paper.)
+  Titles are cleaned: "Usual Suspects, The (1995)" -> "The Usual Suspects" (see
+  ``clean_title``); items with the same cleaned title (MovieLens lists a few movies twice) are
+  merged into one item, and the item titled "unknown" is dropped.
+  Sources, in order: ``data_dir`` holding the GroupLens files (``u.data``, ``u.item``) or
+  RecBole's atomic files (``ml-100k.inter``, ``ml-100k.item``); else the copy inside an
+  installed ``recbole`` wheel (found with ``importlib.util.find_spec``, never imported).
+* ``"lastfm"`` (domain "music") and ``"json"``: a directory of files in the S-DPO / LLaRA JSON
+  format (``historyList`` as a "::"-joined string or a list, ``itemList``, ``trueSelection``;
+  ``.json`` or ``.json.gz``), one file per split, named ``*train*``, ``*val*`` or ``*valid*``,
+  ``*test*``. The paper's LastFM (``lastfm-{train,val,test}.json.gz``) reads unchanged.
+
+Prompt and tokens (one function each, used by SFT, S-DPO and evaluation alike):
+
+* ``format_prompt`` writes one title per line (titles may contain ", ", so a comma list would be
+  ambiguous; a title may not contain a newline, which ``Row`` checks).
+* ``encode_prompt`` = ``[BOS] + encode(prompt text)``, no EOS.
+* ``encode_response`` = ``encode(title) + [EOS]``, encoded separately from the prompt.
+  A training sequence is ``encode_prompt(...) + encode_response(title)``, so greedy decoding
+  that starts from ``encode_prompt(...)`` sees exactly the context the model was trained on.
+* Too long a sequence is cut on the left of the prompt, keeping its first token (BOS); the
+  response is never cut. In an S-DPO group every sequence gets the same prompt, cut for the
+  longest response of the group.
+
+Batches are right-padded with the tokenizer's pad id (its EOS id when it has none) and come
+with **labels already shifted**: ``labels[s, t]`` is the token that ``logits[s, t]`` predicts,
+i.e. ``input_ids[s, t + 1]`` where that token belongs to the response, and -100 elsewhere (the
+prompt, the padding, the last column). So training does ``logits = model(input_ids,
+attention_mask=...)`` and hands ``labels`` straight to ``minisdpo.loss`` / ``minisdpo.ops`` or
+to ``F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)``.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib.util
+import json
+import random
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+__all__ = [
+    "Row", "Tokenizer", "DOMAINS", "MIN_HISTORY", "MAX_HISTORY", "NUM_CANDIDATES", "IGNORE_INDEX",
+    "clean_title", "load_dataset", "load_movielens", "load_json_dir", "load_json_file",
+    "default_domain", "subsample", "format_prompt", "encode_prompt", "encode_response",
+    "truncate_prompt", "encode_group", "padding_id", "collate", "sft_batch", "sdpo_batch",
+    "sample_negatives", "epoch_negatives", "batches",
+]
+
+DOMAINS = ("movies", "music", "books")
+MIN_HISTORY = 3        # LLaRA keeps steps with len_seq >= 3
+MAX_HISTORY = 10       # the last 10 items are shown
+NUM_CANDIDATES = 20    # the target and 19 others
+IGNORE_INDEX = -100
+
+
+class Tokenizer(Protocol):
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Rows
+
+@dataclass(frozen=True)
+class Row:
+    """One recommendation step: the history (oldest first), the candidates, the target."""
+
+    history: tuple[str, ...]
+    candidates: tuple[str, ...]
+    target: str
+
+    def __post_init__(self) -> None:
+        for name in ("history", "candidates"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple):
+                raise TypeError(f"Row.{name} must be a tuple of str, got {type(value).__name__}")
+            for title in value:
+                _check_title(title, f"Row.{name}")
+        _check_title(self.target, "Row.target")
+        if not self.history:
+            raise ValueError("Row.history is empty")
+        if len(self.candidates) < 2:
+            raise ValueError(f"Row.candidates needs at least 2 titles, got {len(self.candidates)}")
+        if len(set(self.candidates)) != len(self.candidates):
+            dup = next(c for c in self.candidates if self.candidates.count(c) > 1)
+            raise ValueError(f"Row.candidates has a duplicate title: {dup!r}")
+        if self.target not in self.candidates:
+            raise ValueError(f"Row.target {self.target!r} is not among Row.candidates")
+
+
+def _check_title(title: Any, name: str) -> None:
+    if not isinstance(title, str):
+        raise TypeError(f"{name}: titles must be str, got {type(title).__name__} ({title!r})")
+    if not title.strip():
+        raise ValueError(f"{name}: empty title")
+    if "\n" in title:
+        # The prompt lists one title per line; a newline would make the list ambiguous.
+        raise ValueError(f"{name}: title {title!r} contains a newline")
+
+
+# --------------------------------------------------------------------------------------------
+# Title cleaning
+
+# Articles that MovieLens moves to the end ("Usual Suspects, The"). "L'" joins without a space.
+_ARTICLES = ("The", "A", "An", "Les", "Le", "La", "L'", "Il", "Lo", "Gli", "Das", "Der", "Die",
+             "Det", "Den", "El", "Los", "Las", "O", "Os", "Un", "Une", "Ein", "Eine", "Het", "De")
+_TRAILING_ARTICLE = re.compile(r"^(?P<body>.+), (?P<article>" + "|".join(map(re.escape, _ARTICLES)) + r")$")
+_YEAR = re.compile(r"\s*\(\d{4}(?:/[IVX]+)?\)$")          # "(1995)", also "(1995/I)"
+_PARENTHETICALS = re.compile(r"^(?P<main>.*?)(?P<rest>(?: \([^()]*\))*)$")
+
+
+def _front_article(text: str) -> str:
+    m = _TRAILING_ARTICLE.match(text)
+    if m is None:
+        return text
+    article = m["article"]
+    return article + m["body"] if article.endswith("'") else f"{article} {m['body']}"
+
+
+def clean_title(raw: str) -> str:
+    """A readable title from a MovieLens one.
+
+    The release year is dropped and a trailing article is put in front, both in the main title
+    and in each parenthesised alternative title:
+    "Shawshank Redemption, The (1994)" -> "The Shawshank Redemption";
+    "Seventh Seal, The (Sjunde inseglet, Det)" -> "The Seventh Seal (Det Sjunde inseglet)";
+    "Star Maker, The (Uomo delle stelle, L')" -> "The Star Maker (L'Uomo delle stelle)".
+    """
+    if not isinstance(raw, str):
+        raise TypeError(f"raw must be str, got {type(raw).__name__}")
+    text = _YEAR.sub("", " ".join(raw.split()))
+    m = _PARENTHETICALS.match(text)
+    main, rest = m["main"], m["rest"]
+    if not main:  # the whole title is parenthesised: leave it alone
+        return text
+    alternatives = re.findall(r" \(([^()]*)\)", rest)
+    return _front_article(main) + "".join(f" ({_front_article(a)})" for a in alternatives)
+
+
+# --------------------------------------------------------------------------------------------
+# MovieLens-100K
+
+_UNKNOWN_TITLES = {"unknown", "unkonwn"}  # RecBole's copy spells it "unkonwn"
+
+
+def _recbole_ml100k_dir() -> Path | None:
+    spec = importlib.util.find_spec("recbole")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        path = Path(root) / "dataset_example" / "ml-100k"
+        if (path / "ml-100k.inter").is_file() and (path / "ml-100k.item").is_file():
+            return path
+    return None
+
+
+def _atomic_columns(header: list[str], path: Path, wanted: Sequence[str]) -> list[int]:
+    # RecBole headers name each column "name:type" (e.g. "item_id:token").
+    names = [h.split(":")[0] for h in header]
+    missing = [w for w in wanted if w not in names]
+    if missing:
+        raise ValueError(f"{path}: header {header} lacks the column(s) {missing}")
+    return [names.index(w) for w in wanted]
+
+
+def _read_movielens_files(data_dir: Path | None) -> tuple[list[tuple[str, str, int]], dict[str, str]]:
+    """(interactions as (user, item, timestamp) in file order, raw title of each item)."""
+    if data_dir is not None:
+        data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise FileNotFoundError(f"data_dir {str(data_dir)!r} is not a directory")
+        for folder in (data_dir, data_dir / "ml-100k"):
+            if (folder / "u.data").is_file() and (folder / "u.item").is_file():
+                return _read_grouplens(folder)
+            if (folder / "ml-100k.inter").is_file() and (folder / "ml-100k.item").is_file():
+                return _read_atomic(folder)
+        raise FileNotFoundError(
+            f"data_dir {str(data_dir)!r} holds neither the GroupLens MovieLens-100K files "
+            "(u.data, u.item) nor RecBole's (ml-100k.inter, ml-100k.item)")
+    folder = _recbole_ml100k_dir()
+    if folder is None:
+        raise FileNotFoundError(
+            "MovieLens-100K not found. Either install the RecBole wheel, which ships it, without "
+            "its dependencies: `pip install --no-deps recbole`; or download ml-100k.zip from "
+            "https://grouplens.org/datasets/movielens/100k/ and pass its folder (with u.data and "
+            "u.item) as data_dir (--data-dir)")
+    return _read_atomic(folder)
+
+
+def _read_grouplens(folder: Path) -> tuple[list[tuple[str, str, int]], dict[str, str]]:
+    inter = []
+    with open(folder / "u.data", encoding="latin-1") as f:
+        for n, line in enumerate(f):
+            parts = line.split("\t")
+            if len(parts) != 4:
+                raise ValueError(f"{folder / 'u.data'}: line {n + 1} has {len(parts)} fields, expected 4")
+            inter.append((parts[0], parts[1], int(parts[3])))
+    titles = {}
+    with open(folder / "u.item", encoding="latin-1") as f:
+        for n, line in enumerate(f):
+            parts = line.rstrip("\n").split("|")
+            if len(parts) < 2:
+                raise ValueError(f"{folder / 'u.item'}: line {n + 1} has no title field")
+            titles[parts[0]] = parts[1]
+    return inter, titles
+
+
+def _read_atomic(folder: Path) -> tuple[list[tuple[str, str, int]], dict[str, str]]:
+    inter_path, item_path = folder / "ml-100k.inter", folder / "ml-100k.item"
+    with open(inter_path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        u, i, t = _atomic_columns(next(reader), inter_path, ("user_id", "item_id", "timestamp"))
+        inter = [(r[u], r[i], int(float(r[t]))) for r in reader if r]
+    with open(item_path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        i, title = _atomic_columns(next(reader), item_path, ("item_id", "movie_title"))
+        titles = {r[i]: r[title] for r in reader if r}
+    return inter, titles
+
+
+def load_movielens(data_dir: str | Path | None = None, seed: int = 0,
+                   min_history: int = MIN_HISTORY) -> dict[str, list[Row]]:
+    """MovieLens-100K as rows, split 8:1:1 by user (see the module docstring)."""
+    if min_history < 1:
+        raise ValueError(f"min_history must be >= 1, got {min_history}")
+    inter, raw_titles = _read_movielens_files(data_dir)
+
+    # One item per cleaned title: MovieLens has a few movies under two ids.
+    item_title: dict[str, str] = {}
+    for item, raw in raw_titles.items():
+        title = clean_title(raw)
+        if title.strip().lower() not in _UNKNOWN_TITLES and title.strip():
+            item_title[item] = title
+    titles = sorted(set(item_title.values()))
+
+    per_user: dict[str, list[tuple[int, int, str]]] = {}
+    for order, (user, item, ts) in enumerate(inter):
+        if item in item_title:
+            per_user.setdefault(user, []).append((ts, order, item_title[item]))
+
+    users = sorted(per_user, key=lambda u: (len(u), u))  # numeric order for numeric ids
+    random.Random(f"movielens-split:{seed}").shuffle(users)
+    n_train, n_val = int(0.8 * len(users)), int(0.1 * len(users))
+    split_of = {u: "train" for u in users[:n_train]}
+    split_of.update({u: "val" for u in users[n_train:n_train + n_val]})
+    split_of.update({u: "test" for u in users[n_train + n_val:]})
+
+    splits: dict[str, list[Row]] = {"train": [], "val": [], "test": []}
+    for user in sorted(per_user, key=lambda u: (len(u), u)):
+        events = sorted(per_user[user])  # by time; ties keep the file's order
+        seen: set[str] = set()
+        sequence = []
+        for _, _, title in events:
+            if title not in seen:  # a merged duplicate counts once
+                seen.add(title)
+                sequence.append(title)
+        rng = random.Random(f"movielens:{seed}:{user}")
+        rows = splits[split_of[user]]
+        for pos in range(min_history, len(sequence)):
+            history = tuple(sequence[max(0, pos - MAX_HISTORY):pos])
+            target = sequence[pos]
+            excluded = set(history)
+            excluded.add(target)
+            chosen: list[str] = []
+            while len(chosen) < NUM_CANDIDATES - 1:  # rejection sampling: few items are excluded
+                title = titles[rng.randrange(len(titles))]
+                if title not in excluded:
+                    excluded.add(title)
+                    chosen.append(title)
+            chosen.insert(rng.randrange(NUM_CANDIDATES), target)
+            rows.append(Row(history, tuple(chosen), target))
+    return splits
+
+
+# --------------------------------------------------------------------------------------------
+# The S-DPO / LLaRA JSON format
+
+def load_json_file(path: str | Path) -> list[Row]:
+    """Rows of one ``.json`` or ``.json.gz`` file: a JSON array of objects with ``historyList``
+    ("::"-joined string or list of titles), ``itemList`` (list of titles) and ``trueSelection``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} not found")
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            records = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from e
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON array of rows, got {type(records).__name__}")
+    rows = []
+    for index, record in enumerate(records):
+        try:
+            rows.append(_json_row(record))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: row {index}: {e}") from None
+    return rows
+
+
+def _json_row(record: Any) -> Row:
+    if not isinstance(record, dict):
+        raise TypeError(f"expected an object, got {type(record).__name__}")
+    missing = [k for k in ("historyList", "itemList", "trueSelection") if k not in record]
+    if missing:
+        raise ValueError(f"missing key(s) {missing}")
+    history = record["historyList"]
+    if isinstance(history, str):
+        history = history.split("::") if history else []
+    if not isinstance(history, list):
+        raise TypeError(f"historyList must be a str or a list, got {type(history).__name__}")
+    items = record["itemList"]
+    if not isinstance(items, list):
+        raise TypeError(f"itemList must be a list, got {type(items).__name__}")
+    return Row(tuple(history), tuple(items), record["trueSelection"])
+
+
+def _split_files(data_dir: Path) -> dict[str, Path]:
+    files = [p for p in sorted(data_dir.iterdir())
+             if p.is_file() and (p.name.endswith(".json") or p.name.endswith(".json.gz"))]
+    keys = {"train": ("train",), "val": ("val", "valid"), "test": ("test",)}
+    result = {}
+    for split, words in keys.items():
+        paths = [p for p in files if any(w in p.name.lower() for w in words)]
+        if len(paths) != 1:
+            what = "no file" if not paths else f"{len(paths)} files ({', '.join(p.name for p in paths)})"
+            raise FileNotFoundError(
+                f"data_dir {str(data_dir)!r}: {what} for the {split!r} split; expected exactly one "
+                f"*.json or *.json.gz whose name contains {' or '.join(map(repr, words))}")
+        result[split] = paths[0]
+    return result
+
+
+def load_json_dir(data_dir: str | Path) -> dict[str, list[Row]]:
+    """The three splits of a directory in the S-DPO / LLaRA JSON format."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data_dir {str(data_dir)!r} is not a directory")
+    return {split: load_json_file(path) for split, path in _split_files(data_dir).items()}
+
+
+# --------------------------------------------------------------------------------------------
+# The entry point
+
+_DEFAULT_DOMAINS = {"movielens": "movies", "lastfm": "music"}
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, seed: int = 0) -> dict[str, list[Row]]:
+    """Splits "train", "val", "test" of the data set ``name``: "movielens", "lastfm" or "json".
+
+    ``seed`` only matters for MovieLens (the user split and the candidates); the JSON files
+    carry their own candidates.
+    """
+    if name == "movielens":
+        return load_movielens(data_dir, seed)
+    if name in ("lastfm", "json"):
+        if data_dir is None:
+            hint = (" The paper's LastFM files are in github.com/chenyuxin1999/S-DPO, "
+                    "data/lastfm-sft-cans20/." if name == "lastfm" else "")
+            raise ValueError(f"data set {name!r} needs data_dir: a directory with *train*, *val* "
+                             f"and *test* .json[.gz] files in the S-DPO format.{hint}")
+        return load_json_dir(data_dir)
+    raise ValueError(f"unknown data set name {name!r}; expected 'movielens', 'lastfm' or 'json'")
+
+
+def default_domain(name: str) -> str:
+    """The prompt domain of a built-in data set; "json" has none (pass one of DOMAINS)."""
+    if name in _DEFAULT_DOMAINS:
+        return _DEFAULT_DOMAINS[name]
+    if name == "json":
+        raise ValueError(f"data set 'json' has no default domain: choose one of {DOMAINS}")
+    raise ValueError(f"unknown data set name {name!r}; expected 'movielens', 'lastfm' or 'json'")
+
+
+def subsample(rows: Sequence[Row], n: int, seed: int = 0) -> list[Row]:
+    """``n`` rows drawn without replacement (seeded), in their original order."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if n >= len(rows):
+        return list(rows)
+    keep = sorted(random.Random(f"subsample:{seed}").sample(range(len(rows)), n))
+    return [rows[i] for i in keep]
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts and tokens
+
+_TEMPLATES = {
+    "movies": ("This user has watched the following movies, one title per line, oldest first:\n"
+               "{history}\n"
+               "Which movie will the user watch next? Choose one of these candidate movies, "
+               "one title per line:\n"
+               "{candidates}\n"
+               "Reply with the title of the chosen movie.\n"
+               "Answer:"),
+    "music": ("This user has listened to the following artists, one name per line, oldest first:\n"
+              "{history}\n"
+              "Which artist will the user listen to next? Choose one of these candidate artists, "
+              "one name per line:\n"
+              "{candidates}\n"
+              "Reply with the name of the chosen artist.\n"
+              "Answer:"),
+    "books": ("This user has read the following books, one title per line, oldest first:\n"
+              "{history}\n"
+              "Which book will the user read next? Choose one of these candidate books, "
+              "one title per line:\n"
+              "{candidates}\n"
+              "Reply with the title of the chosen book.\n"
+              "Answer:"),
+}
+
+
+def _check_domain(domain: str) -> None:
+    if domain not in _TEMPLATES:
+        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+
+
+def format_prompt(row: Row, domain: str) -> str:
+    """The instruction text: the history and the candidates, one title per line, then "Answer:"."""
+    _check_domain(domain)
+    return _TEMPLATES[domain].format(history="\n".join(row.history),
+                                     candidates="\n".join(row.candidates))
+
+
+def encode_prompt(tok: Tokenizer, row: Row, domain: str) -> list[int]:
+    """[BOS] + the prompt's tokens, no EOS: the context of SFT, S-DPO and generation alike."""
+    return [tok.bos_id] + tok.encode(format_prompt(row, domain), bos=False, eos=False)
+
+
+def encode_response(tok: Tokenizer, title: str) -> list[int]:
+    """The title's tokens + [EOS], encoded on its own (never together with the prompt)."""
+    _check_title(title, "title")
+    return tok.encode(title, bos=False, eos=False) + [tok.eos_id]
+
+
+def truncate_prompt(prompt_ids: Sequence[int], response_len: int, max_len: int) -> list[int]:
+    """Cut the prompt on the left, keeping its first token (BOS), so that
+    prompt + a response of ``response_len`` tokens fits in ``max_len``."""
+    if response_len + 2 > max_len:
+        raise ValueError(f"max_len={max_len} leaves no room for a prompt beside a response of "
+                         f"{response_len} tokens (need at least {response_len + 2})")
+    room = max_len - response_len
+    if len(prompt_ids) <= room:
+        return list(prompt_ids)
+    return [prompt_ids[0]] + list(prompt_ids[len(prompt_ids) - (room - 1):])
+
+
+def encode_group(tok: Tokenizer, row: Row, responses: Sequence[str], max_len: int,
+                 domain: str) -> tuple[list[int], list[list[int]]]:
+    """The pieces of one prompt and its responses: (prompt ids, [response ids, ...]).
+
+    The prompt is cut once, for the longest response, so it is identical across the group
+    (a packed layout can then store it once).
+    """
+    if not responses:
+        raise ValueError("responses is empty")
+    response_ids = [encode_response(tok, title) for title in responses]
+    prompt_ids = truncate_prompt(encode_prompt(tok, row, domain),
+                                 max(len(r) for r in response_ids), max_len)
+    return prompt_ids, response_ids
+
+
+def padding_id(tok: Tokenizer) -> int:
+    # SentencePiece models often have no pad piece (pad_id -1); padded positions are masked
+    # and ignored, so any real id serves.
+    return tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else tok.eos_id
+
+
+def collate(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors from (prompt ids, response ids) pairs, labels shifted.
+
+    input_ids (B, T) long: prompt + response, then pad_id; attention_mask (B, T) long: 1 on
+    real tokens; labels (B, T) long: labels[s, t] = input_ids[s, t + 1] where that token is
+    part of the response, else -100. T is the longest sequence of the batch.
+    """
+    if not pairs:
+        raise ValueError("pairs is empty")
+    lengths = [len(p) + len(r) for p, r in pairs]
+    B, T = len(pairs), max(lengths)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    for s, (prompt, response) in enumerate(pairs):
+        if not prompt or not response:
+            raise ValueError(f"pair {s}: the prompt and the response must both be non-empty")
+        n_p, n = len(prompt), lengths[s]
+        input_ids[s, :n] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
+        attention_mask[s, :n] = 1
+        # logits at position t predict token t+1: the response tokens sit at n_p .. n-1,
+        # so they are predicted from positions n_p-1 .. n-2.
+        labels[s, n_p - 1:n - 1] = torch.tensor(list(response), dtype=torch.long)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def _check_max_len(max_len: int) -> None:
+    if not isinstance(max_len, int) or max_len < 2:
+        raise ValueError(f"max_len must be an int >= 2, got {max_len!r}")
+
+
+def sft_batch(tok: Tokenizer, rows: Sequence[Row], max_len: int, *, domain: str) -> dict[str, torch.Tensor]:
+    """SFT batch: prompt + target response per row; loss only on the response (title + EOS)."""
+    _check_max_len(max_len)
+    pairs = []
+    for row in rows:
+        prompt, (response,) = encode_group(tok, row, [row.target], max_len, domain)
+        pairs.append((prompt, response))
+    return collate(pairs, padding_id(tok))
+
+
+def sdpo_batch(tok: Tokenizer, rows: Sequence[Row], negatives: Sequence[Sequence[str]], max_len: int,
+               *, domain: str) -> dict[str, torch.Tensor]:
+    """S-DPO batch, group-major: B = G * (1 + K); row g*(1+K) is prompt + chosen (the target),
+    rows g*(1+K)+1 .. g*(1+K)+K are the prompt + each of the K rejected titles."""
+    _check_max_len(max_len)
+    if len(negatives) != len(rows):
+        raise ValueError(f"negatives has {len(negatives)} lists for {len(rows)} rows")
+    k = len(negatives[0]) if negatives else 0
+    pairs = []
+    for g, (row, negs) in enumerate(zip(rows, negatives)):
+        if len(negs) != k or k < 1:
+            raise ValueError(f"negatives[{g}] has {len(negs)} titles; every row needs the same K >= 1 "
+                             f"(negatives[0] has {k})")
+        if len(set(negs)) != k or row.target in negs or not set(negs) <= set(row.candidates):
+            raise ValueError(f"negatives[{g}] must be {k} distinct non-target candidates of rows[{g}], "
+                             f"got {list(negs)}")
+        prompt, responses = encode_group(tok, row, [row.target, *negs], max_len, domain)
+        pairs.extend((prompt, r) for r in responses)
+    return collate(pairs, padding_id(tok))
+
+
+# --------------------------------------------------------------------------------------------
+# Negatives and batching
+
+def sample_negatives(row: Row, k: int, rng: random.Random | np.random.Generator) -> list[str]:
+    """K distinct candidates other than the target, drawn uniformly by ``rng``."""
+    pool = [c for c in row.candidates if c != row.target]
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if k > len(pool):
+        raise ValueError(f"k={k} negatives asked for, but the row has only {len(pool)} non-target candidates")
+    if isinstance(rng, random.Random):
+        return rng.sample(pool, k)
+    if isinstance(rng, np.random.Generator):
+        return [pool[i] for i in rng.choice(len(pool), size=k, replace=False)]
+    raise TypeError(f"rng must be a random.Random or a numpy.random.Generator, got {type(rng).__name__}")
+
+
+def epoch_negatives(rows: Sequence[Row], k: int, seed: int, epoch: int,
+                    fixed: bool = False) -> list[list[str]]:
+    """The negatives of every row for one epoch.
+
+    Default: drawn anew each epoch, from one generator seeded by (seed, epoch). ``fixed=True``
+    (as the public S-DPO code does): drawn once, each row's depending only on (seed, row index),
+    so every epoch gets the same ones.
+    """
+    if fixed:
+        return [sample_negatives(row, k, random.Random(f"negatives:{seed}:row{i}"))
+                for i, row in enumerate(rows)]
+    rng = random.Random(f"negatives:{seed}:epoch{epoch}")
+    return [sample_negatives(row, k, rng) for row in rows]
+
+
+def batches(rows: Sequence[Any] | int, batch_size: int,
+            rng: random.Random | np.random.Generator | None = None,
+            drop_last: bool = False) -> Iterator[list[int]]:
+    """Lists of row indices (so per-row data such as negatives can be looked up), shuffled by
+    ``rng`` when given, else in order. ``rows`` may be the rows or their number."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    n = rows if isinstance(rows, int) else len(rows)
+    order = list(range(n))
+    if isinstance(rng, random.Random):
+        rng.shuffle(order)
+    elif isinstance(rng, np.random.Generator):
+        order = [int(i) for i in rng.permutation(n)]
+    elif rng is not None:
+        raise TypeError(f"rng must be a random.Random, a numpy.random.Generator or None, got {type(rng).__name__}")
+    for start in range(0, n, batch_size):
+        chunk = order[start:start + batch_size]
+        if drop_last and len(chunk) < batch_size:
+            return
+        yield chunk

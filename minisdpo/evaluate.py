@@ -1,0 +1,161 @@
+"""The paper's metrics: HitRatio@1 and ValidRatio by generation; ranking metrics by likelihood.
+
+Generation (S-DPO, Chen et al., NeurIPS 2024, sec. 4; LLaRA, Liao et al., SIGIR 2024): greedy
+decoding of at most 20 new tokens from the prompt; the answer is the generated text up to EOS.
+A row is *valid* when exactly one of its candidate titles occurs in the answer as a substring,
+and a *hit* when it is valid and that candidate is the target. Both ratios are over all rows.
+The match is case-sensitive and exact, as in the public S-DPO code (``evaluate_batch.py``:
+``can in selection``). When one candidate is a substring of another ("Beck" and "Jeff Beck"),
+an answer naming the longer one contains both, so the row is invalid: this is the paper's rule,
+kept as it is so that figures compare with the paper's.
+
+Ranking (an addition, not in the paper): each candidate is scored by its summed response
+log-probability logp(title + EOS | prompt), the quantity S-DPO trains; the target's rank is
+1 + the number of other candidates scoring at least as high (ties count against the target,
+the pessimistic rule). Reported: rank_hr@1, rank_hr@5 and rank_ndcg@5 (1 / log2(1 + rank) when
+rank <= 5, else 0), averaged over rows.
+
+Prompts and responses are tokenised by ``minisdpo.data`` exactly as in training.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from minisdpo.data import Row, Tokenizer, collate, encode_group, encode_prompt, truncate_prompt, padding_id
+from minisdpo.loss import sequence_logps
+
+__all__ = ["judge", "evaluate_generation", "evaluate_ranking", "rank_metrics"]
+
+
+def judge(answer: str, candidates: Sequence[str], target: str) -> tuple[bool, bool]:
+    """(valid, hit) of one generated answer under the paper's rule (see the module docstring)."""
+    if not isinstance(answer, str):
+        raise TypeError(f"answer must be str, got {type(answer).__name__}")
+    if target not in candidates:
+        raise ValueError(f"target {target!r} is not among the candidates")
+    found = [c for c in candidates if c in answer]
+    valid = len(found) == 1
+    return valid, valid and found[0] == target
+
+
+def _device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration, TypeError):
+        return torch.device("cpu")
+
+
+def _check_common(rows: Sequence[Row], batch_size: int) -> None:
+    if not rows:
+        raise ValueError("rows is empty")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+
+
+@torch.no_grad()
+def evaluate_generation(model: Any, tok: Tokenizer, rows: Sequence[Row], domain: str,
+                        batch_size: int = 16, max_new_tokens: int = 20,
+                        max_len: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """HR@1 and ValidRatio by batched greedy decoding.
+
+    Prompts are left-padded (with attention_mask 0 on the padding) and passed to
+    ``model.generate(input_ids, max_new_tokens, eos_id, attention_mask=...)``, which returns the
+    new tokens only. With ``max_len``, a prompt is cut on the left (BOS kept) so that it and
+    ``max_new_tokens`` fit, as in training. Rows are batched by prompt length to save padding;
+    ``answers`` come back in the order of ``rows``.
+    Returns {"hr@1", "valid_ratio", "n", "answers"}.
+    """
+    _check_common(rows, batch_size)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    device, pad_id = _device(model), padding_id(tok)
+    prompts = [encode_prompt(tok, row, domain) for row in rows]
+    if max_len is not None:
+        prompts = [truncate_prompt(p, max_new_tokens, max_len) for p in prompts]
+    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
+    answers: list[str] = [""] * len(rows)
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
+            idx = order[start:start + batch_size]
+            T = max(len(prompts[i]) for i in idx)
+            input_ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(idx), T), dtype=torch.long)
+            for b, i in enumerate(idx):
+                n = len(prompts[i])
+                input_ids[b, T - n:] = torch.tensor(prompts[i], dtype=torch.long)
+                attention_mask[b, T - n:] = 1
+            new = model.generate(input_ids.to(device), max_new_tokens, tok.eos_id,
+                                 attention_mask=attention_mask.to(device))
+            if new.dim() != 2 or new.shape[0] != len(idx) or new.shape[1] > max_new_tokens:
+                raise RuntimeError(f"model.generate returned shape {tuple(new.shape)}, expected "
+                                   f"({len(idx)}, <= {max_new_tokens})")
+            for b, i in enumerate(idx):
+                ids = new[b].tolist()
+                if tok.eos_id in ids:
+                    ids = ids[:ids.index(tok.eos_id)]
+                answers[i] = tok.decode(ids)
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+    judged = [judge(a, row.candidates, row.target) for a, row in zip(answers, rows)]
+    n = len(rows)
+    return {"hr@1": sum(h for _, h in judged) / n, "valid_ratio": sum(v for v, _ in judged) / n,
+            "n": n, "answers": answers}
+
+
+def rank_metrics(scores: torch.Tensor, target_index: torch.Tensor) -> dict[str, float]:
+    """rank_hr@1, rank_hr@5, rank_ndcg@5 from candidate scores (N, C) and the targets' columns (N,).
+
+    Ties are broken pessimistically: rank = 1 + #{other candidates with score >= the target's}.
+    """
+    target_score = scores.gather(1, target_index.view(-1, 1))              # (N, 1)
+    rank = (scores >= target_score).sum(1).double()                        # (N,), counts itself
+    gain = torch.where(rank <= 5, 1.0 / torch.log2(rank + 1.0), torch.zeros_like(rank))
+    return {"rank_hr@1": (rank <= 1).double().mean().item(),
+            "rank_hr@5": (rank <= 5).double().mean().item(),
+            "rank_ndcg@5": gain.mean().item()}
+
+
+@torch.no_grad()
+def evaluate_ranking(model: Any, tok: Tokenizer, rows: Sequence[Row], domain: str,
+                     batch_size: int = 2, max_len: int = 512, progress: bool = True) -> dict[str, float]:
+    """Ranking metrics from the summed log-prob of each candidate's response (title + EOS).
+
+    ``batch_size`` counts rows: each forward pass holds batch_size * (number of candidates)
+    sequences, laid out and truncated as in ``minisdpo.data.sdpo_batch``.
+    Returns {"rank_hr@1", "rank_hr@5", "rank_ndcg@5", "n"}.
+    """
+    _check_common(rows, batch_size)
+    device, pad_id = _device(model), padding_id(tok)
+    n_cands = len(rows[0].candidates)
+    if any(len(r.candidates) != n_cands for r in rows):
+        raise ValueError("every row must have the same number of candidates for ranking")
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    all_scores = []
+    try:
+        for start in tqdm(range(0, len(rows), batch_size), desc="rank", disable=not progress):
+            pairs = []
+            for row in rows[start:start + batch_size]:
+                prompt, responses = encode_group(tok, row, row.candidates, max_len, domain)
+                pairs.extend((prompt, r) for r in responses)
+            batch = collate(pairs, pad_id)
+            logits = model(batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device))      # (B*C, T, V)
+            logps = sequence_logps(logits, batch["labels"].to(device))           # (B*C,)
+            all_scores.append(logps.float().cpu().view(-1, n_cands))             # (B, C)
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+    scores = torch.cat(all_scores)                                               # (N, C)
+    target_index = torch.tensor([row.candidates.index(row.target) for row in rows])
+    return {**rank_metrics(scores, target_index), "n": len(rows)}
