@@ -1,0 +1,239 @@
+"""LoRA: low-rank adapters on linear layers, and adapter files in PEFT's format.
+
+Follows "LoRA: Low-Rank Adaptation of Large Language Models" (Hu et al., 2021), eq. (3):
+h = W0 x + (alpha / r) * B A x, with A (r x in) kaiming-uniform (a = sqrt(5)) and B (out x r)
+zero, so training starts from the base model. Written in the manner of loralib and litgpt (a
+``merged`` flag, ``mark_only_lora_as_trainable``); files match Hugging Face PEFT:
+``adapter_model.safetensors`` with ``base_model.model.<module>.lora_A.weight`` /
+``.lora_B.weight``, beside ``adapter_config.json``.
+
+The wrapped layer keeps the base ``weight`` (and ``bias``) under the same names, so the model's
+own tensor names do not change. Merging is explicit (``merge_lora``), never a side effect of
+``.train()``/``.eval()``. The S-DPO reference model is the same model inside ``disable_lora``:
+no second copy of the weights. Adapter weights of a half-precision base are kept in float32,
+as PEFT does, so small updates are not lost to rounding.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+__all__ = ["LoRALinear", "apply_lora", "mark_only_lora_as_trainable", "merge_lora", "unmerge_lora",
+           "disable_lora", "lora_state_dict", "load_lora_state_dict", "save_adapter", "load_adapter",
+           "DEFAULT_TARGETS"]
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + (alpha / r) * lora_B(lora_A(dropout(x)))``, taking over ``base``'s parameters."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias     # same Parameters: no copy
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        w = base.weight
+        lora_dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=lora_dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=lora_dtype)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.enabled = True
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """(alpha / r) * B A, (out, in), in the adapter's dtype."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged or not self.enabled:
+            return out
+        a = self.lora_A.weight
+        return out + (self.lora_B(self.lora_A(self.dropout(x).to(a.dtype))) * self.scaling).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight += self.delta_weight().to(self.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight -= self.delta_weight().to(self.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
+
+
+def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
+    # PEFT's rule: a string is a regular expression on the full module name; a list names the
+    # last component(s) of the name.
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+               target_modules: str | Sequence[str] = DEFAULT_TARGETS) -> nn.Module:
+    """Replace each matching ``nn.Linear`` of ``model`` with a ``LoRALinear`` (in place); returns model."""
+    if _lora_layers(model):
+        raise ValueError("the model already has LoRA layers")
+    targets = [name for name, m in model.named_modules() if name and _matches(name, target_modules)]
+    if not targets:
+        raise ValueError(f"target_modules {target_modules!r} match no module of the model")
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child)
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"target module {name!r} is a {type(base).__name__}, not an nn.Linear")
+        setattr(parent, child, LoRALinear(base, r, alpha, dropout))
+    return model
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> None:
+    """requires_grad only on the lora_A / lora_B weights."""
+    if not _lora_layers(model):
+        raise ValueError("the model has no LoRA layers; call apply_lora first")
+    for name, p in model.named_parameters():
+        p.requires_grad = ".lora_A." in name or ".lora_B." in name
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every adapter into its base weight (idempotent)."""
+    for layer in _lora_layers(model).values():
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Take every adapter back out of its base weight (idempotent)."""
+    for layer in _lora_layers(model).values():
+        layer.unmerge()
+
+
+@contextmanager
+def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model is its base: the S-DPO reference, with no second copy of weights."""
+    layers = list(_lora_layers(model).values())
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("disable_lora on a merged model: call unmerge_lora first")
+    previous = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, previous):
+            layer.enabled = was
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors under the model's own names (``...q_proj.lora_A.weight``)."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of ``lora_state_dict``: every adapter tensor must be given, with its shape."""
+    own = lora_state_dict(model)
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise KeyError(f"adapter tensors do not match the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for name, t in state.items():
+        if t.shape != own[name].shape:
+            raise ValueError(f"shape mismatch for adapter tensor {name!r}: {tuple(t.shape)} vs the model's "
+                             f"{tuple(own[name].shape)}")
+    if any(layer.merged for layer in _lora_layers(model).values()):
+        raise RuntimeError("load an adapter into an unmerged model: call unmerge_lora first")
+    with torch.no_grad():
+        for name, t in state.items():
+            own[name].copy_(t)
+
+
+def save_adapter(model: nn.Module, directory: str) -> None:
+    """Write the adapter as PEFT does: adapter_model.safetensors and adapter_config.json."""
+    layers = _lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers to save")
+    ranks = {(layer.r, layer.alpha, _dropout_p(layer)) for layer in layers.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"layers differ in (r, alpha, dropout): {sorted(ranks)}; PEFT's file needs one")
+    r, alpha, dropout = ranks.pop()
+    os.makedirs(directory, exist_ok=True)
+    tensors = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+        "target_modules": sorted({name.rpartition(".")[2] for name in layers}), "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
+        "use_dora": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": None, "revision": None,
+    }
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def _dropout_p(layer: LoRALinear) -> float:
+    return layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0
+
+
+def load_adapter(model: nn.Module, directory: str) -> nn.Module:
+    """Load a PEFT LoRA adapter directory into ``model``, applying LoRA first if it has none."""
+    config_path = os.path.join(directory, ADAPTER_CONFIG)
+    weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"missing {os.path.basename(path)} in adapter directory {directory!r}")
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"unsupported peft_type {config.get('peft_type')!r}: only LORA")
+    unsupported = {"bias": "none", "use_dora": False, "use_rslora": False, "fan_in_fan_out": False,
+                   "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None}
+    for key, ok in unsupported.items():
+        if config.get(key, ok) not in (ok, None):
+            raise ValueError(f"unsupported adapter_config {key}={config[key]!r} (supported: {ok!r})")
+    if not _lora_layers(model):
+        apply_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                   target_modules=config["target_modules"])
+    for name, layer in _lora_layers(model).items():
+        if (layer.r, layer.scaling) != (config["r"], config["lora_alpha"] / config["r"]):
+            raise ValueError(f"layer {name!r} has r={layer.r}, alpha={layer.alpha}; the adapter has "
+                             f"r={config['r']}, lora_alpha={config['lora_alpha']}")
+    state = {}
+    for key, t in load_file(weights_path).items():
+        if not key.startswith(PEFT_PREFIX):
+            raise KeyError(f"adapter tensor {key!r} does not start with {PEFT_PREFIX!r}")
+        # Some PEFT versions keep the adapter name: ...lora_A.default.weight
+        state[key[len(PEFT_PREFIX):].replace(".default.weight", ".weight")] = t
+    load_lora_state_dict(model, state)
+    return model
