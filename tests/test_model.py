@@ -1,0 +1,161 @@
+"""minisdpo.model.Llama against transformers' LlamaForCausalLM on tiny random configs."""
+import pytest
+import torch
+
+from minisdpo.model import KVCache, Llama, ModelArgs, rope_inv_freq
+
+hf_utils = pytest.importorskip("hf_utils")
+from hf_utils import CONFIGS, padded_batch, tiny_config, tiny_hf_model  # noqa: E402
+
+
+def ours_from_hf(hf) -> Llama:
+    model = Llama(ModelArgs.from_hf_config(hf.config.to_dict()))
+    model.load_state_dict(hf.state_dict(), strict=not hf.config.tie_word_embeddings)
+    model.tie_weights()
+    return model.eval()
+
+
+@pytest.mark.parametrize("left", [True, False], ids=["left_pad", "right_pad"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_logits_match_transformers(name, left):
+    hf = tiny_hf_model(**CONFIGS[name], attn_implementation="eager")
+    ours = ours_from_hf(hf)
+    ids, mask = padded_batch(hf.config.vocab_size, left=left)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+        got = ours(ids, attention_mask=mask)
+    real = mask.bool()
+    assert expected.shape == got.shape == (2, 16, hf.config.vocab_size)
+    assert expected[real].std() > 0.3  # not a trivially small comparison
+    assert (got[real] - expected[real]).abs().max() <= 1e-5
+
+
+def test_llama3_scaling_changes_frequencies():
+    # Guards the case above against a config where the scaling would be a no-op.
+    plain = ModelArgs(dim=64, n_heads=4, rope_theta=500000.0)
+    scaled = ModelArgs(dim=64, n_heads=4, rope_theta=500000.0, rope_scaling=dict(hf_utils.LLAMA3_SCALING))
+    ratio = rope_inv_freq(scaled) / rope_inv_freq(plain)
+    assert ratio[0] == 1 and ratio[-1] == pytest.approx(1 / 8)
+    assert 1 / 8 + 1e-3 < ratio[1] < 1 - 1e-3  # the smoothed band
+
+
+def test_hidden_states_and_lm_head():
+    model = ours_from_hf(tiny_hf_model())
+    ids, mask = padded_batch(model.args.vocab_size)
+    with torch.no_grad():
+        h = model(ids, attention_mask=mask, return_hidden=True)
+        assert h.shape == (2, 16, model.args.dim)
+        torch.testing.assert_close(model.lm_head(h), model(ids, attention_mask=mask))
+
+
+def test_generate_matches_transformers():
+    hf = tiny_hf_model(**CONFIGS["gqa_untied"])
+    ours = ours_from_hf(hf)
+    ids, mask = padded_batch(hf.config.vocab_size, T=12, pad=4)
+    free = ours.generate(ids, 10, eos_id=None, attention_mask=mask)
+    assert free.shape == (2, 10)
+    # An EOS that row 0 produces early and row 1 later or never: rows stop at different steps.
+    eos = int(free[0, 3])
+    got = ours.generate(ids, 10, eos_id=eos, attention_mask=mask)
+    expected = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                           eos_token_id=eos, pad_token_id=eos)[:, ids.shape[1]:]
+    assert got.shape == expected.shape
+    assert torch.equal(got, expected)
+    first_eos = int((free[0] == eos).nonzero()[0])
+    assert (got[0, first_eos:] == eos).all()
+
+
+def test_kv_cache_decode_equals_full_forward():
+    model = ours_from_hf(tiny_hf_model(**CONFIGS["mqa_tied"]))
+    ids, mask = padded_batch(model.args.vocab_size, T=16, pad=3)
+    prompt_len = 10
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)                                       # (2, 16, V)
+        cache = KVCache(model.args, 2, 16, torch.float32, "cpu")
+        steps = [model.prefill(ids[:, :prompt_len], mask[:, :prompt_len], cache)]
+        position = mask[:, :prompt_len].sum(-1)
+        for t in range(prompt_len, 15):
+            steps.append(model.decode_step(ids[:, t], position, cache, t))
+            position = position + 1
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, prompt_len - 1:15], atol=5e-5, rtol=1e-5)
+
+
+def test_block_mask_packed_equals_separate():
+    model = ours_from_hf(tiny_hf_model(**CONFIGS["head_dim_odd_vocab"]))
+    g = torch.Generator().manual_seed(3)
+    prompt, r1, r2 = (torch.randint(3, 101, (n,), generator=g) for n in (7, 4, 6))
+    P, T = len(prompt), len(prompt) + len(r1) + len(r2)
+    segment = torch.tensor([0] * P + [1] * len(r1) + [2] * len(r2))
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    # A token sees the prompt and its own segment, causally.
+    mask = causal & ((segment[:, None] == segment[None, :]) | (segment[None, :] == 0))
+    position_ids = torch.cat([torch.arange(P), P + torch.arange(len(r1)), P + torch.arange(len(r2))])
+    with torch.no_grad():
+        packed = model(torch.cat([prompt, r1, r2])[None], position_ids=position_ids, mask=mask)[0]
+        one = model(torch.cat([prompt, r1])[None])[0]
+        two = model(torch.cat([prompt, r2])[None])[0]
+    torch.testing.assert_close(packed[:P + len(r1)], one, atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed[P + len(r1):], two[P:], atol=1e-5, rtol=0)
+    # and the same mask batched (B, T, T) next to a plain causal row
+    with torch.no_grad():
+        batched = model(torch.cat([prompt, r1, r2])[None].repeat(2, 1), position_ids=position_ids,
+                        mask=torch.stack([mask, causal]))
+    torch.testing.assert_close(batched[0], packed, atol=1e-5, rtol=0)
+    assert not torch.allclose(batched[1, P + len(r1):], packed[P + len(r1):], atol=1e-3)
+
+
+def test_hf_config_round_trip_and_transformers4_layout():
+    cfg = tiny_config(**CONFIGS["llama3_rope"], head_dim=32).to_dict()
+    args = ModelArgs.from_hf_config(cfg)
+    assert (args.n_heads, args.n_kv_heads, args.head_dim, args.rope_theta) == (4, 4, 32, 500000.0)
+    assert args.rope_scaling["rope_type"] == "llama3"
+    assert ModelArgs.from_hf_config(args.to_hf_config()) == args
+    # transformers 4.x: rope_theta and rope_scaling at the top level, no rope_parameters
+    old = {k: v for k, v in cfg.items() if k != "rope_parameters"}
+    old.update(rope_theta=500000.0, rope_scaling=dict(hf_utils.LLAMA3_SCALING))
+    assert ModelArgs.from_hf_config(old) == args
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(architectures=["MistralForCausalLM"]), "architecture"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "rope type"),
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(mlp_bias=True), "mlp_bias"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+])
+def test_unsupported_configs_name_the_problem(change, message):
+    cfg = tiny_config().to_dict()
+    cfg.update(change)
+    with pytest.raises(ValueError, match=message):
+        ModelArgs.from_hf_config(cfg)
+
+
+def test_bad_inputs_raise():
+    model = Llama(ModelArgs(vocab_size=50, dim=32, n_layers=1, n_heads=2, intermediate_size=64)).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    with pytest.raises(TypeError, match="mask"):
+        model(ids, mask=torch.ones(6, 6))
+    with pytest.raises(ValueError, match="mask"):
+        model(ids, mask=torch.ones(5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(ids, attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="position_ids"):
+        model(ids, position_ids=torch.arange(5))
+    right_padded = torch.ones(2, 6, dtype=torch.long)
+    right_padded[1, -2:] = 0
+    with pytest.raises(ValueError, match="left-padded"):
+        model.generate(ids, 3, eos_id=2, attention_mask=right_padded)
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        ModelArgs(dim=32, n_heads=4, n_kv_heads=3)
+
+
+def test_bfloat16_keeps_float32_rope():
+    model = Llama(ModelArgs(vocab_size=50, dim=32, n_layers=1, n_heads=2, intermediate_size=64,
+                            rope_theta=500000.0)).eval()
+    ids = torch.randint(0, 50, (1, 8))
+    with torch.no_grad():
+        ref = model(ids)
+        low = model.to(torch.bfloat16)(ids)
+    assert low.dtype == torch.bfloat16 and model._inv_freq.dtype == torch.float32
+    assert (low.float() - ref).abs().max() < 0.1 * ref.abs().max()
