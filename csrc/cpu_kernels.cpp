@@ -1,0 +1,135 @@
+// The CPU row kernels compiled once per instruction set, and the run-time choice between them.
+//
+// ATen's approach (aten/src/ATen/native/cpu, CPU_CAPABILITY): the same source is compiled for
+// several instruction sets and the best one the CPU supports is picked at run time. Here the
+// copies live in one file, each in its own namespace under `#pragma GCC target`, because
+// setup.py compiles every csrc/*.cpp with the same portable flags (never -march=native: the
+// built extension must run on a CPU without AVX-512).
+#include "cpu_kernels.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+// Vector types wider than the baseline change the (internal) calling convention of the inline
+// helpers; they never cross a non-inlined boundary, so the warning is noise.
+#pragma GCC diagnostic ignored "-Wpsabi"
+// ISO C++ mode turns off a*b+c -> fma contraction; the row kernels want it where the target
+// has FMA (the polynomial exp is a chain of multiply-adds).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+namespace minisdpo::cpu::avx512 {
+#include "cpu_rows.h"
+}  // namespace minisdpo::cpu::avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace minisdpo::cpu::avx2 {
+#include "cpu_rows.h"
+}  // namespace minisdpo::cpu::avx2
+#pragma GCC pop_options
+
+namespace minisdpo::cpu::baseline {
+#include "cpu_rows.h"
+}  // namespace minisdpo::cpu::baseline
+
+#pragma GCC pop_options
+
+namespace minisdpo::cpu {
+
+namespace {
+
+Capability supported_capability() {
+  // libgcc's checks include the OS's support (XCR0) for the wider registers.
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return Capability::kAVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Capability::kAVX2;
+  return Capability::kDefault;
+}
+
+// float64 (gradcheck): plain scalar loops, the same one-pass online max and sum.
+double row_lse_f64(const double* x, int64_t V) {
+  double m = -INFINITY, sum = 0.0;
+  for (int64_t i = 0; i < V; ++i) {
+    if (x[i] > m) {
+      sum *= std::exp(m - x[i]);
+      m = x[i];
+    }
+    if (m != -INFINITY) sum += std::exp(x[i] - m);
+  }
+  return m == -INFINITY ? m : m + std::log(sum);
+}
+
+void row_grad_f64(const double* x, double* g, int64_t V, double lse, double coef, int64_t y) {
+  const double g_y = -coef * (std::exp(x[y] - lse) - 1.0);
+  for (int64_t i = 0; i < V; ++i) g[i] = -coef * std::exp(x[i] - lse);
+  g[y] = g_y;
+}
+
+}  // namespace
+
+Capability current_capability() {
+  static const Capability supported = supported_capability();
+  const char* env = std::getenv("MINISDPO_CPU_CAPABILITY");
+  if (env == nullptr || *env == '\0') return supported;
+  const std::string want(env);
+  Capability requested;
+  if (want == "default") {
+    requested = Capability::kDefault;
+  } else if (want == "avx2") {
+    requested = Capability::kAVX2;
+  } else if (want == "avx512") {
+    requested = Capability::kAVX512;
+  } else {
+    TORCH_CHECK_VALUE(false, "minisdpo: MINISDPO_CPU_CAPABILITY must be default, avx2 or avx512, got '",
+                      want, "'");
+  }
+  // Never run instructions the CPU lacks: a request above what it supports is capped.
+  return std::min(requested, supported);
+}
+
+const char* capability_name(Capability c) {
+  switch (c) {
+    case Capability::kAVX512:
+      return "avx512";
+    case Capability::kAVX2:
+      return "avx2";
+    default:
+      return "default";
+  }
+}
+
+template <typename T>
+RowKernels<T> row_kernels(Capability c) {
+  if constexpr (std::is_same_v<T, double>) {
+    return {&row_lse_f64, &row_grad_f64};
+  } else {
+    switch (c) {
+      case Capability::kAVX512:
+        return avx512::table<T>();
+      case Capability::kAVX2:
+        return avx2::table<T>();
+      default:
+        return baseline::table<T>();
+    }
+  }
+}
+
+template RowKernels<float> row_kernels<float>(Capability);
+template RowKernels<double> row_kernels<double>(Capability);
+template RowKernels<c10::BFloat16> row_kernels<c10::BFloat16>(Capability);
+template RowKernels<c10::Half> row_kernels<c10::Half>(Capability);
+
+}  // namespace minisdpo::cpu

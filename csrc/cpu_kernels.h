@@ -1,0 +1,38 @@
+// The CPU row kernels of minisdpo, with run-time choice of the instruction set.
+//
+// One row is the V logits of one token. csrc/cpu_kernels.cpp compiles the same row kernels
+// (csrc/cpu_rows.h) three times, each in its own namespace under its own `#pragma GCC target`,
+// the way ATen builds one copy of its kernels per CPU_CAPABILITY; the extension is built
+// without -march, and the copy to run is chosen at run time from what the CPU supports
+// (`__builtin_cpu_supports`), capped by the environment variable MINISDPO_CPU_CAPABILITY
+// (default | avx2 | avx512), which is read at every call so that tests can cover each copy.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+namespace minisdpo::cpu {
+
+enum class Capability { kDefault = 0, kAVX2 = 1, kAVX512 = 2 };
+
+// The capability the next call will use: the best the CPU supports, capped by the env var.
+Capability current_capability();
+const char* capability_name(Capability c);
+
+// float32 accumulation for every input dtype but float64 (gradcheck).
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// lse(x, V): log sum_v exp(x[v]) in one pass over the row (online max and sum).
+// grad(x, g, V, lse, coef, y): g[v] = coef * ([v == y] - exp(x[v] - lse)); g may alias x.
+template <typename T>
+struct RowKernels {
+  acc_t<T> (*lse)(const T* x, int64_t V);
+  void (*grad)(const T* x, T* g, int64_t V, acc_t<T> lse, acc_t<T> coef, int64_t y);
+};
+
+// T is float, double, c10::BFloat16 or c10::Half. float64 has one portable scalar copy.
+template <typename T>
+RowKernels<T> row_kernels(Capability c);
+
+}  // namespace minisdpo::cpu

@@ -1,0 +1,209 @@
+// The minisdpo ops: their schemas (TORCH_LIBRARY) and their CPU implementations.
+//
+// Fused S-DPO loss ("On Softmax Direct Preference Optimization for Recommendation", Chen et al.,
+// NeurIPS 2024, arXiv 2406.09215; derivation in docs/method.md, reference in minisdpo/loss.py).
+// The forward pass reads each counted row of logits once and keeps only its log-sum-exp
+// (4 bytes per token); the backward pass recomputes the softmax from it and writes
+// coef * (onehot - softmax) in one pass. Ignored rows are skipped in the forward pass and
+// zeroed in the backward pass. Rows are spread over threads with at::parallel_for; the
+// per-row vector code is in cpu_rows.h, chosen per CPU by cpu_kernels.cpp.
+#include <ATen/Parallel.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "sdpo.h"
+
+// An importable, empty Python module: importing minisdpo._C runs the registrations below.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace minisdpo {
+
+namespace {
+
+using cpu::acc_t;
+
+// Enough rows per task that a task does at least ~32k elements of work (ATen's GRAIN_SIZE).
+int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / V); }
+
+// The kernels index rows by their first two strides; the V elements of a row must be adjacent.
+at::Tensor rows_contiguous(const at::Tensor& logits) {
+  return logits.stride(2) == 1 ? logits : logits.contiguous();
+}
+
+inline void check_label(int64_t y, int64_t s, int64_t t, int64_t V, int64_t ignore_index) {
+  TORCH_CHECK_VALUE(y >= 0 && y < V, "minisdpo: labels[", s, ", ", t, "] = ", y,
+                    " is outside [0, V) = [0, ", V, ") and is not ignore_index = ", ignore_index);
+}
+
+// Per row r = s * T + t: lse[r] and tok[r] = logits[s, t, y] - lse[r] (0 for both if ignored).
+template <typename T>
+void forward_rows(const at::Tensor& x, const at::Tensor& labels, int64_t ignore_index,
+                  acc_t<T>* tok, acc_t<T>* lse) {
+  using A = acc_t<T>;
+  const auto kernels = cpu::row_kernels<T>(cpu::current_capability());
+  const int64_t S = x.size(0), Tn = x.size(1), V = x.size(2);
+  const int64_t st0 = x.stride(0), st1 = x.stride(1);
+  const T* base = x.const_data_ptr<T>();
+  const auto lab = labels.accessor<int64_t, 2>();
+  at::parallel_for(0, S * Tn, row_grain(V), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t s = r / Tn, t = r % Tn, y = lab[s][t];
+      if (y == ignore_index) {  // skipped entirely: the row is never read
+        tok[r] = 0;
+        lse[r] = 0;
+        continue;
+      }
+      check_label(y, s, t, V, ignore_index);
+      const T* row = base + s * st0 + t * st1;
+      const A l = kernels.lse(row, V);
+      lse[r] = l;
+      tok[r] = static_cast<A>(row[y]) - l;
+    }
+  });
+}
+
+// grad[s, t, :] = coef[s, t] * (onehot(y) - exp(x[s, t, :] - lse[s, t])), zeros where ignored.
+// grad may be x itself (in-place backward); both have adjacent row elements.
+template <typename T>
+void backward_rows(const at::Tensor& coef, const at::Tensor& x, const at::Tensor& labels,
+                   const at::Tensor& lse, int64_t ignore_index, at::Tensor& grad) {
+  using A = acc_t<T>;
+  const auto kernels = cpu::row_kernels<T>(cpu::current_capability());
+  const int64_t S = x.size(0), Tn = x.size(1), V = x.size(2);
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1), gs0 = grad.stride(0), gs1 = grad.stride(1);
+  const T* xbase = x.const_data_ptr<T>();
+  T* gbase = grad.mutable_data_ptr<T>();
+  const auto lab = labels.accessor<int64_t, 2>();
+  const auto c = coef.accessor<A, 2>();  // any strides, an expanded (S, 1) view included
+  const auto l = lse.accessor<A, 2>();
+  at::parallel_for(0, S * Tn, row_grain(V), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t s = r / Tn, t = r % Tn, y = lab[s][t];
+      T* grow = gbase + s * gs0 + t * gs1;
+      if (y == ignore_index) {
+        std::memset(static_cast<void*>(grow), 0, V * sizeof(T));  // +0.0 in every dtype
+        continue;
+      }
+      check_label(y, s, t, V, ignore_index);
+      kernels.grad(xbase + s * xs0 + t * xs1, grow, V, l[s][t], c[s][t], y);
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> token_logps_fwd_cpu(const at::Tensor& logits,
+                                                       const at::Tensor& labels,
+                                                       int64_t ignore_index) {
+  check_token_logps_fwd(logits, labels);
+  const at::Tensor x = rows_contiguous(logits);
+  const auto opts = logits.options().dtype(acc_dtype(logits.scalar_type()));
+  at::Tensor tok = at::empty({logits.size(0), logits.size(1)}, opts);
+  at::Tensor lse = at::empty({logits.size(0), logits.size(1)}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "token_logps_fwd", [&] {
+    forward_rows<scalar_t>(x, labels, ignore_index, tok.mutable_data_ptr<acc_t<scalar_t>>(),
+                           lse.mutable_data_ptr<acc_t<scalar_t>>());
+  });
+  return {tok, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpo_fwd_cpu(const at::Tensor& logits,
+                                                            const at::Tensor& labels,
+                                                            const at::Tensor& ref_logps,
+                                                            double beta, int64_t num_negatives,
+                                                            int64_t ignore_index) {
+  check_sdpo_fwd(logits, labels, ref_logps, beta, num_negatives);
+  auto [tok, lse] = token_logps_fwd_cpu(logits, labels, ignore_index);
+  const int64_t S = logits.size(0), Tn = logits.size(1), K1 = 1 + num_negatives, G = S / K1;
+
+  // logp(y) = sum_t tok[s, t], summed in double in a fixed order: the result does not depend
+  // on the number of threads.
+  const at::Tensor tok64 = tok.to(at::kDouble);
+  const at::Tensor ref64 = ref_logps.to(at::kDouble).contiguous();
+  const double* tp = tok64.const_data_ptr<double>();
+  const double* rp = ref64.const_data_ptr<double>();
+  std::vector<double> logp(S, 0.0);
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t t = 0; t < Tn; ++t) logp[s] += tp[s * Tn + t];
+
+  // loss_g = softplus(logsumexp_j z_j), z_j = beta * (delta(y_j) - delta(y_w)), mean over g.
+  double total = 0.0;
+  std::vector<double> z(num_negatives);
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t w = g * K1;
+    const double r_w = beta * (logp[w] - rp[w]);
+    double z_max = -INFINITY;
+    for (int64_t j = 0; j < num_negatives; ++j) {
+      z[j] = beta * (logp[w + 1 + j] - rp[w + 1 + j]) - r_w;
+      z_max = std::max(z_max, z[j]);
+    }
+    double sum = 0.0;
+    for (int64_t j = 0; j < num_negatives; ++j) sum += std::exp(z[j] - z_max);
+    const double lse_z = std::isinf(z_max) ? z_max : z_max + std::log(sum);
+    total += lse_z > 0 ? lse_z + std::log1p(std::exp(-lse_z)) : std::log1p(std::exp(lse_z));
+  }
+
+  const auto opts = tok.options();
+  at::Tensor loss = at::scalar_tensor(total / G, opts);
+  // A copy in every dtype: the vector dies with this function.
+  at::Tensor logps = at::from_blob(logp.data(), {S}, at::kDouble).to(opts.dtype(), false, true);
+  return {loss, logps, lse};
+}
+
+at::Tensor logits_bwd_cpu(const at::Tensor& coef, const at::Tensor& logits,
+                          const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index) {
+  check_logits_bwd(coef, logits, labels, lse);
+  const at::Tensor x = rows_contiguous(logits);
+  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  const at::Tensor c = coef.to(lse.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "logits_bwd", [&] {
+    backward_rows<scalar_t>(c, x, labels, lse, ignore_index, grad);
+  });
+  return grad;
+}
+
+void logits_bwd_inplace_cpu(at::Tensor& logits, const at::Tensor& coef, const at::Tensor& labels,
+                            const at::Tensor& lse, int64_t ignore_index) {
+  check_logits_bwd(coef, logits, labels, lse);
+  if (logits.stride(2) != 1) {  // rows not adjacent: compute aside, then write back
+    logits.copy_(logits_bwd_cpu(coef, logits, labels, lse, ignore_index));
+    return;
+  }
+  const at::Tensor c = coef.to(lse.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logits_bwd_", [&] {
+    backward_rows<scalar_t>(c, logits, labels, lse, ignore_index, logits);
+  });
+}
+
+// The CPU capability the next call will use (default | avx2 | avx512), for tests and benchmarks.
+std::string cpu_capability() { return cpu::capability_name(cpu::current_capability()); }
+
+}  // namespace minisdpo
+
+TORCH_LIBRARY(minisdpo, m) {
+  m.set_python_module("minisdpo.ops");  // where the fake kernels and autograd are registered
+  m.def("token_logps_fwd(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)");
+  m.def(
+      "sdpo_fwd(Tensor logits, Tensor labels, Tensor ref_logps, float beta, int num_negatives, "
+      "int ignore_index) -> (Tensor, Tensor, Tensor)");
+  m.def("logits_bwd(Tensor coef, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor");
+  m.def(
+      "logits_bwd_(Tensor(a!) logits, Tensor coef, Tensor labels, Tensor lse, int ignore_index) "
+      "-> ()");
+  m.def("cpu_capability() -> str", &minisdpo::cpu_capability);
+}
+
+TORCH_LIBRARY_IMPL(minisdpo, CPU, m) {
+  m.impl("token_logps_fwd", &minisdpo::token_logps_fwd_cpu);
+  m.impl("sdpo_fwd", &minisdpo::sdpo_fwd_cpu);
+  m.impl("logits_bwd", &minisdpo::logits_bwd_cpu);
+  m.impl("logits_bwd_", &minisdpo::logits_bwd_inplace_cpu);
+}
