@@ -1,0 +1,204 @@
+"""Tests of minisdpo.evaluate: the paper's valid/hit rule on hand-made answers, HR@1 and
+ValidRatio with a scripted model, ranking metrics with models whose scores are known, and both
+evaluators end to end on a tiny random Llama."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from minisdpo.data import Row, encode_prompt, encode_response, format_prompt
+from minisdpo.evaluate import evaluate_generation, evaluate_ranking, judge, rank_metrics
+
+from test_data import TOK, ByteTokenizer
+
+
+# ------------------------------------------------------------------------------------ judge
+
+CANDS = ("Beck", "Jeff Beck", "Muse", "The Beatles", "Glee Cast")
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("Muse", (True, True)),                 # the target alone
+    ("  Muse\n", (True, True)),             # surrounding text is allowed (substring rule)
+    ("The Beatles", (True, False)),         # another single candidate: valid, no hit
+    ("Muse or The Beatles", (False, False)),  # two candidates: invalid
+    ("Radiohead", (False, False)),          # none
+    ("", (False, False)),
+    ("muse", (False, False)),               # case-sensitive, as the public S-DPO code
+    ("Jeff Beck", (False, False)),          # contains "Beck" too: invalid by the paper's rule
+    ("Beck", (True, False)),                # the shorter one alone is fine
+])
+def test_judge_rule(answer, expected):
+    assert judge(answer, CANDS, "Muse") == expected
+
+
+def test_judge_substring_target():
+    # The target "Beck" named alone is a hit; naming "Jeff Beck" is invalid, not a hit.
+    assert judge("Beck", CANDS, "Beck") == (True, True)
+    assert judge("Jeff Beck", CANDS, "Beck") == (False, False)
+    assert judge("Jeff Beck", CANDS, "Jeff Beck") == (False, False)
+
+
+def test_judge_bad_input():
+    with pytest.raises(ValueError, match="target"):
+        judge("Muse", CANDS, "Blur")
+    with pytest.raises(TypeError, match="answer"):
+        judge(None, CANDS, "Muse")
+
+
+# ------------------------------------------------------------------------------------ generation
+
+def row(i, cands, target):
+    # histories of different lengths, so that batched prompts need padding
+    return Row((f"History {'x' * i}", "Shared", "Item"), tuple(cands), target)
+
+
+class ScriptedModel:
+    """Answers each prompt from a script; checks the left padding it is given and appends junk
+    after EOS (which the evaluator must ignore)."""
+
+    def __init__(self, script: dict[str, str]):
+        self.script, self.batch_shapes, self.padded_rows = script, [], 0
+
+    def generate(self, input_ids, max_new_tokens, eos_id, attention_mask=None):
+        B, T = input_ids.shape
+        self.batch_shapes.append((B, T))
+        lengths = attention_mask.sum(1)
+        self.padded_rows += int((lengths < T).sum())
+        assert torch.equal(attention_mask, (torch.arange(T) >= T - lengths[:, None]).long()), "not left-padded"
+        out = torch.full((B, max_new_tokens), TOK.pad_id)
+        for b in range(B):
+            prompt = input_ids[b][attention_mask[b].bool()].tolist()
+            assert prompt[0] == TOK.bos_id
+            answer = self.script[TOK.decode(prompt)]
+            ids = (TOK.encode(answer) + [eos_id] + TOK.encode("Muse Beck"))[:max_new_tokens]
+            out[b, :len(ids)] = torch.tensor(ids)
+        return out
+
+
+def test_evaluate_generation_hand_counted():
+    cands = ["Beck", "Jeff Beck", "Muse", "The Beatles", "Glee Cast"]
+    cases = [  # (target, answer, valid, hit)
+        ("Muse", "Muse", 1, 1),
+        ("Muse", "The Beatles", 1, 0),
+        ("Muse", "Muse, The Beatles", 0, 0),
+        ("Glee Cast", "nothing at all", 0, 0),
+        ("Beck", "Jeff Beck", 0, 0),
+        ("Beck", "Beck", 1, 1),                          # junk after EOS names Muse: ignored
+        ("Glee Cast", "x" * 30 + "Glee Cast", 0, 0),     # cut by max_new_tokens before the title
+    ]
+    rows = [row(i, cands, t) for i, (t, *_ ) in enumerate(cases)]
+    model = ScriptedModel({format_prompt(r, "music"): a for r, (_, a, _, _) in zip(rows, cases)})
+    result = evaluate_generation(model, TOK, rows, "music", batch_size=3, max_new_tokens=20, progress=False)
+    assert result["n"] == 7
+    assert result["hr@1"] == pytest.approx(2 / 7) and result["valid_ratio"] == pytest.approx(3 / 7)
+    assert result["answers"][:6] == [a for _, a, _, _ in cases[:6]]
+    assert result["answers"][6] == "x" * 20
+    assert [b for b, _ in model.batch_shapes] == [3, 3, 1]
+    assert model.padded_rows > 0
+
+
+def test_evaluate_generation_bad_input():
+    with pytest.raises(ValueError, match="rows"):
+        evaluate_generation(ScriptedModel({}), TOK, [], "music")
+    rows = [row(0, ["A", "B"], "A")]
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate_generation(ScriptedModel({}), TOK, rows, "music", batch_size=0)
+
+
+# ------------------------------------------------------------------------------------ ranking
+
+def test_rank_metrics_by_hand():
+    scores = torch.tensor([[3.0, 1.0, 2.0], [1.0, 1.0, 0.0], [0.0, 1.0, 2.0]])
+    out = rank_metrics(scores, torch.tensor([0, 0, 0]))    # ranks 1, 2 (tie, pessimistic), 3
+    assert out["rank_hr@1"] == pytest.approx(1 / 3) and out["rank_hr@5"] == pytest.approx(1.0)
+    assert out["rank_ndcg@5"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(4)) / 3)
+
+
+class UnigramModel:
+    """The same next-token distribution everywhere: EOS likely, every byte equally unlikely, so
+    logp(title + EOS) falls with the title's length and shorter candidates rank higher."""
+
+    def __call__(self, input_ids, attention_mask=None):
+        logits = torch.zeros(*input_ids.shape, ByteTokenizer.vocab_size)
+        logits[..., TOK.eos_id] = 5.0
+        return logits
+
+
+def test_evaluate_ranking_hand_computed():
+    def cands(lengths):
+        return [chr(ord("a") + i) * n for i, n in enumerate(lengths)]
+    rows = []
+    c = cands(range(1, 21)); rows.append(row(0, c, c[0]))                  # shortest: rank 1
+    c = cands(range(1, 21)); rows.append(row(1, c, c[2]))                  # 3rd shortest: rank 3
+    c = cands([1, 2, 2, 2] + list(range(3, 19))); rows.append(row(2, c, c[1]))  # tied with 2: rank 4
+    c = cands(range(1, 21)); rows.append(row(3, c, c[19]))                 # longest: rank 20
+    out = evaluate_ranking(UnigramModel(), TOK, rows, "movies", batch_size=3, progress=False)
+    assert out["n"] == 4
+    assert out["rank_hr@1"] == pytest.approx(1 / 4) and out["rank_hr@5"] == pytest.approx(3 / 4)
+    assert out["rank_ndcg@5"] == pytest.approx((1 + 1 / math.log2(4) + 1 / math.log2(5)) / 4)
+
+
+class BigramModel(torch.nn.Module):
+    """Logits depend on the current token: tests that batching, padding and the label shift of
+    the evaluator give the same scores as scoring each sequence alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(ByteTokenizer.vocab_size, ByteTokenizer.vocab_size,
+                                                    generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.table[input_ids]
+
+
+def test_evaluate_ranking_matches_unbatched_scores():
+    model = BigramModel()
+    names = ["Muse", "Jeff Beck", "Beck", "The Beatles", "Glee Cast", "Air", "Bach", "Blur"]
+    rows = [row(i, names, names[i % len(names)]) for i in range(5)]
+    expected_scores = []
+    for r in rows:
+        prompt = encode_prompt(TOK, r, "music")
+        scores = []
+        for title in r.candidates:
+            ids = torch.tensor([prompt + encode_response(TOK, title)])
+            logp = torch.log_softmax(model(ids)[0].double(), -1)
+            # token at position t is predicted by the logits at t - 1
+            scores.append(sum(logp[t - 1, ids[0, t]].item() for t in range(len(prompt), ids.shape[1])))
+        expected_scores.append(scores)
+    target_index = torch.tensor([r.candidates.index(r.target) for r in rows])
+    expected = rank_metrics(torch.tensor(expected_scores), target_index)
+    got = evaluate_ranking(model, TOK, rows, "music", batch_size=2, progress=False)
+    assert {k: got[k] for k in expected} == pytest.approx(expected)
+    # a non-trivial case: not every target ranked first or last
+    assert 0 < expected["rank_hr@5"] < 1 or 0 < expected["rank_hr@1"] < 1
+
+
+def test_evaluate_ranking_bad_input():
+    rows = [row(0, ["A", "B"], "A"), row(1, ["A", "B", "C"], "A")]
+    with pytest.raises(ValueError, match="same number of candidates"):
+        evaluate_ranking(UnigramModel(), TOK, rows, "music", progress=False)
+
+
+# ------------------------------------------------------------------------------------ real model
+
+def test_both_evaluators_on_tiny_random_llama():
+    model_mod = pytest.importorskip("minisdpo.model")
+    torch.manual_seed(0)
+    args = model_mod.ModelArgs(vocab_size=ByteTokenizer.vocab_size, dim=32, n_layers=2, n_heads=4,
+                               n_kv_heads=2, intermediate_size=64)
+    model = model_mod.Llama(args).eval()
+    names = ["Muse", "Beck", "Air", "Blur", "Bach"]
+    rows = [Row(("H" * (i + 1), "Blur"), tuple(names), names[i]) for i in range(3)]
+    gen = evaluate_generation(model, TOK, rows, "music", batch_size=2, max_new_tokens=6, progress=False)
+    assert gen["n"] == 3 and 0 <= gen["hr@1"] <= gen["valid_ratio"] <= 1
+    # left padding and the KV cache must not change the greedy answer
+    alone = evaluate_generation(model, TOK, rows, "music", batch_size=1, max_new_tokens=6, progress=False)
+    assert gen["answers"] == alone["answers"]
+    rank = evaluate_ranking(model, TOK, rows, "music", batch_size=2, progress=False)
+    assert rank["n"] == 3
+    for key in ("rank_hr@1", "rank_hr@5", "rank_ndcg@5"):
+        assert 0 <= rank[key] <= 1
+    assert rank["rank_hr@5"] == 1.0            # 5 candidates: every target is in the top 5
