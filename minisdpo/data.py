@@ -106,9 +106,13 @@ class Row:
             value = getattr(self, name)
             if not isinstance(value, tuple):
                 raise TypeError(f"Row.{name} must be a tuple of str, got {type(value).__name__}")
-            for title in value:
-                _check_title(title, f"Row.{name}")
-        _check_title(self.target, "Row.target")
+        titles = (*self.history, *self.candidates, self.target)
+        # Fast path first (loading builds ~100k rows); the slow one finds and names the culprit.
+        if not (all(type(t) is str and t.strip() for t in titles) and "\n" not in "".join(titles)):
+            for name in ("history", "candidates"):
+                for title in getattr(self, name):
+                    _check_title(title, f"Row.{name}")
+            _check_title(self.target, "Row.target")
         if not self.history:
             raise ValueError("Row.history is empty")
         if len(self.candidates) < 2:
@@ -264,6 +268,7 @@ def load_movielens(data_dir: str | Path | None = None, seed: int = 0,
         if title.strip().lower() not in _UNKNOWN_TITLES and title.strip():
             item_title[item] = title
     titles = sorted(set(item_title.values()))
+    n_titles = len(titles)
 
     per_user: dict[str, list[tuple[int, int, str]]] = {}
     for order, (user, item, ts) in enumerate(inter):
@@ -286,7 +291,7 @@ def load_movielens(data_dir: str | Path | None = None, seed: int = 0,
             if title not in seen:  # a merged duplicate counts once
                 seen.add(title)
                 sequence.append(title)
-        rng = random.Random(f"movielens:{seed}:{user}")
+        uniform = random.Random(f"movielens:{seed}:{user}").random
         rows = splits[split_of[user]]
         for pos in range(min_history, len(sequence)):
             history = tuple(sequence[max(0, pos - MAX_HISTORY):pos])
@@ -295,11 +300,11 @@ def load_movielens(data_dir: str | Path | None = None, seed: int = 0,
             excluded.add(target)
             chosen: list[str] = []
             while len(chosen) < NUM_CANDIDATES - 1:  # rejection sampling: few items are excluded
-                title = titles[rng.randrange(len(titles))]
+                title = titles[int(uniform() * n_titles)]
                 if title not in excluded:
                     excluded.add(title)
                     chosen.append(title)
-            chosen.insert(rng.randrange(NUM_CANDIDATES), target)
+            chosen.insert(int(uniform() * NUM_CANDIDATES), target)
             rows.append(Row(history, tuple(chosen), target))
     return splits
 
