@@ -67,7 +67,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "Row", "Tokenizer", "DOMAINS", "MIN_HISTORY", "MAX_HISTORY", "NUM_CANDIDATES", "IGNORE_INDEX",
+    "Row", "TokenizerLike", "DOMAINS", "MIN_HISTORY", "MAX_HISTORY", "NUM_CANDIDATES", "IGNORE_INDEX",
     "clean_title", "load_dataset", "load_movielens", "load_json_dir", "load_json_file",
     "default_domain", "subsample", "format_prompt", "encode_prompt", "encode_response",
     "truncate_prompt", "encode_group", "padding_id", "collate", "sft_batch", "sdpo_batch",
@@ -81,7 +81,9 @@ NUM_CANDIDATES = 20    # the target and 19 others
 IGNORE_INDEX = -100
 
 
-class Tokenizer(Protocol):
+class TokenizerLike(Protocol):
+    """What data and evaluation need of a tokenizer (minisdpo.tokenizer.Tokenizer has it)."""
+
     bos_id: int
     eos_id: int
     pad_id: int
@@ -459,12 +461,12 @@ def format_prompt(row: Row, domain: str) -> str:
                                      candidates="\n".join(row.candidates))
 
 
-def encode_prompt(tok: Tokenizer, row: Row, domain: str) -> list[int]:
+def encode_prompt(tok: TokenizerLike, row: Row, domain: str) -> list[int]:
     """[BOS] + the prompt's tokens, no EOS: the context of SFT, S-DPO and generation alike."""
     return [tok.bos_id] + tok.encode(format_prompt(row, domain), bos=False, eos=False)
 
 
-def encode_response(tok: Tokenizer, title: str) -> list[int]:
+def encode_response(tok: TokenizerLike, title: str) -> list[int]:
     """The title's tokens + [EOS], encoded on its own (never together with the prompt)."""
     _check_title(title, "title")
     return tok.encode(title, bos=False, eos=False) + [tok.eos_id]
@@ -482,7 +484,7 @@ def truncate_prompt(prompt_ids: Sequence[int], response_len: int, max_len: int) 
     return [prompt_ids[0]] + list(prompt_ids[len(prompt_ids) - (room - 1):])
 
 
-def encode_group(tok: Tokenizer, row: Row, responses: Sequence[str], max_len: int,
+def encode_group(tok: TokenizerLike, row: Row, responses: Sequence[str], max_len: int,
                  domain: str) -> tuple[list[int], list[list[int]]]:
     """The pieces of one prompt and its responses: (prompt ids, [response ids, ...]).
 
@@ -497,7 +499,7 @@ def encode_group(tok: Tokenizer, row: Row, responses: Sequence[str], max_len: in
     return prompt_ids, response_ids
 
 
-def padding_id(tok: Tokenizer) -> int:
+def padding_id(tok: TokenizerLike) -> int:
     # SentencePiece models often have no pad piece (pad_id -1); padded positions are masked
     # and ignored, so any real id serves.
     return tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else tok.eos_id
@@ -534,7 +536,7 @@ def _check_max_len(max_len: int) -> None:
         raise ValueError(f"max_len must be an int >= 2, got {max_len!r}")
 
 
-def sft_batch(tok: Tokenizer, rows: Sequence[Row], max_len: int, *, domain: str) -> dict[str, torch.Tensor]:
+def sft_batch(tok: TokenizerLike, rows: Sequence[Row], max_len: int, *, domain: str) -> dict[str, torch.Tensor]:
     """SFT batch: prompt + target response per row; loss only on the response (title + EOS)."""
     _check_max_len(max_len)
     pairs = []
@@ -544,7 +546,7 @@ def sft_batch(tok: Tokenizer, rows: Sequence[Row], max_len: int, *, domain: str)
     return collate(pairs, padding_id(tok))
 
 
-def sdpo_batch(tok: Tokenizer, rows: Sequence[Row], negatives: Sequence[Sequence[str]], max_len: int,
+def sdpo_batch(tok: TokenizerLike, rows: Sequence[Row], negatives: Sequence[Sequence[str]], max_len: int,
                *, domain: str) -> dict[str, torch.Tensor]:
     """S-DPO batch, group-major: B = G * (1 + K); row g*(1+K) is prompt + chosen (the target),
     rows g*(1+K)+1 .. g*(1+K)+K are the prompt + each of the K rejected titles."""

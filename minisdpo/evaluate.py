@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from minisdpo.data import Row, Tokenizer, collate, encode_group, encode_prompt, truncate_prompt, padding_id
+from minisdpo.data import Row, TokenizerLike, collate, encode_group, encode_prompt, truncate_prompt, padding_id
 from minisdpo.loss import sequence_logps
 
 __all__ = ["judge", "evaluate_generation", "evaluate_ranking", "rank_metrics"]
@@ -58,7 +58,7 @@ def _check_common(rows: Sequence[Row], batch_size: int) -> None:
 
 
 @torch.no_grad()
-def evaluate_generation(model: Any, tok: Tokenizer, rows: Sequence[Row], domain: str,
+def evaluate_generation(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: str,
                         batch_size: int = 16, max_new_tokens: int = 20,
                         max_len: int | None = None, progress: bool = True) -> dict[str, Any]:
     """HR@1 and ValidRatio by batched greedy decoding.
@@ -125,7 +125,7 @@ def rank_metrics(scores: torch.Tensor, target_index: torch.Tensor) -> dict[str, 
 
 
 @torch.no_grad()
-def evaluate_ranking(model: Any, tok: Tokenizer, rows: Sequence[Row], domain: str,
+def evaluate_ranking(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: str,
                      batch_size: int = 2, max_len: int = 512, progress: bool = True) -> dict[str, float]:
     """Ranking metrics from the summed log-prob of each candidate's response (title + EOS).
 
