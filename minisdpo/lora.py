@@ -117,7 +117,9 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
         base = getattr(parent, child)
         if not isinstance(base, nn.Linear):
             raise TypeError(f"target module {name!r} is a {type(base).__name__}, not an nn.Linear")
-        setattr(parent, child, LoRALinear(base, r, alpha, dropout))
+        layer = LoRALinear(base, r, alpha, dropout)
+        layer.train(base.training)  # a new module starts in training mode: keep the model's mode
+        setattr(parent, child, layer)
     return model
 
 
