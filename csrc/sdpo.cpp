@@ -12,8 +12,13 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "cpu_kernels.h"
 #include "sdpo.h"
@@ -36,6 +41,20 @@ int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / V); }
 // The kernels index rows by their first two strides; the V elements of a row must be adjacent.
 at::Tensor rows_contiguous(const at::Tensor& logits) {
   return logits.stride(2) == 1 ? logits : logits.contiguous();
+}
+
+// A fresh logits-sized gradient is mostly page faults on first touch (measured here: 0.5 s for
+// 512 MB in 4 KB pages, 0.05 s in 2 MB pages). Ask Linux for transparent huge pages over the
+// buffer, as PyTorch does for every allocation under THP_MEM_ALLOC_ENABLE=1; a no-op where
+// THP is off or the buffer is small.
+void advise_huge_pages(const at::Tensor& t) {
+#ifdef __linux__
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
 }
 
 inline void check_label(int64_t y, int64_t s, int64_t t, int64_t V, int64_t ignore_index) {
@@ -163,6 +182,7 @@ at::Tensor logits_bwd_cpu(const at::Tensor& coef, const at::Tensor& logits,
   check_logits_bwd(coef, logits, labels, lse);
   const at::Tensor x = rows_contiguous(logits);
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  advise_huge_pages(grad);
   const at::Tensor c = coef.to(lse.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "logits_bwd", [&] {
     backward_rows<scalar_t>(c, x, labels, lse, ignore_index, grad);
