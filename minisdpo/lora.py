@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 __all__ = ["LoRALinear", "apply_lora", "mark_only_lora_as_trainable", "merge_lora", "unmerge_lora",
-           "disable_lora", "lora_state_dict", "load_lora_state_dict", "save_adapter", "load_adapter",
+           "disable_lora", "merge_and_unload", "lora_state_dict", "load_lora_state_dict", "save_adapter", "load_adapter",
            "DEFAULT_TARGETS"]
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -141,6 +141,24 @@ def unmerge_lora(model: nn.Module) -> None:
     """Take every adapter back out of its base weight (idempotent)."""
     for layer in _lora_layers(model).values():
         layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put plain ``nn.Linear`` layers back (in place).
+
+    The result is a base model again (what ``save_pretrained`` writes), e.g. the SFT model that
+    a second adapter, S-DPO's, is trained on top of.
+    """
+    for name, layer in _lora_layers(model).items():
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           device="meta")
+        linear.weight, linear.bias = layer.weight, layer.bias       # the merged Parameters, no copy
+        linear.weight.requires_grad_(True)
+        linear.train(layer.training)
+        setattr(model.get_submodule(parent_name), child, linear)
+    return model
 
 
 @contextmanager

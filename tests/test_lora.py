@@ -217,3 +217,21 @@ def test_load_adapter_errors(hf_dir, tmp_path):
         load_adapter(from_pretrained(hf_dir), tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_adapter(from_pretrained(hf_dir), tmp_path / "nowhere")
+
+
+def test_merge_and_unload_gives_plain_linears_with_equal_logits():
+    from minisdpo.lora import merge_and_unload
+    torch.manual_seed(0)
+    model = Llama(ModelArgs(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64))
+    apply_lora(model, r=4, alpha=8, dropout=0.0)
+    for name, p in model.named_parameters():
+        if ".lora_B." in name:
+            torch.nn.init.normal_(p, std=0.1)  # a non-zero adapter, so the merge matters
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        expected = model(ids)
+        merge_and_unload(model)
+        got = model(ids)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert all(".lora_" not in n for n, _ in model.named_parameters())
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,697 @@
+"""python -m minisdpo.train: SFT, then S-DPO, then evaluation.
+
+The pipeline of "On Softmax Direct Preference Optimization for Recommendation" (Chen et al.,
+NeurIPS 2024, arXiv 2406.09215), section 4 and its public scripts:
+
+1. ``sft``: supervised fine-tuning on the prompt -> title task (loss on the response only).
+   With ``--model DIR`` (a Hugging Face Llama) a LoRA adapter is trained and merged; by default
+   a small Llama is trained from scratch, with a SentencePiece tokenizer trained on the data.
+   The result is written as a Hugging Face directory, ``OUT/sft/model``.
+2. ``sdpo``: S-DPO from the SFT model (loaded back through ``minisdpo.checkpoint``): a LoRA
+   adapter is trained; the adapter disabled is the frozen reference. ``--negatives 1`` is DPO;
+   ``--compare-dpo`` also trains a DPO adapter (``OUT/dpo``) for comparison.
+3. ``eval``: HR@1 and ValidRatio by greedy generation (the paper's rule) and ranking metrics by
+   likelihood, for each model, on the test split: a table and ``OUT/summary.json``.
+
+Every stage checkpoints atomically; ``--resume`` continues an interrupted run where it stopped
+and gives the same results as an uninterrupted run (same seed, CPU). ``torchrun`` runs the
+training stages data-parallel (gloo on the CPU, nccl on GPUs).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from minisdpo import data as D
+from minisdpo import loss as reference
+from minisdpo.checkpoint import from_pretrained, save_pretrained
+from minisdpo.evaluate import evaluate_generation, evaluate_ranking
+from minisdpo.lora import (apply_lora, disable_lora, load_adapter, lora_state_dict, load_lora_state_dict,
+                           mark_only_lora_as_trainable, merge_and_unload, save_adapter)
+from minisdpo.model import Llama, ModelArgs
+from minisdpo.tokenizer import Tokenizer, train_tokenizer
+
+STAGES = ("sft", "sdpo", "dpo")
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m minisdpo.train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="SFT, then S-DPO, then evaluation (HR@1, ValidRatio, ranking metrics) of an LLM "
+                    "recommender. With no flags: MovieLens-100K and a small Llama trained from scratch.")
+    a = p.add_argument
+    a("--stage", choices=("all", "sft", "sdpo", "eval"), default="all",
+      help="which stage to run; 'all' runs SFT, S-DPO (and DPO with --compare-dpo), then evaluation")
+    a("--out", default="runs/default", help="output directory (models, metrics.jsonl, plots, summary.json)")
+    a("--resume", action="store_true", help="continue the run in --out where it stopped (same config)")
+    a("--overwrite", action="store_true", help="delete an existing --out and start again")
+    # data
+    a("--data", choices=("movielens", "lastfm", "json"), default="movielens", help="data set")
+    a("--data-dir", default=None, help="directory of the data files (default for movielens: the recbole wheel)")
+    a("--domain", choices=D.DOMAINS, default=None, help="prompt domain (default: the data set's own)")
+    a("--limit-train", type=int, default=4000, help="use at most N training rows (0: all)")
+    a("--limit-val", type=int, default=200, help="use at most N validation rows for model selection (0: all)")
+    a("--limit-test", type=int, default=500, help="evaluate on at most N test rows (0: all)")
+    a("--max-len", type=int, default=512, help="maximum tokens of prompt + response (the prompt is cut on the left)")
+    # model
+    a("--model", default=None, help="a Hugging Face Llama directory (safetensors + tokenizer.model); "
+                                    "default: train a small Llama from scratch")
+    a("--vocab-size", type=int, default=2048, help="[scratch] SentencePiece vocabulary trained on the data")
+    a("--dim", type=int, default=128, help="[scratch] hidden size")
+    a("--layers", type=int, default=4, help="[scratch] number of transformer blocks")
+    a("--heads", type=int, default=4, help="[scratch] attention heads")
+    a("--kv-heads", type=int, default=2, help="[scratch] key/value heads (GQA)")
+    # LoRA
+    a("--lora-r", type=int, default=8, help="LoRA rank")
+    a("--lora-alpha", type=float, default=32.0, help="LoRA alpha (scaling alpha / r)")
+    a("--lora-dropout", type=float, default=0.1, help="LoRA dropout")
+    a("--lora-targets", default=LORA_TARGETS, help="comma-separated module names that get LoRA")
+    # optimisation
+    a("--sft-lr", type=float, default=2e-3, help="SFT learning rate (from scratch; use ~1e-4 with --model)")
+    a("--sft-epochs", type=float, default=2.0, help="SFT epochs over the (limited) training rows")
+    a("--sdpo-lr", type=float, default=1e-3, help="S-DPO / DPO learning rate of the LoRA adapter")
+    a("--sdpo-epochs", type=float, default=1.0, help="S-DPO / DPO epochs")
+    a("--max-steps", type=int, default=0, help="cap on optimizer steps per stage (0: no cap)")
+    a("--batch-size", type=int, default=8, help="rows (prompts) per forward pass in each process")
+    a("--grad-accum", type=int, default=2, help="forward passes per optimizer step "
+                                                "(global batch = batch-size * grad-accum * processes)")
+    a("--warmup", type=float, default=0.05, help="fraction of steps of linear warm-up before the cosine decay")
+    a("--clip", type=float, default=0.3, help="gradient clipping (max global norm; 0: off)")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--eval-every", type=int, default=0, help="validation loss every N steps to keep the best "
+                                                "checkpoint (0: at the end of each stage only)")
+    # S-DPO
+    a("--beta", type=float, default=1.0, help="S-DPO temperature beta")
+    a("--negatives", type=int, default=3, help="K negatives per prompt (1: DPO)")
+    a("--fixed-negatives", action="store_true", help="draw each row's negatives once (as the public code) "
+                                                     "instead of anew every epoch")
+    a("--compare-dpo", action="store_true", help="also train DPO (K = 1) from the SFT model and evaluate it")
+    a("--loss", choices=("fused", "reference"), default="fused",
+      help="the fused C++/CUDA kernel (minisdpo.ops) or its plain PyTorch twin (minisdpo.loss)")
+    # evaluation
+    a("--eval-batch-size", type=int, default=32, help="rows per batch for generation")
+    a("--rank-batch-size", type=int, default=4, help="rows per batch for the ranking metrics")
+    a("--no-ranking", action="store_true", help="skip the likelihood ranking metrics")
+    # system
+    a("--seed", type=int, default=0, help="random seed (data split, model init, negatives, dropout)")
+    a("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    a("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+      help="parameter dtype (default: float32 on the CPU, bfloat16 on CUDA)")
+    a("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    a("--ckpt-every", type=int, default=20, help="write a resumable checkpoint every N optimizer steps")
+    a("--no-progress", action="store_true", help="no progress bars")
+    a("--no-plots", action="store_true", help="do not write PNG plots of the training curves")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    positive = ("batch_size", "grad_accum", "negatives", "lora_r", "max_len", "eval_batch_size",
+                "rank_batch_size", "ckpt_every", "dim", "layers", "heads", "kv_heads", "vocab_size")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("limit_train", "limit_val", "limit_test", "max_steps", "eval_every", "threads"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("sft_lr", "sdpo_lr", "sft_epochs", "sdpo_epochs", "beta"):
+        v = getattr(args, name)
+        if not (math.isfinite(v) and v > 0):
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be a positive number, got {v}")
+    if not 0 <= args.warmup < 1:
+        raise SystemExit(f"error: --warmup must be in [0, 1), got {args.warmup}")
+    if not 0 <= args.lora_dropout < 1:
+        raise SystemExit(f"error: --lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.negatives > D.NUM_CANDIDATES - 1:
+        raise SystemExit(f"error: --negatives {args.negatives} exceeds the {D.NUM_CANDIDATES - 1} "
+                         f"non-target candidates of a row")
+    if args.model is not None and not os.path.isdir(args.model):
+        raise SystemExit(f"error: --model {args.model!r} is not a directory")
+
+
+# --------------------------------------------------------------------------------------------
+# Processes, files
+
+@dataclass
+class Env:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_env(args: argparse.Namespace) -> Env:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return Env(rank, world, device, dtype)
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: an interruption never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def atomic_dir(write, path: Path) -> None:
+    """Write a directory through ``write(tmp_dir)`` and rename it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+# Flags that change results: a resumed run must have the same.
+_RUN_KEYS = ("data", "data_dir", "domain", "limit_train", "limit_val", "limit_test", "max_len", "model",
+             "vocab_size", "dim", "layers", "heads", "kv_heads", "lora_r", "lora_alpha", "lora_dropout",
+             "lora_targets", "sft_lr", "sft_epochs", "sdpo_lr", "sdpo_epochs", "max_steps", "batch_size",
+             "grad_accum", "warmup", "clip", "weight_decay", "eval_every", "beta", "negatives",
+             "fixed_negatives", "compare_dpo", "loss", "seed", "dtype")
+
+
+def prepare_out(args: argparse.Namespace, env: Env) -> Path:
+    out = Path(args.out)
+    config = {k: getattr(args, k) for k in _RUN_KEYS} | {"world": env.world}
+    if env.main:
+        saved = out / "config.json"
+        if out.exists() and any(out.iterdir()):
+            if args.overwrite:
+                shutil.rmtree(out)
+            elif not args.resume and args.stage in ("all", "sft"):
+                raise SystemExit(f"error: --out {out} already holds a run; pass --resume to continue it "
+                                 f"or --overwrite to start again")
+            elif saved.exists():
+                old = json.loads(saved.read_text())
+                diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+                if diff:
+                    raise SystemExit(f"error: --resume with different settings than the run in {out}: "
+                                     + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(config, saved)
+    barrier(env)
+    return out
+
+
+def barrier(env: Env) -> None:
+    if env.world > 1:
+        dist.barrier()
+
+
+def log(env: Env, msg: str) -> None:
+    if env.main:
+        tqdm.write(msg)
+
+
+# --------------------------------------------------------------------------------------------
+# Data and tokenizer
+
+def load_rows(args: argparse.Namespace) -> tuple[dict[str, list[D.Row]], str]:
+    splits = D.load_dataset(args.data, args.data_dir, seed=args.seed)
+    domain = args.domain or D.default_domain(args.data)
+    for split, limit in (("train", args.limit_train), ("val", args.limit_val), ("test", args.limit_test)):
+        if limit:
+            splits[split] = D.subsample(splits[split], limit, seed=args.seed)
+        if not splits[split]:
+            raise SystemExit(f"error: the {split} split of --data {args.data} is empty")
+    return splits, domain
+
+
+def tokenizer_texts(splits: dict[str, list[D.Row]], domain: str) -> list[str]:
+    """Prompts and titles of the training rows: what a tokenizer trained here must cover."""
+    rows = splits["train"]
+    titles = sorted({t for r in rows for t in (*r.history, *r.candidates)})
+    return titles + [D.format_prompt(r, domain) for r in rows[:2000]]
+
+
+def get_tokenizer(args: argparse.Namespace, env: Env, out: Path, splits, domain) -> Tokenizer:
+    if args.model:
+        return Tokenizer.from_dir(args.model)
+    path = out / "tokenizer" / "tokenizer.model"
+    if env.main and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name("tokenizer.model.tmp")
+        train_tokenizer(tokenizer_texts(splits, domain), args.vocab_size, tmp)
+        os.replace(tmp, path)
+    barrier(env)
+    return Tokenizer(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+def scratch_model(args: argparse.Namespace, tok: Tokenizer) -> Llama:
+    margs = ModelArgs(vocab_size=tok.vocab_size, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+                      n_kv_heads=args.kv_heads, intermediate_size=int(8 * args.dim / 3 + 63) // 64 * 64,
+                      tie_word_embeddings=True, max_seq_len=args.max_len,
+                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    torch.manual_seed(args.seed)
+    model = Llama(margs)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:  # GPT-2 style init: small normal weights
+                std = 0.02 / math.sqrt(2 * args.layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                p.normal_(0.0, std)
+    return model
+
+
+def add_lora(model: Llama, args: argparse.Namespace, seed: int) -> Llama:
+    torch.manual_seed(seed)
+    apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+               target_modules=[t.strip() for t in args.lora_targets.split(",") if t.strip()])
+    mark_only_lora_as_trainable(model)
+    return model
+
+
+def sft_model_dir(out: Path) -> Path:
+    return out / "sft" / "model"
+
+
+def load_sft_model(out: Path, env: Env) -> Llama:
+    path = sft_model_dir(out)
+    if not (path / "config.json").exists():
+        raise SystemExit(f"error: no SFT model in {path}: run the 'sft' stage first")
+    return from_pretrained(str(path), dtype=env.dtype, device=env.device)
+
+
+# --------------------------------------------------------------------------------------------
+# Losses of one micro-batch. Each returns (sum of the loss terms, stats); the caller divides by
+# the number of terms in the whole global batch, so that gradient accumulation and data
+# parallelism give exactly the gradient of one big batch.
+
+def _forward(model: Llama, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(batch["input_ids"], attention_mask=batch["attention_mask"])     # (B, T, V)
+
+
+def sft_loss_sum(model: Llama, batch, ops) -> tuple[torch.Tensor, dict]:
+    logits = _forward(model, batch)
+    tok_lp = ops.token_logps(logits, batch["labels"])                              # (B, T)
+    return -tok_lp.sum(), {}
+
+
+def sdpo_loss_sum(model: Llama, batch, ops, beta: float, k: int) -> tuple[torch.Tensor, dict]:
+    with torch.no_grad(), disable_lora(model):
+        ref_logps = ops.token_logps(_forward(model, batch), batch["labels"]).sum(-1)  # (S,)
+    loss, logps = ops.sdpo_loss(_forward(model, batch), batch["labels"], ref_logps, beta=beta,
+                                num_negatives=k)
+    groups = batch["input_ids"].shape[0] // (1 + k)
+    return loss * groups, reference.metrics(logps.detach(), ref_logps, beta, k)
+
+
+def sft_terms(tok, rows: list[D.Row]) -> int:
+    """Response tokens (title + EOS) of the rows: the SFT loss is their mean."""
+    return sum(len(D.encode_response(tok, r.target)) for r in rows)
+
+
+# --------------------------------------------------------------------------------------------
+# The training loop, shared by every stage
+
+@dataclass
+class StageSpec:
+    name: str                 # "sft", "sdpo" or "dpo"
+    lr: float
+    epochs: float
+    negatives: int = 0        # 0 for SFT
+
+
+def lr_lambda(step: int, total: int, warmup: float) -> float:
+    """Linear warm-up, then cosine decay to 0 (the schedule of the public scripts)."""
+    warm = max(1, int(round(warmup * total)))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def make_batch(spec: StageSpec, args, tok, rows: list[D.Row], negatives, domain: str, env: Env):
+    if spec.negatives:
+        batch = D.sdpo_batch(tok, rows, negatives, args.max_len, domain=domain)
+    else:
+        batch = D.sft_batch(tok, rows, args.max_len, domain=domain)
+    return {k: v.to(env.device) for k, v in batch.items()}
+
+
+def stage_negatives(spec: StageSpec, args, rows: list[D.Row], epoch: int):
+    if not spec.negatives:
+        return None
+    return D.epoch_negatives(rows, spec.negatives, args.seed, epoch, fixed=args.fixed_negatives)
+
+
+def micro_loss(spec: StageSpec, args, model, batch, ops):
+    if spec.negatives:
+        return sdpo_loss_sum(model, batch, ops, args.beta, spec.negatives)
+    return sft_loss_sum(model, batch, ops)
+
+
+@torch.no_grad()
+def validation_loss(spec: StageSpec, args, model, tok, rows, domain, env, ops) -> float:
+    """Mean loss on the validation rows (fixed negatives), for choosing the best checkpoint."""
+    model.eval()
+    negatives = D.epoch_negatives(rows, spec.negatives, args.seed, 0, fixed=True) if spec.negatives else None
+    total, terms = 0.0, 0
+    for start in range(0, len(rows), args.batch_size):
+        part = rows[start:start + args.batch_size]
+        negs = negatives[start:start + args.batch_size] if negatives else None
+        batch = make_batch(spec, args, tok, part, negs, domain, env)
+        value, _ = micro_loss(spec, args, model, batch, ops)
+        total += float(value)
+        terms += len(part) if spec.negatives else sft_terms(tok, part)
+    model.train()
+    return total / terms
+
+
+def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def train_stage(spec: StageSpec, args, model: Llama, tok, splits, domain: str, env: Env, out: Path,
+                ops) -> dict:
+    """Train ``model`` in place; returns the stage's summary. Resumable from OUT/<stage>/state.pt."""
+    stage_dir = out / spec.name
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    rows = splits["train"]
+    global_batch = args.batch_size * args.grad_accum * env.world
+    steps_per_epoch = math.ceil(len(rows) / global_batch)
+    total = max(1, int(math.ceil(spec.epochs * steps_per_epoch)))
+    if args.max_steps:
+        total = min(total, args.max_steps)
+    params = trainable(model)
+    opt = torch.optim.AdamW([p for _, p in params], lr=spec.lr, weight_decay=args.weight_decay,
+                            betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total, args.warmup))
+    state_path, best_path = stage_dir / "state.pt", stage_dir / "best.pt"
+    metrics_path = out / "metrics.jsonl"
+
+    step, best = 0, {"val_loss": math.inf, "step": -1}
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        with torch.no_grad():
+            for (n, p) in params:
+                p.copy_(state["params"][n])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, best = state["step"], state["best"]
+        torch.set_rng_state(state["rng"])
+        log(env, f"[{spec.name}] resuming at step {step}/{total}")
+        if env.main:
+            truncate_metrics(metrics_path, spec.name, step)
+
+    def checkpoint(step: int) -> None:
+        if env.main:
+            atomic_save({"params": {n: p.detach().cpu() for n, p in params}, "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "step": step, "best": best,
+                         "rng": torch.get_rng_state()}, state_path)
+        barrier(env)
+
+    def maybe_validate(step: int) -> None:
+        nonlocal best
+        val = validation_loss(spec, args, model, tok, splits["val"], domain, env, ops)
+        record = {"stage": spec.name, "step": step, "val_loss": val}
+        if val < best["val_loss"]:
+            best = {"val_loss": val, "step": step}
+            if env.main:
+                atomic_save({n: p.detach().cpu() for n, p in params}, best_path)
+        if env.main:
+            append_jsonl(metrics_path, record)
+        log(env, f"[{spec.name}] step {step}: validation loss {val:.4f} (best {best['val_loss']:.4f} "
+                 f"at step {best['step']})")
+
+    model.train()
+    bar = tqdm(total=total, initial=step, desc=spec.name, disable=args.no_progress or not env.main,
+               dynamic_ncols=True)
+    negatives_epoch, negatives = -1, None
+    t_start = time.time()
+    while step < total:
+        epoch, index = divmod(step, steps_per_epoch)
+        if epoch != negatives_epoch:
+            negatives, negatives_epoch = stage_negatives(spec, args, rows, epoch), epoch
+            order = list(range(len(rows)))
+            random.Random(f"order:{args.seed}:{spec.name}:{epoch}").shuffle(order)
+        chosen = order[index * global_batch:(index + 1) * global_batch]
+        n_terms = len(chosen) if spec.negatives else sft_terms(tok, [rows[i] for i in chosen])
+        mine = chosen[env.rank::env.world]
+        t0 = time.time()
+        loss_sum, stats_acc, tokens = 0.0, [], 0
+        for m in range(0, len(mine), args.batch_size):
+            part = mine[m:m + args.batch_size]
+            batch = make_batch(spec, args, tok, [rows[i] for i in part],
+                               [negatives[i] for i in part] if negatives else None, domain, env)
+            value, stats = micro_loss(spec, args, model, batch, ops)
+            (value / n_terms).backward()
+            loss_sum += float(value.detach())
+            tokens += int(batch["attention_mask"].sum())
+            if stats:
+                stats_acc.append((len(part), stats))
+        stats = _weighted_mean(stats_acc)
+        if env.world > 1:
+            for _, p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+            loss_sum, tokens = _all_reduce_floats(env, [loss_sum, float(tokens)])
+            stats = dict(zip(stats, _all_reduce_floats(env, [v / env.world for v in stats.values()])))
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], args.clip or float("inf"))
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        loss = loss_sum / n_terms
+        record = {"stage": spec.name, "step": step, "epoch": epoch, "loss": loss, "lr": lr,
+                  "grad_norm": float(grad_norm), "tokens_per_s": tokens / max(1e-9, time.time() - t0), **stats}
+        if env.main:
+            append_jsonl(metrics_path, record)
+        postfix = {"loss": f"{loss:.4f}"}
+        if "rewards/accuracies" in stats:
+            postfix["acc"] = f"{stats['rewards/accuracies']:.2f}"
+        bar.set_postfix(postfix)
+        bar.update(1)
+        if args.eval_every and step % args.eval_every == 0 and step < total:
+            maybe_validate(step)
+        if step % args.ckpt_every == 0 or step == total:
+            if step == total:
+                maybe_validate(step)
+            checkpoint(step)
+    bar.close()
+    if best_path.exists() and best["step"] != step:
+        log(env, f"[{spec.name}] restoring the best checkpoint (step {best['step']})")
+        saved = torch.load(best_path)
+        with torch.no_grad():
+            for n, p in params:
+                p.copy_(saved[n])
+    return {"steps": total, "best_step": best["step"], "best_val_loss": best["val_loss"],
+            "train_s": time.time() - t_start}
+
+
+def _weighted_mean(items: list[tuple[int, dict]]) -> dict:
+    if not items:
+        return {}
+    n = sum(w for w, _ in items)
+    return {k: sum(w * s[k] for w, s in items) / n for k in items[0][1]}
+
+
+def _all_reduce_floats(env: Env, values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def truncate_metrics(path: Path, stage: str, step: int) -> None:
+    """On resume, drop the records an interrupted run wrote after its last checkpoint."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line and not ((r := json.loads(line))["stage"] == stage and r["step"] > step)]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+
+def run_sft(args, tok, splits, domain, env, out, ops) -> None:
+    done = out / "sft" / "done.json"
+    if done.exists():
+        log(env, f"[sft] already done: {sft_model_dir(out)}")
+        return
+    if args.model:
+        model = from_pretrained(args.model, dtype=env.dtype, device=env.device)
+        add_lora(model, args, args.seed)
+    else:
+        model = scratch_model(args, tok).to(device=env.device, dtype=env.dtype)
+    info = train_stage(StageSpec("sft", args.sft_lr, args.sft_epochs), args, model, tok, splits, domain,
+                       env, out, ops)
+    if env.main:
+        if args.model:
+            save_adapter(model, str(out / "sft" / "adapter"))
+            merge_and_unload(model)
+
+        def write(path: str) -> None:
+            save_pretrained(model, path)
+            tok.save(path)
+        atomic_dir(write, sft_model_dir(out))
+        atomic_write_json(info, done)
+    barrier(env)
+
+
+def run_preference(name: str, k: int, args, tok, splits, domain, env, out, ops) -> None:
+    done = out / name / "done.json"
+    if done.exists():
+        log(env, f"[{name}] already done: {out / name / 'adapter'}")
+        return
+    model = load_sft_model(out, env)
+    add_lora(model, args, args.seed + 1)
+    info = train_stage(StageSpec(name, args.sdpo_lr, args.sdpo_epochs, negatives=k), args, model, tok,
+                       splits, domain, env, out, ops)
+    if env.main:
+        atomic_dir(lambda path: save_adapter(model, path), out / name / "adapter")
+        atomic_write_json(info, done)
+    barrier(env)
+
+
+def run_eval(args, tok, splits, domain, env, out, wall_start: float) -> dict:
+    rows = splits["test"]
+    progress = not args.no_progress
+    results = {}
+    model = load_sft_model(out, env)
+    for name in ("sft", "sdpo", "dpo"):
+        path = out / name / ("adapter" if name != "sft" else "model")
+        if not path.exists():
+            continue
+        if name != "sft":
+            load_adapter(model, str(path))
+        log(env, f"[eval] {name}: generation on {len(rows)} test rows")
+        gen = evaluate_generation(model, tok, rows, domain, batch_size=args.eval_batch_size,
+                                  progress=progress)
+        res = {"hr@1": gen["hr@1"], "valid_ratio": gen["valid_ratio"]}
+        if not args.no_ranking:
+            res |= {k: v for k, v in evaluate_ranking(model, tok, rows, domain, batch_size=args.rank_batch_size,
+                                                       max_len=args.max_len, progress=progress).items()
+                    if k != "n"}
+        results[name] = res
+        atomic_write_json({"answers": gen["answers"]}, out / f"answers_{name}.json")
+    summary = {"models": results, "test_rows": len(rows), "wall_s": time.time() - wall_start}
+    atomic_write_json(summary, out / "summary.json")
+    print_table(summary)
+    return summary
+
+
+def print_table(summary: dict) -> None:
+    cols = ("hr@1", "valid_ratio", "rank_hr@1", "rank_hr@5", "rank_ndcg@5")
+    lines = [f"{'model':<6} " + " ".join(f"{c:>12}" for c in cols)]
+    for name, res in summary["models"].items():
+        lines.append(f"{name:<6} " + " ".join(f"{res[c]:>12.4f}" if c in res else f"{'-':>12}" for c in cols))
+    lines.append(f"test rows: {summary['test_rows']}, wall time: {summary['wall_s']:.0f} s")
+    print("\n".join(lines), flush=True)
+
+
+def write_plots(out: Path) -> None:
+    """PNG plots of the training curves from metrics.jsonl (skipped when matplotlib is absent)."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    (out / "plots").mkdir(exist_ok=True)
+    for stage in STAGES:
+        train = [r for r in records if r["stage"] == stage and "loss" in r]
+        val = [r for r in records if r["stage"] == stage and "val_loss" in r]
+        if not train:
+            continue
+        keys = ["loss"] + [k for k in ("rewards/accuracies", "rewards/margins") if k in train[0]]
+        fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            ax.plot([r["step"] for r in train], [r[key] for r in train], label="train")
+            if key == "loss" and val:
+                ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+                ax.legend()
+            ax.set_xlabel("step")
+            ax.set_title(f"{stage}: {key}")
+        fig.tight_layout()
+        fig.savefig(out / "plots" / f"{stage}.png", dpi=100)
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    wall_start = time.time()
+    env = setup_env(args)
+    if args.loss == "fused":
+        from minisdpo import ops
+    else:
+        ops = reference
+    out = prepare_out(args, env)
+    splits, domain = load_rows(args)
+    log(env, f"data {args.data}: {len(splits['train'])} train / {len(splits['val'])} val / "
+             f"{len(splits['test'])} test rows, domain {domain}; out {out}")
+    tok = get_tokenizer(args, env, out, splits, domain)
+    summary = None
+    try:
+        if args.stage in ("all", "sft"):
+            run_sft(args, tok, splits, domain, env, out, ops)
+        if args.stage in ("all", "sdpo"):
+            run_preference("sdpo", args.negatives, args, tok, splits, domain, env, out, ops)
+            if args.compare_dpo:
+                run_preference("dpo", 1, args, tok, splits, domain, env, out, ops)
+        if env.main and not args.no_plots:
+            write_plots(out)
+        if args.stage in ("all", "eval") and env.main:
+            summary = run_eval(args, tok, splits, domain, env, out, wall_start)
+    finally:
+        if env.world > 1:
+            dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    main()
