@@ -13,7 +13,9 @@ Ranking (an addition, not in the paper): each candidate is scored by its summed 
 log-probability logp(title + EOS | prompt), the quantity S-DPO trains; the target's rank is
 1 + the number of other candidates scoring at least as high (ties count against the target,
 the pessimistic rule). Reported: rank_hr@1, rank_hr@5 and rank_ndcg@5 (1 / log2(1 + rank) when
-rank <= 5, else 0), averaged over rows.
+rank <= 5, else 0), averaged over rows. The 20 candidates of a row share one pass over its
+prompt (``minisdpo.data.packed_batch``) and the LM head runs on their tokens only
+(``minisdpo.data.response_hidden``), which scores exactly as 20 separate prompt + title passes.
 
 Prompts and responses are tokenised by ``minisdpo.data`` exactly as in training.
 """
@@ -26,10 +28,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from minisdpo.data import Row, TokenizerLike, collate, encode_group, encode_prompt, truncate_prompt, padding_id
+from minisdpo.data import (Row, TokenizerLike, collate, encode_group, encode_prompt, packed_batch, padding_id,
+                           response_hidden, truncate_prompt)
 from minisdpo.loss import sequence_logps
 
-__all__ = ["judge", "evaluate_generation", "evaluate_ranking", "rank_metrics"]
+__all__ = ["judge", "evaluate_generation", "ranking_scores", "evaluate_ranking", "rank_metrics"]
 
 
 def judge(answer: str, candidates: Sequence[str], target: str) -> tuple[bool, bool]:
@@ -124,38 +127,74 @@ def rank_metrics(scores: torch.Tensor, target_index: torch.Tensor) -> dict[str, 
             "rank_ndcg@5": gain.mean().item()}
 
 
-@torch.no_grad()
-def evaluate_ranking(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: str,
-                     batch_size: int = 2, max_len: int = 512, progress: bool = True) -> dict[str, float]:
-    """Ranking metrics from the summed log-prob of each candidate's response (title + EOS).
-
-    ``batch_size`` counts rows: each forward pass holds batch_size * (number of candidates)
-    sequences, laid out and truncated as in ``minisdpo.data.sdpo_batch``.
-    Returns {"rank_hr@1", "rank_hr@5", "rank_ndcg@5", "n"}.
-    """
-    _check_common(rows, batch_size)
-    device, pad_id = _device(model), padding_id(tok)
+def _check_candidates(rows: Sequence[Row]) -> int:
     n_cands = len(rows[0].candidates)
     if any(len(r.candidates) != n_cands for r in rows):
         raise ValueError("every row must have the same number of candidates for ranking")
+    return n_cands
+
+
+@torch.no_grad()
+def ranking_scores(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: str,
+                   batch_size: int = 2, max_len: int = 512, progress: bool = True) -> torch.Tensor:
+    """logp(title + EOS | prompt) of every candidate, (N, C) float32, candidates in row order.
+
+    ``batch_size`` counts rows: each forward pass packs batch_size prompts with all their
+    candidates (``minisdpo.data.packed_batch``, prompts cut as in training). ``model`` is called
+    as ``model(input_ids, position_ids=..., mask=..., return_hidden=True)`` and must have
+    ``lm_head`` (minisdpo.model.Llama has both). Rows are batched by prompt length to save padding.
+    """
+    _check_common(rows, batch_size)
+    n_cands = _check_candidates(rows)
+    device = _device(model)
+    order = sorted(range(len(rows)), key=lambda i: len(encode_prompt(tok, rows[i], domain)))
+    scores = torch.empty(len(rows), n_cands)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
-    all_scores = []
     try:
-        for start in tqdm(range(0, len(rows), batch_size), desc="rank", disable=not progress):
-            pairs = []
-            for row in rows[start:start + batch_size]:
-                prompt, responses = encode_group(tok, row, row.candidates, max_len, domain)
-                pairs.extend((prompt, r) for r in responses)
-            batch = collate(pairs, pad_id)
-            logits = model(batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device))      # (B*C, T, V)
-            logps = sequence_logps(logits, batch["labels"].to(device))           # (B*C,)
-            all_scores.append(logps.float().cpu().view(-1, n_cands))             # (B, C)
+        for start in tqdm(range(0, len(order), batch_size), desc="rank", disable=not progress):
+            idx = order[start:start + batch_size]
+            part = [rows[i] for i in idx]
+            batch = packed_batch(tok, part, [r.candidates for r in part], max_len, domain=domain)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model.lm_head(response_hidden(model, batch))                 # (B*C, R, V)
+            logps = sequence_logps(logits, batch["labels"])                        # (B*C,)
+            scores[idx] = logps.float().cpu().view(len(idx), n_cands)             # (B, C)
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
-    scores = torch.cat(all_scores)                                               # (N, C)
+    return scores
+
+
+@torch.no_grad()
+def _ranking_scores_unpacked(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: str,
+                             batch_size: int = 2, max_len: int = 512) -> torch.Tensor:
+    """``ranking_scores`` the slow way, kept as the tests' oracle and the benchmark's baseline:
+    one full prompt + title sequence per candidate (``minisdpo.data.collate``), logits everywhere."""
+    _check_common(rows, batch_size)
+    n_cands = _check_candidates(rows)
+    device, pad_id = _device(model), padding_id(tok)
+    all_scores = []
+    for start in range(0, len(rows), batch_size):
+        pairs = []
+        for row in rows[start:start + batch_size]:
+            prompt, responses = encode_group(tok, row, row.candidates, max_len, domain)
+            pairs.extend((prompt, r) for r in responses)
+        batch = collate(pairs, pad_id)
+        logits = model(batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device))          # (B*C, T, V)
+        logps = sequence_logps(logits, batch["labels"].to(device))               # (B*C,)
+        all_scores.append(logps.float().cpu().view(-1, n_cands))                 # (B, C)
+    return torch.cat(all_scores)                                                 # (N, C)
+
+
+def evaluate_ranking(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: str,
+                     batch_size: int = 2, max_len: int = 512, progress: bool = True) -> dict[str, float]:
+    """Ranking metrics from the summed log-prob of each candidate's response (title + EOS),
+    scored by ``ranking_scores`` (same arguments).
+    Returns {"rank_hr@1", "rank_hr@5", "rank_ndcg@5", "n"}.
+    """
+    scores = ranking_scores(model, tok, rows, domain, batch_size, max_len, progress)     # (N, C)
     target_index = torch.tensor([row.candidates.index(row.target) for row in rows])
     return {**rank_metrics(scores, target_index), "n": len(rows)}

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from minisdpo.data import Row, encode_prompt, encode_response, format_prompt
-from minisdpo.evaluate import evaluate_generation, evaluate_ranking, judge, rank_metrics
+from minisdpo.evaluate import (_ranking_scores_unpacked, evaluate_generation, evaluate_ranking, judge,
+                               rank_metrics, ranking_scores)
 
 from test_data import TOK, ByteTokenizer
 
@@ -121,8 +122,12 @@ class UnigramModel:
     """The same next-token distribution everywhere: EOS likely, every byte equally unlikely, so
     logp(title + EOS) falls with the title's length and shorter candidates rank higher."""
 
-    def __call__(self, input_ids, attention_mask=None):
-        logits = torch.zeros(*input_ids.shape, ByteTokenizer.vocab_size)
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, mask=None, return_hidden=False):
+        hidden = torch.zeros(*input_ids.shape, 1)
+        return hidden if return_hidden else self.lm_head(hidden)
+
+    def lm_head(self, hidden):
+        logits = torch.zeros(*hidden.shape[:-1], ByteTokenizer.vocab_size)
         logits[..., TOK.eos_id] = 5.0
         return logits
 
@@ -149,8 +154,9 @@ class BigramModel(torch.nn.Module):
         super().__init__()
         self.table = torch.nn.Parameter(torch.randn(ByteTokenizer.vocab_size, ByteTokenizer.vocab_size,
                                                     generator=torch.Generator().manual_seed(0)))
+        self.lm_head = torch.nn.Identity()      # the "hidden state" is already the logits
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, mask=None, return_hidden=False):
         return self.table[input_ids]
 
 
@@ -202,3 +208,22 @@ def test_both_evaluators_on_tiny_random_llama():
     for key in ("rank_hr@1", "rank_hr@5", "rank_ndcg@5"):
         assert 0 <= rank[key] <= 1
     assert rank["rank_hr@5"] == 1.0            # 5 candidates: every target is in the top 5
+
+
+@pytest.mark.parametrize("max_len", [512, 80])
+def test_packed_ranking_scores_equal_unpacked_on_tiny_llama(max_len):
+    # 20 candidates share one prompt pass: the scores must equal 20 full prompt + title passes,
+    # in the rows' order although batches are formed by prompt length (here longest first),
+    # also when max_len cuts the prompts.
+    model_mod = pytest.importorskip("minisdpo.model")
+    torch.manual_seed(0)
+    args = model_mod.ModelArgs(vocab_size=ByteTokenizer.vocab_size, dim=64, n_layers=2, n_heads=4,
+                               n_kv_heads=2, intermediate_size=128)
+    model = model_mod.Llama(args).eval()
+    names = [f"{'Title' * (i % 4)} {i}" for i in range(20)]
+    rows = [Row(("H" * (20 - 4 * i), "Blur"), tuple(names), names[3 * i]) for i in range(5)]
+    packed = ranking_scores(model, TOK, rows, "music", batch_size=2, max_len=max_len, progress=False)
+    unpacked = _ranking_scores_unpacked(model, TOK, rows, "music", batch_size=2, max_len=max_len)
+    assert packed.shape == (5, 20)
+    torch.testing.assert_close(packed, unpacked, rtol=1e-5, atol=1e-5)
+    assert packed.std(1).min() > 0.1               # candidates really score differently
