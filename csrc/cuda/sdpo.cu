@@ -73,13 +73,35 @@ template <typename T>
 constexpr int kVec = 16 / sizeof(T);
 
 // Merge two (max2, sum) pairs, sum being relative to 2^max2; an empty pair is (-inf, 0).
+// A pair with max2 = -inf has seen only -inf and NaN logits, so its sum is 0 or NaN.
 template <typename A>
 __device__ __forceinline__ void merge(A& m2, A& sum, A other_m2, A other_sum) {
   using M = Log2Math<A>;
   const A top = m2 > other_m2 ? m2 : other_m2;
-  if (top == -INFINITY) return;  // both empty: avoid exp2(-inf - -inf) = NaN
+  if (top == -INFINITY) {  // no finite element on either side: avoid exp2(-inf - -inf) = NaN
+    sum += other_sum;      // 0, or NaN if a NaN was seen (it must reach lse)
+    return;
+  }
   sum = sum * M::exp2(m2 - top) + other_sum * M::exp2(other_m2 - top);
   m2 = top;
+}
+
+// Fold n logits into a thread's (max2, sum) pair: one rescale for the n, one exp2 each.
+// fmax drops NaN, so a NaN logit reaches lse through the sum. While nothing but -inf and NaN
+// has been seen the offset is 0, not -inf (x - -inf would turn every -inf into NaN).
+template <typename A, int n>
+__device__ __forceinline__ void accumulate(A& m2, A& sum, const A (&x)[n]) {
+  using M = Log2Math<A>;
+  A top = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < n; ++k) top = fmax(top, x[k]);
+  const A new_m2 = fmax(m2, top * M::kLog2e);
+  const A offset = new_m2 == -INFINITY ? A(0) : new_m2;
+  A chunk = 0;
+#pragma unroll
+  for (int k = 0; k < n; ++k) chunk += M::exp2(fma(x[k], M::kLog2e, -offset));
+  sum = sum * M::exp2(m2 - offset) + chunk;
+  m2 = new_m2;
 }
 
 // Block-wide merge of every thread's pair; the result is valid in thread 0.
@@ -149,38 +171,24 @@ __global__ void __launch_bounds__(kMaxThreads)
   A m2 = -INFINITY, sum = 0;  // this thread's running max * log2(e) and sum of 2^(x*log2e - m2)
   for (int64_t base = threadIdx.x; base < n_packs; base += int64_t(blockDim.x) * kUnroll) {
     // Issue all loads first, so kUnroll * 16 bytes per thread are in flight at once.
-    A x[kUnroll][N];
+    A x[kUnroll * N];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = base + int64_t(u) * blockDim.x;
       if (i < n_packs) {
         const Pack<T, N> p = packs[i];
 #pragma unroll
-        for (int k = 0; k < N; ++k) x[u][k] = static_cast<A>(p.v[k]);
+        for (int k = 0; k < N; ++k) x[u * N + k] = static_cast<A>(p.v[k]);
       } else {
 #pragma unroll
-        for (int k = 0; k < N; ++k) x[u][k] = -INFINITY;
+        for (int k = 0; k < N; ++k) x[u * N + k] = -INFINITY;
       }
     }
-    A top = -INFINITY;
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-      for (int k = 0; k < N; ++k) top = fmax(top, x[u][k]);
-    // One rescale per kUnroll * N elements, then one exp2 per element.
-    const A new_m2 = fmax(m2, top * M::kLog2e);
-    if (new_m2 == -INFINITY) continue;  // nothing but -inf so far
-    A chunk = 0;
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-      for (int k = 0; k < N; ++k) chunk += M::exp2(fma(x[u][k], M::kLog2e, -new_m2));
-    sum = sum * M::exp2(m2 - new_m2) + chunk;
-    m2 = new_m2;
+    accumulate(m2, sum, x);
   }
   for (int64_t v = n_packs * N + threadIdx.x; v < V; v += blockDim.x) {  // tail, fewer than N
-    const A xv = static_cast<A>(row[v]);
-    merge(m2, sum, xv * M::kLog2e, A(1));
+    const A x[1] = {static_cast<A>(row[v])};
+    accumulate(m2, sum, x);
   }
 
   block_merge(m2, sum);
@@ -314,6 +322,7 @@ void launch_forward(const at::Tensor& x, const at::Tensor& labels, int64_t ignor
                     at::Tensor& tok, at::Tensor& lse) {
   const int64_t S = x.size(0), T_len = x.size(1), V = x.size(2), rows = S * T_len;
   if (rows == 0) return;
+  TORCH_CHECK(rows <= INT32_MAX, "minisdpo: S * T = ", rows, " rows exceed the CUDA grid limit");
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const bool vec = rows_aligned16(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "minisdpo_fwd_cuda", [&] {
@@ -333,6 +342,7 @@ void launch_backward(const at::Tensor& coef, const at::Tensor& x, const at::Tens
                      const at::Tensor& lse, int64_t ignore_index, at::Tensor& grad) {
   const int64_t S = x.size(0), T_len = x.size(1), V = x.size(2), rows = S * T_len;
   if (rows == 0) return;
+  TORCH_CHECK(rows <= INT32_MAX, "minisdpo: S * T = ", rows, " rows exceed the CUDA grid limit");
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const bool vec = rows_aligned16(x) && rows_aligned16(grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "minisdpo_bwd_cuda", [&] {
