@@ -65,10 +65,26 @@ if ! "$PYTHON" -c 'import torch, minisdpo.ops; x = torch.zeros(2, 1, 4, device="
   exit 1
 fi
 
-# --- CUDA tests. A bad label stops a CUDA kernel with a device-side assert, which leaves the
-# process's CUDA context unusable, so the bad-input cases run in their own process, last.
-step test_ops_cuda 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops.py -k "cuda and not bad_input" || status=1
-step test_ops_cuda_bad_input 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops.py -k "cuda and bad_input" || status=1
+# --- CUDA tests. A label outside [0, V) stops a CUDA kernel with a device-side assert (no host
+# synchronisation inside the ops), which leaves the process's CUDA context unusable: the two
+# bad-label cases run each in its own process, after the others.
+step test_ops_cuda 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops.py -k "cuda and not bad_input_raises" || status=1
+step test_ops_cuda_bad_input 120 "$PYTHON" -m pytest -q -p no:cacheprovider \
+  $(for i in $(seq 2 11); do echo "tests/test_ops.py::test_bad_input_raises[$i-cuda]"; done) || status=1
+for i in 0 1; do
+  step "test_ops_cuda_bad_label_$i" 120 "$PYTHON" -m pytest -q -p no:cacheprovider "tests/test_ops.py::test_bad_input_raises[$i-cuda]" \
+    || { status=1; echo "   (a bad label on CUDA is a device-side assert, raised at the next synchronisation)"; }
+done
+# What a bad label does on CUDA, shown directly: the error must name the assert, not crash.
+step bad_label_demo 120 "$PYTHON" -c '
+import torch, minisdpo.ops as ops
+x = torch.randn(2, 3, 10, device="cuda"); y = torch.zeros(2, 3, dtype=torch.long, device="cuda"); y[1, 2] = 10
+try:
+    ops.token_logps(x, y); torch.cuda.synchronize(); print("no error raised: WRONG")
+except RuntimeError as e:
+    print("RuntimeError:", str(e).splitlines()[0])
+' || status=1
+cat "$LOG_DIR/bad_label_demo.log"
 
 # --- benchmark: 8192 tokens, two vocabularies, float32 and bfloat16
 BENCH_FLAGS=(--device cuda --S 32 --T 256 --K 3 --dtype float32 bfloat16 --repeats 10)
