@@ -218,7 +218,7 @@ def prepare_out(args: argparse.Namespace, env: Env) -> Path:
             elif not args.resume and args.stage in ("all", "sft"):
                 raise SystemExit(f"error: --out {out} already holds a run; pass --resume to continue it "
                                  f"or --overwrite to start again")
-            elif saved.exists():
+            elif args.resume and saved.exists():
                 old = json.loads(saved.read_text())
                 diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
                 if diff:

@@ -1,0 +1,191 @@
+"""End-to-end tests of python -m minisdpo.train on a tiny configuration: every stage, resume after
+an interruption, a user's own Hugging Face checkpoint, two-process data parallelism, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minisdpo import train
+from minisdpo.checkpoint import from_pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
+TITLES = [f"Song {chr(65 + i // 10)}{i % 10}" for i in range(60)]
+
+
+def _rows(n: int, seed: int) -> list[dict]:
+    """Rows in the S-DPO JSON format whose next item follows a learnable rule (the next title)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        start = rng.randrange(len(TITLES))
+        history = [TITLES[(start + i) % len(TITLES)] for i in range(4)]
+        target = TITLES[(start + 4) % len(TITLES)]
+        others = rng.sample([t for t in TITLES if t != target and t not in history], 19)
+        candidates = others + [target]
+        rng.shuffle(candidates)
+        rows.append({"historyList": "::".join(history), "itemList": candidates, "trueSelection": target})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    for split, n in (("train", 48), ("val", 8), ("test", 8)):
+        (d / f"toy-{split}.json").write_text(json.dumps(_rows(n, seed=len(split))))
+    return d
+
+
+def _flags(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", "json", "--data-dir", str(data_dir), "--domain", "music", "--out", str(out),
+            "--dim", "32", "--layers", "2", "--heads", "2", "--kv-heads", "1", "--vocab-size", "400",
+            "--batch-size", "4", "--grad-accum", "2", "--sft-epochs", "1", "--sdpo-epochs", "1",
+            "--lora-r", "4", "--eval-batch-size", "8", "--no-progress", "--seed", "3", *extra]
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_all_stages_end_to_end(data_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = train.main(_flags(data_dir, out, "--compare-dpo", "--negatives", "3"))
+    assert set(summary["models"]) == {"sft", "sdpo", "dpo"}
+    assert summary["test_rows"] == 8
+    for res in summary["models"].values():
+        for key in ("hr@1", "valid_ratio", "rank_hr@1", "rank_hr@5", "rank_ndcg@5"):
+            assert 0.0 <= res[key] <= 1.0
+        assert res["hr@1"] <= res["valid_ratio"]
+        assert res["rank_hr@1"] <= res["rank_hr@5"]
+    assert json.loads((out / "summary.json").read_text())["models"] == summary["models"]
+    records = _metrics(out)
+    sdpo = [r for r in records if r["stage"] == "sdpo" and "loss" in r]
+    assert len(sdpo) == 6  # 48 rows / (4 * 2) per step, one epoch
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected", "lr", "tokens_per_s"):
+        assert key in sdpo[0]
+    assert all(r["loss"] > 0 for r in sdpo)
+    # The SFT model is a Hugging Face directory that loads back; the adapters are PEFT files.
+    model = from_pretrained(str(out / "sft" / "model"))
+    assert model.args.vocab_size == 400
+    for name in ("sdpo", "dpo"):
+        assert (out / name / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / "plots" / "sft.png").exists() and (out / "plots" / "sdpo.png").exists()
+    # A second call with --resume finds every stage done and only evaluates again.
+    again = train.main(_flags(data_dir, out, "--compare-dpo", "--negatives", "3", "--resume"))
+    assert again["models"] == summary["models"]
+
+
+def test_fused_and_reference_losses_train_alike(data_dir, tmp_path):
+    runs = {}
+    for loss in ("fused", "reference"):
+        out = tmp_path / loss
+        flags = ["--loss", loss, "--max-steps", "3", "--lora-dropout", "0"]
+        train.main(_flags(data_dir, out, "--stage", "sft", *flags))
+        train.main(_flags(data_dir, out, "--stage", "sdpo", *flags))
+        runs[loss] = [r["loss"] for r in _metrics(out) if "loss" in r]
+    assert runs["fused"] == pytest.approx(runs["reference"], rel=1e-4, abs=1e-5)
+
+
+def test_resume_after_interruption_matches_uninterrupted(data_dir, tmp_path):
+    flags = ["--stage", "sft", "--sft-epochs", "4", "--ckpt-every", "2", "--eval-every", "4"]
+    straight = tmp_path / "straight"
+    train.main(_flags(data_dir, straight, *flags))
+
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "minisdpo.train", *_flags(data_dir, out, *flags)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / "sft" / "state.pt"
+    deadline = time.time() + 120
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "sft" / "done.json").exists(), "the run finished before it could be interrupted"
+    train.main(_flags(data_dir, out, *flags, "--resume"))
+
+    def curve(run: Path) -> list[tuple]:
+        return [(r["step"], r.get("loss"), r.get("val_loss")) for r in _metrics(run)]
+    assert curve(out) == curve(straight)
+    a = from_pretrained(str(out / "sft" / "model")).state_dict()
+    b = from_pretrained(str(straight / "sft" / "model")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_user_checkpoint_with_lora_sft(data_dir, tmp_path):
+    # A "user's" Hugging Face checkpoint: a random tiny Llama with a trained tokenizer beside it.
+    from minisdpo.model import Llama, ModelArgs
+    from minisdpo.tokenizer import train_tokenizer
+    base = tmp_path / "base"
+    base.mkdir()
+    from minisdpo.data import format_prompt, load_json_dir
+    texts = TITLES + [format_prompt(r, "music") for r in load_json_dir(data_dir)["train"]]
+    tok = train_tokenizer(texts, 400, base / "tokenizer.model")
+    torch.manual_seed(0)
+    Llama(ModelArgs(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                    intermediate_size=64)).save_pretrained(str(base))
+    out = tmp_path / "run"
+    summary = train.main(_flags(data_dir, out, "--model", str(base), "--max-steps", "2", "--no-ranking"))
+    assert set(summary["models"]) == {"sft", "sdpo"}
+    assert (out / "sft" / "adapter" / "adapter_config.json").exists()
+    merged = from_pretrained(str(out / "sft" / "model")).state_dict()
+    original = from_pretrained(str(base)).state_dict()
+    assert set(merged) == set(original)
+    assert any(not torch.equal(merged[k], original[k]) for k in original)  # the SFT adapter was merged in
+
+
+def test_two_processes_match_one_with_the_same_global_batch(data_dir, tmp_path):
+    flags = ["--stage", "sft", "--max-steps", "3", "--no-plots"]
+    one = tmp_path / "one"
+    train.main(_flags(data_dir, one, *flags))  # batch 4 x accumulation 2
+    two = tmp_path / "two"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(29500 + os.getpid() % 1000)]
+    args = _flags(data_dir, two, *flags) + ["--grad-accum", "1"]  # batch 4 x 2 processes
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(torchrun + ["-m", "minisdpo.train", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = [r["loss"] for r in _metrics(one) if "loss" in r]
+    b = [r["loss"] for r in _metrics(two) if "loss" in r]
+    assert len(a) == len(b) == 3
+    assert a == pytest.approx(b, rel=1e-4)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--negatives", "25"], "--negatives"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--beta", "nan"], "--beta"),
+    (["--model", "/nonexistent/dir"], "--model"),
+])
+def test_bad_flags_name_the_flag(data_dir, tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        train.main(_flags(data_dir, tmp_path / "run", *flags))
+
+
+def test_existing_run_needs_resume_or_overwrite(data_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="--resume"):
+        train.main(_flags(data_dir, out, "--max-steps", "1"))
+
+
+def test_resume_with_other_settings_is_refused(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train.main(_flags(data_dir, out, "--stage", "sft", "--max-steps", "1"))
+    with pytest.raises(SystemExit, match="beta"):
+        train.main(_flags(data_dir, out, "--stage", "sft", "--max-steps", "1", "--beta", "2", "--resume"))
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+    with pytest.raises((FileNotFoundError, ValueError, SystemExit), match="nowhere"):
+        train.main(_flags(tmp_path / "nowhere", tmp_path / "run"))
