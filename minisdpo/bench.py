@@ -5,8 +5,8 @@ Compares the fused op (minisdpo.ops.sdpo_loss) with the plain PyTorch reference
 against the floor of one vectorised exp per logit, ``torch.exp(logits, out=buf)`` over the same
 logits in the same process (DESIGN.md section 7). Times are medians of --repeats runs after
 warm-up; ratios are measured side by side. Peak memory of each variant is measured in its own
-process: on the CPU the growth of ru_maxrss (peak resident set) over its value once the inputs
-are allocated; on CUDA torch.cuda.max_memory_allocated over the memory allocated by the inputs.
+process: on the CPU the growth of the peak resident set (VmHWM, or ru_maxrss) over its value
+once the inputs are allocated; on CUDA torch.cuda.max_memory_allocated over the memory allocated by the inputs.
 On CUDA the run also measures the device-to-device copy bandwidth over the logits.
 
 The structure is one function per benchmark (``time_loss``, ``time_floor``, ``peak_memory``)
@@ -87,11 +87,13 @@ def run_once(fn: Callable, inputs, K: int, backward: bool) -> None:
         with torch.no_grad():
             fn(logits, labels, ref_logps, beta=1.0, num_negatives=K)
         return
-    # A fresh leaf on the same storage each run. fused_inplace overwrites the logits with their
-    # gradient: later runs then see gradient values, which costs the same.
+    # A fresh leaf on the same storage each run; autograd.grad returns the gradient as the op
+    # made it (no accumulation into .grad, which would copy an aliasing in-place gradient).
+    # fused_inplace overwrites the logits with their gradient: later runs see gradient values,
+    # which cost the same.
     x = logits.detach().requires_grad_()
     loss, _ = fn(x, labels, ref_logps, beta=1.0, num_negatives=K)
-    loss.backward()
+    torch.autograd.grad(loss, x)
 
 
 def median_seconds(fn: Callable[[], None], repeats: int, device: str, warmup: int = 2) -> float:
@@ -134,6 +136,16 @@ def time_floor(logits: torch.Tensor, args: argparse.Namespace) -> dict[str, floa
     return out
 
 
+def peak_rss() -> int:
+    """Peak resident set of this process in bytes: VmHWM on Linux (ru_maxrss would carry the
+    parent's peak over into a child started by fork + exec), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def memory_child(args: argparse.Namespace) -> None:
     """Run one forward+backward of one variant and print its peak memory above the inputs."""
     inputs = make_inputs(args, DTYPES[args.dtype[0]])
@@ -146,9 +158,9 @@ def memory_child(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         extra = torch.cuda.max_memory_allocated() - base
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        base = peak_rss()
         run_once(fn, inputs, args.K, backward=True)
-        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        extra = peak_rss() - base
     print(json.dumps({"extra_bytes": extra}))
 
 
@@ -220,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"median of {args.repeats} runs after 2 warm-up runs; the first quarter of each "
           f"sequence is ignored (prompt)")
     print("peak+ = memory above the inputs at the peak of one fwd+bwd, each variant in its own "
-          "process (CPU: growth of ru_maxrss; CUDA: max_memory_allocated); L = logits bytes; "
+          "process (CPU: growth of the peak RSS, VmHWM; CUDA: max_memory_allocated); L = logits bytes; "
           "(L+peak+)/2L <= 1.05 means no more than the logits and their gradient, +5%")
     variants = [v for v in VARIANTS if not (v == "compiled" and args.no_compile)]
     results = {"machine": info, "config": {k: v for k, v in vars(args).items() if k != "memory_child"},

@@ -52,9 +52,9 @@ class _InplaceBackward:
         _inplace.on = False
 
 
-def _logits_grad(ctx, coef: torch.Tensor) -> torch.Tensor:
+def _logits_grad(ctx, coef: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                 lse: torch.Tensor) -> torch.Tensor:
     """coef (S, T) * (onehot - softmax) on counted tokens, zeros elsewhere: the logits' gradient."""
-    logits, labels, lse = ctx.saved_tensors
     if ctx.inplace:
         # Opt-in: the logits are dead after the loss, so their storage takes the gradient.
         _ops.logits_bwd_(logits, coef, labels, lse, ctx.ignore_index)
@@ -83,7 +83,9 @@ def _token_logps_setup(ctx, inputs, output):
 
 def _token_logps_backward(ctx, grad_tok, grad_lse):
     # d token_logp[s, t] / d logits[s, t, :] = onehot - softmax: the coefficient is grad_tok.
-    return _logits_grad(ctx, grad_tok.to(_acc_dtype(ctx.saved_tensors[0].dtype))), None, None
+    logits, labels, lse = ctx.saved_tensors
+    coef = grad_tok.to(_acc_dtype(logits.dtype))
+    return _logits_grad(ctx, coef, logits, labels, lse), None, None
 
 
 torch.library.register_autograd(
@@ -108,8 +110,7 @@ def _sdpo_fwd_fake(logits, labels, ref_logps, beta, num_negatives, ignore_index)
 def _sdpo_setup(ctx, inputs, output):
     logits, labels, ref_logps, beta, num_negatives, ignore_index = inputs
     _, logps, lse = output
-    ctx.save_for_backward(logits, labels, lse)
-    ctx.seq = (logps.detach(), ref_logps.detach())
+    ctx.save_for_backward(logits, labels, lse, logps, ref_logps)
     ctx.beta, ctx.num_negatives, ctx.ignore_index = beta, num_negatives, ignore_index
     ctx.inplace = _take_inplace_flag()
     ctx.mark_non_differentiable(lse)
@@ -136,11 +137,10 @@ def _sequence_coef(
 
 
 def _sdpo_backward(ctx, grad_loss, grad_logps, grad_lse):
-    logits = ctx.saved_tensors[0]
-    logps, ref_logps = ctx.seq
+    logits, labels, lse, logps, ref_logps = ctx.saved_tensors
     c = _sequence_coef(logps, ref_logps, ctx.beta, ctx.num_negatives, grad_loss, grad_logps)
     coef = c.to(_acc_dtype(logits.dtype)).unsqueeze(1).expand(logits.shape[:2])  # (S, T) view
-    return _logits_grad(ctx, coef), None, None, None, None, None
+    return _logits_grad(ctx, coef, logits, labels, lse), None, None, None, None, None
 
 
 torch.library.register_autograd("minisdpo::sdpo_fwd", _sdpo_backward, setup_context=_sdpo_setup)
