@@ -41,25 +41,20 @@ constexpr int kSumThreads = 128;  // per-sequence sum and group loss
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// exp and log in base 2: exp(x - m) = exp2(x * log2(e) - m * log2(e)) is one FMA and one
-// MUFU.EX2 in float32. The running maximum is kept pre-scaled (m2 = max * log2(e)), so every
-// term of a row shares the same rounded offset and lse = (m2 + log2(sum)) * ln(2) is exact to
-// a few ulp.
+// exp(d) = exp2(d * log2(e)): one FMUL and one MUFU.EX2 in float32 (2 ulp). The offsets d are
+// differences from the row's running maximum, itself a logit, so they are exact or nearly so
+// and lse = max + log(sum) carries only the rounding of that final sum, as on the CPU.
 template <typename A>
-struct Log2Math;
+struct Math;
 template <>
-struct Log2Math<float> {
-  static constexpr float kLog2e = 1.4426950408889634f;
-  static constexpr float kLn2 = 0.6931471805599453f;
-  static __device__ __forceinline__ float exp2(float x) { return exp2f(x); }
-  static __device__ __forceinline__ float log2(float x) { return log2f(x); }
+struct Math<float> {
+  static __device__ __forceinline__ float exp(float d) { return exp2f(d * 1.4426950408889634f); }
+  static __device__ __forceinline__ float log(float x) { return logf(x); }
 };
 template <>
-struct Log2Math<double> {
-  static constexpr double kLog2e = 1.4426950408889634;
-  static constexpr double kLn2 = 0.6931471805599453;
-  static __device__ __forceinline__ double exp2(double x) { return ::exp2(x); }
-  static __device__ __forceinline__ double log2(double x) { return ::log2(x); }
+struct Math<double> {
+  static __device__ __forceinline__ double exp(double d) { return ::exp(d); }
+  static __device__ __forceinline__ double log(double x) { return ::log(x); }
 };
 
 // N elements loaded or stored as one access of N * sizeof(T) bytes (16 when vectorised).
@@ -72,58 +67,58 @@ struct alignas(sizeof(T) * N) Pack {
 template <typename T>
 constexpr int kVec = 16 / sizeof(T);
 
-// Merge two (max2, sum) pairs, sum being relative to 2^max2; an empty pair is (-inf, 0).
-// A pair with max2 = -inf has seen only -inf and NaN logits, so its sum is 0 or NaN.
+// Merge two (max, sum) pairs, sum being relative to exp(max); an empty pair is (-inf, 0).
+// A pair with max = -inf has seen only -inf and NaN logits, so its sum is 0 or NaN.
 template <typename A>
-__device__ __forceinline__ void merge(A& m2, A& sum, A other_m2, A other_sum) {
-  using M = Log2Math<A>;
-  const A top = m2 > other_m2 ? m2 : other_m2;
-  if (top == -INFINITY) {  // no finite element on either side: avoid exp2(-inf - -inf) = NaN
+__device__ __forceinline__ void merge(A& m, A& sum, A other_m, A other_sum) {
+  using M = Math<A>;
+  const A top = m > other_m ? m : other_m;
+  if (top == -INFINITY) {  // no finite element on either side: avoid exp(-inf - -inf) = NaN
     sum += other_sum;      // 0, or NaN if a NaN was seen (it must reach lse)
     return;
   }
-  sum = sum * M::exp2(m2 - top) + other_sum * M::exp2(other_m2 - top);
-  m2 = top;
+  sum = sum * M::exp(m - top) + other_sum * M::exp(other_m - top);
+  m = top;
 }
 
-// Fold n logits into a thread's (max2, sum) pair: one rescale for the n, one exp2 each.
+// Fold n logits into a thread's (max, sum) pair: one rescale for the n, one exp each.
 // fmax drops NaN, so a NaN logit reaches lse through the sum. While nothing but -inf and NaN
 // has been seen the offset is 0, not -inf (x - -inf would turn every -inf into NaN).
 template <typename A, int n>
-__device__ __forceinline__ void accumulate(A& m2, A& sum, const A (&x)[n]) {
-  using M = Log2Math<A>;
+__device__ __forceinline__ void accumulate(A& m, A& sum, const A (&x)[n]) {
+  using M = Math<A>;
   A top = -INFINITY;
 #pragma unroll
   for (int k = 0; k < n; ++k) top = fmax(top, x[k]);
-  const A new_m2 = fmax(m2, top * M::kLog2e);
-  const A offset = new_m2 == -INFINITY ? A(0) : new_m2;
+  const A new_m = fmax(m, top);
+  const A offset = new_m == -INFINITY ? A(0) : new_m;
   A chunk = 0;
 #pragma unroll
-  for (int k = 0; k < n; ++k) chunk += M::exp2(fma(x[k], M::kLog2e, -offset));
-  sum = sum * M::exp2(m2 - offset) + chunk;
-  m2 = new_m2;
+  for (int k = 0; k < n; ++k) chunk += M::exp(x[k] - offset);
+  sum = sum * M::exp(m - offset) + chunk;
+  m = new_m;
 }
 
 // Block-wide merge of every thread's pair; the result is valid in thread 0.
 // blockDim.x is a multiple of 32 and at most 1024.
 template <typename A>
-__device__ __forceinline__ void block_merge(A& m2, A& sum) {
-  __shared__ A sh_m2[32];
+__device__ __forceinline__ void block_merge(A& m, A& sum) {
+  __shared__ A sh_m[32];
   __shared__ A sh_sum[32];
   for (int off = 16; off > 0; off >>= 1)
-    merge(m2, sum, __shfl_xor_sync(0xffffffffu, m2, off), __shfl_xor_sync(0xffffffffu, sum, off));
+    merge(m, sum, __shfl_xor_sync(0xffffffffu, m, off), __shfl_xor_sync(0xffffffffu, sum, off));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) {
-    sh_m2[warp] = m2;
+    sh_m[warp] = m;
     sh_sum[warp] = sum;
   }
   __syncthreads();
   if (warp == 0) {
     const int warps = blockDim.x / 32;
-    m2 = lane < warps ? sh_m2[lane] : A(-INFINITY);
+    m = lane < warps ? sh_m[lane] : A(-INFINITY);
     sum = lane < warps ? sh_sum[lane] : A(0);
     for (int off = 16; off > 0; off >>= 1)
-      merge(m2, sum, __shfl_xor_sync(0xffffffffu, m2, off), __shfl_xor_sync(0xffffffffu, sum, off));
+      merge(m, sum, __shfl_xor_sync(0xffffffffu, m, off), __shfl_xor_sync(0xffffffffu, sum, off));
   }
 }
 
@@ -154,7 +149,6 @@ __global__ void __launch_bounds__(kMaxThreads)
                    int64_t st0, int64_t st1, int64_t V, int64_t ignore_index,
                    acc_t<T>* __restrict__ tok, acc_t<T>* __restrict__ lse) {
   using A = acc_t<T>;
-  using M = Log2Math<A>;
   const int64_t r = blockIdx.x;
   const int64_t y = labels[r];
   if (y == ignore_index) {  // the whole block leaves before any __syncthreads
@@ -168,7 +162,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const auto* packs = reinterpret_cast<const Pack<T, N>*>(row);
   const int64_t n_packs = V / N;
 
-  A m2 = -INFINITY, sum = 0;  // this thread's running max * log2(e) and sum of 2^(x*log2e - m2)
+  A m = -INFINITY, sum = 0;  // this thread's running max and sum of exp(x - m)
   for (int64_t base = threadIdx.x; base < n_packs; base += int64_t(blockDim.x) * kUnroll) {
     // Issue all loads first, so kUnroll * 16 bytes per thread are in flight at once.
     A x[kUnroll * N];
@@ -184,17 +178,17 @@ __global__ void __launch_bounds__(kMaxThreads)
         for (int k = 0; k < N; ++k) x[u * N + k] = -INFINITY;
       }
     }
-    accumulate(m2, sum, x);
+    accumulate(m, sum, x);
   }
   for (int64_t v = n_packs * N + threadIdx.x; v < V; v += blockDim.x) {  // tail, fewer than N
     const A x[1] = {static_cast<A>(row[v])};
-    accumulate(m2, sum, x);
+    accumulate(m, sum, x);
   }
 
-  block_merge(m2, sum);
+  block_merge(m, sum);
   if (threadIdx.x == 0) {
     CUDA_KERNEL_ASSERT_MSG(y >= 0 && y < V, "minisdpo: a label is outside [0, V) and is not ignore_index");
-    const A l = (m2 + M::log2(sum)) * M::kLn2;
+    const A l = m + Math<A>::log(sum);
     lse[r] = l;
     tok[r] = (y >= 0 && y < V) ? static_cast<A>(row[y]) - l : A(NAN);
   }
@@ -244,7 +238,6 @@ __global__ void __launch_bounds__(kMaxThreads)
                     const int64_t* __restrict__ labels, const acc_t<T>* __restrict__ lse,
                     int64_t T_len, int64_t V, int64_t ignore_index) {
   using A = acc_t<T>;
-  using M = Log2Math<A>;
   const int64_t r = blockIdx.x;
   const int64_t y = labels[r];
   T* grow = grad + row_offset(r, T_len, gs0, gs1);
@@ -266,7 +259,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const T* xrow = logits + row_offset(r, T_len, xs0, xs1);
   const auto* xpacks = reinterpret_cast<const Pack<T, N>*>(xrow);
   const A c = coef[(r / T_len) * cs0 + (r % T_len) * cs1];  // cs1 may be 0 (an expanded view)
-  const A lse2 = lse[r] * M::kLog2e;
+  const A l = lse[r];
 
   for (int64_t base = threadIdx.x; base < n_packs; base += int64_t(blockDim.x) * kUnroll) {
     Pack<T, N> p[kUnroll];
@@ -281,7 +274,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       if (i < n_packs) {
 #pragma unroll
         for (int k = 0; k < N; ++k) {
-          const A prob = M::exp2(fma(static_cast<A>(p[u].v[k]), M::kLog2e, -lse2));
+          const A prob = Math<A>::exp(static_cast<A>(p[u].v[k]) - l);
           // p_y - 1 is formed in A before the single rounding to T.
           const A onehot = (i * N + k == y) ? A(1) : A(0);
           p[u].v[k] = static_cast<T>(-c * (prob - onehot));
@@ -291,7 +284,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
   }
   for (int64_t v = n_packs * N + threadIdx.x; v < V; v += blockDim.x) {
-    const A prob = M::exp2(fma(static_cast<A>(xrow[v]), M::kLog2e, -lse2));
+    const A prob = Math<A>::exp(static_cast<A>(xrow[v]) - l);
     grow[v] = static_cast<T>(-c * (prob - (v == y ? A(1) : A(0))));
   }
 }
