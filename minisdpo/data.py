@@ -658,9 +658,9 @@ def packed_batch(tok: TokenizerLike, rows: Sequence[Row], responses: Sequence[Se
         segment[g, :len(ids)] = torch.tensor(seg)
 
     q_seg, k_seg = segment[:, :, None], segment[:, None, :]                 # (G, L, 1), (G, 1, L)
-    causal = torch.ones(L, L, dtype=torch.bool).tril()                       # (L, L)
-    sees = (q_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))                  # (G, L, L)
-    mask = (causal & sees) | torch.eye(L, dtype=torch.bool)                 # (G, L, L)
+    q_pos, k_pos = torch.arange(L)[:, None], torch.arange(L)[None, :]        # (L, 1), (1, L)
+    sees = (q_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg)) & (k_pos <= q_pos)   # (G, L, L)
+    mask = sees | (k_pos == q_pos)                                           # (G, L, L)
     return {"input_ids": input_ids, "position_ids": position_ids, "mask": mask, "index": index,
             "labels": labels, "num_tokens": torch.tensor(sum(lengths))}
 
