@@ -675,7 +675,7 @@ def response_hidden(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """
     for key in ("input_ids", "position_ids", "mask", "index"):
         if key not in batch:
-            raise KeyError(f"batch lacks {key!r}: expected a minisdpo.data.packed_batch")
+            raise ValueError(f"batch lacks {key!r}: expected a minisdpo.data.packed_batch")
     h = model(batch["input_ids"], position_ids=batch["position_ids"], mask=batch["mask"],
               return_hidden=True)                                            # (G, L, dim)
     G, L = batch["input_ids"].shape

@@ -132,8 +132,11 @@ def test_packed_batch_bad_input():
         packed_batch(TOK, rows, [[r.target] for r in rows], 1, domain="music")
     with pytest.raises(ValueError, match="domain"):
         packed_batch(TOK, rows, [[r.target] for r in rows], 512, domain="films")
-    with pytest.raises(KeyError, match="packed_batch"):
+    with pytest.raises(ValueError, match="packed_batch"):
         response_hidden(tiny_llama(), D.sft_batch(TOK, rows, 512, domain="music"))
+    batch = packed_batch(TOK, rows, [[r.target] for r in rows], 512, domain="music")
+    with pytest.raises(RuntimeError, match="hidden states of shape"):
+        response_hidden(lambda ids, **kw: torch.zeros(ids.shape[0], ids.shape[1] + 1, 8), batch)
 
 
 # ------------------------------------------------------------------------------------ equivalence
