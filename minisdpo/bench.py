@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # Internal: the child process of peak_memory.
     p.add_argument("--memory-child", metavar="VARIANT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.repeats < 1 or args.K < 1:
+        p.error("--repeats and --K must be >= 1")
     if args.S % (1 + args.K) != 0:
         p.error(f"--S {args.S} must be a multiple of 1 + --K = {1 + args.K}")
     return args
