@@ -185,9 +185,22 @@ def _bad_inputs(device):
     out_of_range[2, 1] = 10
     negative = labels.clone()
     negative[0, 2] = -5
-    return [
-        ("label >= V", lambda: ops.sdpo_loss(logits, out_of_range, ref_logps), ValueError, "labels[2, 1]"),
-        ("label < 0", lambda: ops.token_logps(logits, negative), ValueError, "labels[0, 2]"),
+    if device == "cuda":
+        # The CUDA kernels check labels with a device-side assert (no host synchronisation): a
+        # RuntimeError at the next synchronisation, after which the process's CUDA context is
+        # unusable (scripts/gpu_check.sh runs cases 0 and 1 each in its own process).
+        def sync(f):
+            return lambda: (f(), torch.cuda.synchronize())
+        label_cases = [
+            ("label >= V", sync(lambda: ops.sdpo_loss(logits, out_of_range, ref_logps)), RuntimeError, "assert"),
+            ("label < 0", sync(lambda: ops.token_logps(logits, negative)), RuntimeError, "assert"),
+        ]
+    else:
+        label_cases = [
+            ("label >= V", lambda: ops.sdpo_loss(logits, out_of_range, ref_logps), ValueError, "labels[2, 1]"),
+            ("label < 0", lambda: ops.token_logps(logits, negative), ValueError, "labels[0, 2]"),
+        ]
+    return label_cases + [
         ("labels shape", lambda: ops.sdpo_loss(logits, labels[:, :2], ref_logps), ValueError, "labels"),
         ("labels dtype", lambda: ops.sdpo_loss(logits, labels.int(), ref_logps), TypeError, "labels"),
         ("ref_logps shape", lambda: ops.sdpo_loss(logits, labels, ref_logps[:3]), ValueError, "ref_logps"),
