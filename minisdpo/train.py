@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--fixed-negatives", action="store_true", help="draw each row's negatives once (as the public code) "
                                                      "instead of anew every epoch")
     a("--compare-dpo", action="store_true", help="also train DPO (K = 1) from the SFT model and evaluate it")
+    a("--packing", choices=("shared", "none"), default="shared",
+      help="'shared': each prompt once, its responses attend to it, LM head on response tokens only; "
+           "'none': one full prompt + response sequence per response (the public code's layout)")
     a("--loss", choices=("fused", "reference"), default="fused",
       help="the fused C++/CUDA kernel (minisdpo.ops) or its plain PyTorch twin (minisdpo.loss)")
     # evaluation
@@ -204,7 +207,7 @@ _RUN_KEYS = ("data", "data_dir", "domain", "limit_train", "limit_val", "limit_te
              "vocab_size", "dim", "layers", "heads", "kv_heads", "lora_r", "lora_alpha", "lora_dropout",
              "lora_targets", "sft_lr", "sft_epochs", "sdpo_lr", "sdpo_epochs", "max_steps", "batch_size",
              "grad_accum", "warmup", "clip", "weight_decay", "eval_every", "beta", "negatives",
-             "fixed_negatives", "compare_dpo", "loss", "seed", "dtype")
+             "fixed_negatives", "compare_dpo", "packing", "loss", "seed", "dtype")
 
 
 def prepare_out(args: argparse.Namespace, env: Env) -> Path:
@@ -316,22 +319,26 @@ def load_sft_model(out: Path, env: Env) -> Llama:
 # the number of terms in the whole global batch, so that gradient accumulation and data
 # parallelism give exactly the gradient of one big batch.
 
-def _forward(model: Llama, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(batch["input_ids"], attention_mask=batch["attention_mask"])     # (B, T, V)
+def response_logits(model: Llama, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits that ``batch["labels"]`` scores: on the response tokens only for a packed batch
+    (the LM head skips the prompt), on every position for the plain concatenated layout."""
+    if "index" in batch:
+        return model.lm_head(D.response_hidden(model, batch))                   # (S, R, V)
+    return model(batch["input_ids"], attention_mask=batch["attention_mask"])    # (S, T, V)
 
 
 def sft_loss_sum(model: Llama, batch, ops) -> tuple[torch.Tensor, dict]:
-    logits = _forward(model, batch)
-    tok_lp = ops.token_logps(logits, batch["labels"])                              # (B, T)
+    tok_lp = ops.token_logps(response_logits(model, batch), batch["labels"])   # (S, T)
     return -tok_lp.sum(), {}
 
 
 def sdpo_loss_sum(model: Llama, batch, ops, beta: float, k: int) -> tuple[torch.Tensor, dict]:
     with torch.no_grad(), disable_lora(model):
-        ref_logps = ops.token_logps(_forward(model, batch), batch["labels"]).sum(-1)  # (S,)
-    loss, logps = ops.sdpo_loss(_forward(model, batch), batch["labels"], ref_logps, beta=beta,
+        # The frozen reference: the same weights with the adapter off.
+        ref_logps = ops.token_logps(response_logits(model, batch), batch["labels"]).sum(-1)  # (S,)
+    loss, logps = ops.sdpo_loss(response_logits(model, batch), batch["labels"], ref_logps, beta=beta,
                                 num_negatives=k)
-    groups = batch["input_ids"].shape[0] // (1 + k)
+    groups = batch["labels"].shape[0] // (1 + k)
     return loss * groups, reference.metrics(logps.detach(), ref_logps, beta, k)
 
 
@@ -360,11 +367,17 @@ def lr_lambda(step: int, total: int, warmup: float) -> float:
 
 
 def make_batch(spec: StageSpec, args, tok, rows: list[D.Row], negatives, domain: str, env: Env):
-    if spec.negatives:
+    if args.packing == "shared":
+        responses = [[r.target, *n] for r, n in zip(rows, negatives)] if spec.negatives else [[r.target] for r in rows]
+        batch = D.packed_batch(tok, rows, responses, args.max_len, domain=domain)
+        batch["num_tokens"] = int(batch["num_tokens"])
+    elif spec.negatives:
         batch = D.sdpo_batch(tok, rows, negatives, args.max_len, domain=domain)
+        batch["num_tokens"] = int(batch["attention_mask"].sum())
     else:
         batch = D.sft_batch(tok, rows, args.max_len, domain=domain)
-    return {k: v.to(env.device) for k, v in batch.items()}
+        batch["num_tokens"] = int(batch["attention_mask"].sum())
+    return {k: v.to(env.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def stage_negatives(spec: StageSpec, args, rows: list[D.Row], epoch: int):
@@ -475,7 +488,7 @@ def train_stage(spec: StageSpec, args, model: Llama, tok, splits, domain: str, e
             value, stats = micro_loss(spec, args, model, batch, ops)
             (value / n_terms).backward()
             loss_sum += float(value.detach())
-            tokens += int(batch["attention_mask"].sum())
+            tokens += batch["num_tokens"]
             if stats:
                 stats_acc.append((len(part), stats))
         stats = _weighted_mean(stats_acc)

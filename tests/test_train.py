@@ -84,15 +84,19 @@ def test_all_stages_end_to_end(data_dir, tmp_path):
     assert again["models"] == summary["models"]
 
 
-def test_fused_and_reference_losses_train_alike(data_dir, tmp_path):
+@pytest.mark.parametrize("variant", [("--loss", "reference"), ("--packing", "none")])
+def test_fused_packed_step_trains_like_the_plain_reference(data_dir, tmp_path, variant):
+    """The default step (fused kernel, shared-prompt packing, response-only LM head) against its
+    slow twins: the PyTorch reference loss, and one full sequence per response."""
     runs = {}
-    for loss in ("fused", "reference"):
-        out = tmp_path / loss
-        flags = ["--loss", loss, "--max-steps", "3", "--lora-dropout", "0"]
+    for name, extra in (("default", ()), ("variant", variant)):
+        out = tmp_path / name
+        flags = ["--max-steps", "3", "--lora-dropout", "0", *extra]
         train.main(_flags(data_dir, out, "--stage", "sft", *flags))
         train.main(_flags(data_dir, out, "--stage", "sdpo", *flags))
-        runs[loss] = [r["loss"] for r in _metrics(out) if "loss" in r]
-    assert runs["fused"] == pytest.approx(runs["reference"], rel=1e-4, abs=1e-5)
+        runs[name] = [r["loss"] for r in _metrics(out) if "loss" in r]
+    assert len(runs["default"]) == 6
+    assert runs["default"] == pytest.approx(runs["variant"], rel=1e-4, abs=1e-5)
 
 
 def test_resume_after_interruption_matches_uninterrupted(data_dir, tmp_path):
