@@ -20,29 +20,26 @@ training stages data-parallel (gloo on the CPU, nccl on GPUs).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import random
 import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from minisdpo import data as D
 from minisdpo import loss as reference
 from minisdpo.checkpoint import from_pretrained, save_pretrained
 from minisdpo.evaluate import evaluate_generation, evaluate_ranking
-from minisdpo.lora import (apply_lora, disable_lora, load_adapter, lora_state_dict, load_lora_state_dict,
-                           mark_only_lora_as_trainable, merge_and_unload, save_adapter)
+from minisdpo.lora import apply_lora, load_adapter, mark_only_lora_as_trainable, merge_and_unload, save_adapter
 from minisdpo.model import Llama, ModelArgs
+from minisdpo.step import LAYOUTS, build_batch, sdpo_loss_sum, sft_loss_sum
 from minisdpo.tokenizer import Tokenizer, train_tokenizer
 
 STAGES = ("sft", "sdpo", "dpo")
@@ -104,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--fixed-negatives", action="store_true", help="draw each row's negatives once (as the public code) "
                                                      "instead of anew every epoch")
     a("--compare-dpo", action="store_true", help="also train DPO (K = 1) from the SFT model and evaluate it")
-    a("--packing", choices=("shared", "none"), default="shared",
+    a("--packing", choices=LAYOUTS, default="shared",
       help="'shared': each prompt once, its responses attend to it, LM head on response tokens only; "
            "'none': one full prompt + response sequence per response (the public code's layout)")
     a("--loss", choices=("fused", "reference"), default="fused",
@@ -314,34 +311,6 @@ def load_sft_model(out: Path, env: Env) -> Llama:
     return from_pretrained(str(path), dtype=env.dtype, device=env.device)
 
 
-# --------------------------------------------------------------------------------------------
-# Losses of one micro-batch. Each returns (sum of the loss terms, stats); the caller divides by
-# the number of terms in the whole global batch, so that gradient accumulation and data
-# parallelism give exactly the gradient of one big batch.
-
-def response_logits(model: Llama, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits that ``batch["labels"]`` scores: on the response tokens only for a packed batch
-    (the LM head skips the prompt), on every position for the plain concatenated layout."""
-    if "index" in batch:
-        return model.lm_head(D.response_hidden(model, batch))                   # (S, R, V)
-    return model(batch["input_ids"], attention_mask=batch["attention_mask"])    # (S, T, V)
-
-
-def sft_loss_sum(model: Llama, batch, ops) -> tuple[torch.Tensor, dict]:
-    tok_lp = ops.token_logps(response_logits(model, batch), batch["labels"])   # (S, T)
-    return -tok_lp.sum(), {}
-
-
-def sdpo_loss_sum(model: Llama, batch, ops, beta: float, k: int) -> tuple[torch.Tensor, dict]:
-    with torch.no_grad(), disable_lora(model):
-        # The frozen reference: the same weights with the adapter off.
-        ref_logps = ops.token_logps(response_logits(model, batch), batch["labels"]).sum(-1)  # (S,)
-    loss, logps = ops.sdpo_loss(response_logits(model, batch), batch["labels"], ref_logps, beta=beta,
-                                num_negatives=k)
-    groups = batch["labels"].shape[0] // (1 + k)
-    return loss * groups, reference.metrics(logps.detach(), ref_logps, beta, k)
-
-
 def sft_terms(tok, rows: list[D.Row]) -> int:
     """Response tokens (title + EOS) of the rows: the SFT loss is their mean."""
     return sum(len(D.encode_response(tok, r.target)) for r in rows)
@@ -367,16 +336,8 @@ def lr_lambda(step: int, total: int, warmup: float) -> float:
 
 
 def make_batch(spec: StageSpec, args, tok, rows: list[D.Row], negatives, domain: str, env: Env):
-    if args.packing == "shared":
-        responses = [[r.target, *n] for r, n in zip(rows, negatives)] if spec.negatives else [[r.target] for r in rows]
-        batch = D.packed_batch(tok, rows, responses, args.max_len, domain=domain)
-        batch["num_tokens"] = int(batch["num_tokens"])
-    elif spec.negatives:
-        batch = D.sdpo_batch(tok, rows, negatives, args.max_len, domain=domain)
-        batch["num_tokens"] = int(batch["attention_mask"].sum())
-    else:
-        batch = D.sft_batch(tok, rows, args.max_len, domain=domain)
-        batch["num_tokens"] = int(batch["attention_mask"].sum())
+    batch = build_batch(tok, rows, negatives if spec.negatives else None, args.max_len, domain=domain,
+                        packing=args.packing)
     return {k: v.to(env.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -386,10 +347,13 @@ def stage_negatives(spec: StageSpec, args, rows: list[D.Row], epoch: int):
     return D.epoch_negatives(rows, spec.negatives, args.seed, epoch, fixed=args.fixed_negatives)
 
 
-def micro_loss(spec: StageSpec, args, model, batch, ops):
-    if spec.negatives:
-        return sdpo_loss_sum(model, batch, ops, args.beta, spec.negatives)
-    return sft_loss_sum(model, batch, ops)
+def micro_loss(spec: StageSpec, args, model, batch, ops) -> tuple[torch.Tensor, dict]:
+    """(sum of the loss terms, stats); the caller divides by the number of terms in the whole
+    global batch, so that accumulation and data parallelism give the gradient of one big batch."""
+    if not spec.negatives:
+        return sft_loss_sum(model, batch, ops), {}
+    loss_sum, logps, ref_logps = sdpo_loss_sum(model, batch, ops, args.beta, spec.negatives)
+    return loss_sum, reference.metrics(logps.detach(), ref_logps, args.beta, spec.negatives)
 
 
 @torch.no_grad()
