@@ -1,0 +1,241 @@
+// The fused linear S-DPO ops: the loss from hidden states and the LM-head weight, without the
+// full logits.
+//
+// S-DPO ("On Softmax Direct Preference Optimization for Recommendation", Chen et al., NeurIPS
+// 2024, arXiv 2406.09215; derivation in docs/method.md) only needs, per counted token, the
+// log-prob of its label, and in the backward pass coef * (onehot - softmax) per token. Both
+// can be formed one chunk of tokens at a time: the chunk's logits h_c @ W^T are computed,
+// reduced by the existing row kernel (token_logps_fwd: 4 bytes of log-sum-exp per token kept),
+// and dropped; the backward pass recomputes them, turns them into their gradient in place
+// (logits_bwd_) and multiplies out the gradients of the hidden states (g_c @ W) and of the
+// weight (g_c^T @ h_c, accumulated in float32). The idea is Liger-Kernel's
+// FusedLinearCrossEntropy (and Apple's Cut Cross-Entropy), written here from scratch.
+//
+// Peak extra memory is one chunk of logits plus the gradients of hidden and weight,
+// independent of S * R * V. Only counted tokens (label != ignore_index) are gathered into the
+// chunks: ignored ones cost nothing. The chunks cover whole rows of the vocabulary: a row of
+// V logits is 128 KB for V = 32000, so a chunk of a few hundred rows already fills a 64 MiB
+// budget, and the row kernels need a whole row to form the log-sum-exp.
+//
+// Implemented once for every device (CompositeExplicitAutograd): at::mm / addmm_ for the chunk
+// matmuls and the minisdpo row kernels called through the dispatcher, which picks the CPU
+// or the CUDA kernel. Autograd and fake kernels are registered in minisdpo/ops.py.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+#include "sdpo.h"
+
+namespace minisdpo {
+
+namespace {
+
+// The default chunk: as many rows of logits as fit in this many bytes.
+constexpr int64_t kChunkBytes = int64_t{64} << 20;
+
+// Rows (tokens) per chunk: chunk_rows if > 0, else as many as fit in kChunkBytes, counting
+// the logits in the input dtype and their float32 copy where the weight gradient needs one.
+int64_t rows_per_chunk(int64_t chunk_rows, int64_t V, const at::Tensor& hidden) {
+  if (chunk_rows > 0) return chunk_rows;
+  const int64_t row_bytes = V * (hidden.element_size() + (hidden.element_size() < 4 ? 4 : 0));
+  return std::max<int64_t>(1, kChunkBytes / row_bytes);
+}
+
+// hidden (S, R, D) floating; weight (V, D) of the same dtype and device; labels (S, R) int64.
+void check_linear(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels) {
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
+                   "minisdpo: hidden must be float32, bfloat16, float16 or float64, got ", dt);
+  TORCH_CHECK_VALUE(hidden.dim() == 3, "minisdpo: hidden must be 3-D (S, R, D), got shape ",
+                    hidden.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == dt, "minisdpo: weight must have the dtype of hidden (",
+                   dt, "), got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == hidden.size(2) && weight.size(0) > 0,
+                    "minisdpo: weight must have shape (V, D) with V > 0 and D = hidden.size(2) = ",
+                    hidden.size(2), ", got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.device() == hidden.device(), "minisdpo: weight must be on ",
+                    hidden.device(), " like hidden, got ", weight.device());
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "minisdpo: labels must be int64, got ",
+                   labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.dim() == 2 && labels.size(0) == hidden.size(0) &&
+                        labels.size(1) == hidden.size(1),
+                    "minisdpo: labels must have shape (S, R) = (", hidden.size(0), ", ",
+                    hidden.size(1), ") to match hidden ", hidden.sizes(), ", got ", labels.sizes());
+  TORCH_CHECK_VALUE(labels.device() == hidden.device(), "minisdpo: labels must be on ",
+                    hidden.device(), " like hidden, got ", labels.device());
+}
+
+// The flat positions (S * R) of the counted tokens, after checking their labels lie in [0, V).
+// nonzero() needs the count on the host: one synchronisation per call on a GPU, the price of
+// doing no work at all for ignored tokens (and of the chunk loop's trip count).
+at::Tensor counted_rows(const at::Tensor& labels, int64_t V, int64_t ignore_index) {
+  const at::Tensor flat = labels.reshape({-1});
+  const at::Tensor counted = flat.ne(ignore_index);
+  const at::Tensor bad = counted.logical_and(flat.lt(0).logical_or(flat.ge(V)));
+  if (bad.any().item<bool>()) {
+    const int64_t r = bad.nonzero().select(1, 0)[0].item<int64_t>();
+    TORCH_CHECK_VALUE(false, "minisdpo: labels[", r / labels.size(1), ", ", r % labels.size(1),
+                      "] = ", flat[r].item<int64_t>(), " is outside [0, V) = [0, ", V,
+                      ") and is not ignore_index = ", ignore_index);
+  }
+  return counted.nonzero().select(1, 0);  // (N,)
+}
+
+// The existing row kernels, called through the dispatcher (CPU or CUDA implementation).
+std::tuple<at::Tensor, at::Tensor> call_token_logps_fwd(const at::Tensor& logits,
+                                                        const at::Tensor& labels,
+                                                        int64_t ignore_index) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("minisdpo::token_logps_fwd", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&,
+                                                                 const at::Tensor&, int64_t)>();
+  return op.call(logits, labels, ignore_index);
+}
+
+void call_logits_bwd_(at::Tensor& logits, const at::Tensor& coef, const at::Tensor& labels,
+                      const at::Tensor& lse, int64_t ignore_index) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("minisdpo::logits_bwd_", "")
+                       .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, int64_t)>();
+  op.call(logits, coef, labels, lse, ignore_index);
+}
+
+}  // namespace
+
+// tok (S, R) = log softmax(hidden @ weight^T)[labels] per token and its lse (S, R), both in the
+// accumulation dtype, 0 where ignored.
+std::tuple<at::Tensor, at::Tensor> linear_token_logps_fwd(const at::Tensor& hidden,
+                                                          const at::Tensor& weight,
+                                                          const at::Tensor& labels,
+                                                          int64_t ignore_index,
+                                                          int64_t chunk_rows) {
+  check_linear(hidden, weight, labels);
+  const int64_t S = hidden.size(0), R = hidden.size(1), D = hidden.size(2), V = weight.size(0);
+  const auto opts = hidden.options().dtype(acc_dtype(hidden.scalar_type()));
+  at::Tensor tok = at::zeros({S * R}, opts);
+  at::Tensor lse = at::zeros({S * R}, opts);
+  const at::Tensor rows = counted_rows(labels, V, ignore_index);  // (N,)
+  const at::Tensor h = hidden.reshape({S * R, D});                 // (S*R, D)
+  const at::Tensor y = labels.reshape({S * R});
+  const at::Tensor wt = weight.t();                                // (D, V)
+  const int64_t N = rows.size(0), C = rows_per_chunk(chunk_rows, V, hidden);
+  for (int64_t start = 0; start < N; start += C) {
+    const at::Tensor r = rows.slice(0, start, std::min(N, start + C));           // (n,)
+    const at::Tensor logits = at::mm(h.index_select(0, r), wt).unsqueeze(0);     // (1, n, V)
+    auto [t, l] = call_token_logps_fwd(logits, y.index_select(0, r).unsqueeze(0), ignore_index);
+    tok.index_copy_(0, r, t.squeeze(0));
+    lse.index_copy_(0, r, l.squeeze(0));
+  }
+  return {tok.view({S, R}), lse.view({S, R})};
+}
+
+// The S-DPO loss from the token log-probs: G-sized work, in float64 with ATen ops so that it
+// runs on any device. Returns (loss (), logps (S,), lse (S, R)) like sdpo_fwd.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpo_linear_fwd(const at::Tensor& hidden,
+                                                               const at::Tensor& weight,
+                                                               const at::Tensor& labels,
+                                                               const at::Tensor& ref_logps,
+                                                               double beta, int64_t num_negatives,
+                                                               int64_t ignore_index,
+                                                               int64_t chunk_rows) {
+  check_linear(hidden, weight, labels);
+  TORCH_CHECK_TYPE(at::isFloatingType(ref_logps.scalar_type()),
+                   "minisdpo: ref_logps must be a floating tensor, got ", ref_logps.scalar_type());
+  TORCH_CHECK_VALUE(ref_logps.dim() == 1 && ref_logps.size(0) == hidden.size(0),
+                    "minisdpo: ref_logps must have shape (S,) = (", hidden.size(0),
+                    ",) to match hidden ", hidden.sizes(), ", got ", ref_logps.sizes());
+  TORCH_CHECK_VALUE(ref_logps.device() == hidden.device(), "minisdpo: ref_logps must be on ",
+                    hidden.device(), " like hidden, got ", ref_logps.device());
+  TORCH_CHECK_VALUE(std::isfinite(beta), "minisdpo: beta must be finite, got ", beta);
+  TORCH_CHECK_VALUE(num_negatives >= 1, "minisdpo: num_negatives must be >= 1, got ",
+                    num_negatives);
+  TORCH_CHECK_VALUE(hidden.size(0) > 0 && hidden.size(0) % (1 + num_negatives) == 0,
+                    "minisdpo: the number of sequences S = hidden.size(0) = ", hidden.size(0),
+                    " must be a positive multiple of 1 + num_negatives = ", 1 + num_negatives);
+  auto [tok, lse] = linear_token_logps_fwd(hidden, weight, labels, ignore_index, chunk_rows);
+  const int64_t K1 = 1 + num_negatives;
+  // logp(y) summed in double, in a fixed order: independent of chunks and threads.
+  const at::Tensor logps = tok.to(at::kDouble).sum(1);                      // (S,)
+  const at::Tensor rewards = (logps - ref_logps.to(at::kDouble)).mul(beta).view({-1, K1});  // (G, 1+K)
+  const at::Tensor z = rewards.slice(1, 1) - rewards.slice(1, 0, 1);      // (G, K): z_j
+  const at::Tensor lse_z = at::logsumexp(z, {1});                         // (G,)
+  // softplus(x) = max(x, 0) + log1p(exp(-|x|)), exact for every x (at::softplus switches to
+  // x above a threshold).
+  const at::Tensor loss = (lse_z.clamp_min(0) + lse_z.abs().neg().exp().log1p()).mean();
+  return {loss.to(tok.scalar_type()), logps.to(tok.scalar_type()), lse};
+}
+
+// Gradients of hidden (S, R, D) (hidden's dtype) and of weight (V, D) (accumulation dtype) for
+// the token-level coefficients coef (S, R): dL/dlogits = coef * (onehot - softmax). An output
+// not asked for (hidden_grad / weight_grad false) is returned empty, shape (0,).
+std::tuple<at::Tensor, at::Tensor> linear_bwd(const at::Tensor& coef, const at::Tensor& hidden,
+                                              const at::Tensor& weight, const at::Tensor& labels,
+                                              const at::Tensor& lse, int64_t ignore_index,
+                                              int64_t chunk_rows, bool hidden_grad,
+                                              bool weight_grad) {
+  check_linear(hidden, weight, labels);
+  const auto acc = acc_dtype(hidden.scalar_type());
+  for (const auto& [t, name] : {std::pair{&coef, "coef"}, std::pair{&lse, "lse"}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == acc, "minisdpo: ", name, " must be ", acc, " for ",
+                     hidden.scalar_type(), " hidden, got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->sizes() == labels.sizes(), "minisdpo: ", name, " must have shape ",
+                      labels.sizes(), " like labels, got ", t->sizes());
+    TORCH_CHECK_VALUE(t->device() == hidden.device(), "minisdpo: ", name, " must be on ",
+                      hidden.device(), " like hidden, got ", t->device());
+  }
+  const int64_t S = hidden.size(0), R = hidden.size(1), D = hidden.size(2), V = weight.size(0);
+  at::Tensor grad_h = hidden_grad ? at::zeros({S * R, D}, hidden.options())
+                                  : at::empty({0}, hidden.options());
+  at::Tensor grad_w = weight_grad ? at::zeros({V, D}, hidden.options().dtype(acc))
+                                  : at::empty({0}, hidden.options().dtype(acc));
+  if (!hidden_grad && !weight_grad) return {grad_h, grad_w};
+  const at::Tensor rows = counted_rows(labels, V, ignore_index);  // (N,)
+  const at::Tensor h = hidden.reshape({S * R, D});                 // (S*R, D)
+  const at::Tensor y = labels.reshape({S * R});
+  const at::Tensor c = coef.reshape({S * R});   // a copy of an expanded (S, 1) view: S*R floats
+  const at::Tensor l = lse.reshape({S * R});
+  const bool half = hidden.element_size() < 4;
+  const int64_t N = rows.size(0), C = rows_per_chunk(chunk_rows, V, hidden);
+  for (int64_t start = 0; start < N; start += C) {
+    const at::Tensor r = rows.slice(0, start, std::min(N, start + C));  // (n,)
+    const at::Tensor hc = h.index_select(0, r);                         // (n, D)
+    at::Tensor g = at::mm(hc, weight.t()).unsqueeze(0);                 // (1, n, V): the logits
+    call_logits_bwd_(g, c.index_select(0, r).unsqueeze(0), y.index_select(0, r).unsqueeze(0),
+                     l.index_select(0, r).unsqueeze(0), ignore_index);  // now their gradient
+    g = g.squeeze(0);                                                   // (n, V)
+    if (hidden_grad) grad_h.index_copy_(0, r, at::mm(g, weight));       // (n, D)
+    // The weight gradient sums over every chunk: accumulate in float32 (addmm_ needs one
+    // dtype, so half-precision chunks are widened first).
+    if (weight_grad) {
+      if (half) grad_w.addmm_(g.t().to(acc), hc.to(acc));               // (V, D)
+      else grad_w.addmm_(g.t(), hc);
+    }
+  }
+  return {hidden_grad ? grad_h.view({S, R, D}) : grad_h, grad_w};
+}
+
+}  // namespace minisdpo
+
+TORCH_LIBRARY_FRAGMENT(minisdpo, m) {
+  m.def(
+      "linear_token_logps_fwd(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, "
+      "int chunk_rows) -> (Tensor, Tensor)");
+  m.def(
+      "sdpo_linear_fwd(Tensor hidden, Tensor weight, Tensor labels, Tensor ref_logps, float beta, "
+      "int num_negatives, int ignore_index, int chunk_rows) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_bwd(Tensor coef, Tensor hidden, Tensor weight, Tensor labels, Tensor lse, "
+      "int ignore_index, int chunk_rows, bool hidden_grad, bool weight_grad) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(minisdpo, CompositeExplicitAutograd, m) {
+  m.impl("linear_token_logps_fwd", &minisdpo::linear_token_logps_fwd);
+  m.impl("sdpo_linear_fwd", &minisdpo::sdpo_linear_fwd);
+  m.impl("linear_bwd", &minisdpo::linear_bwd);
+}
