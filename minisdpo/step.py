@@ -9,26 +9,40 @@ Shared by ``minisdpo.train`` and ``minisdpo.bench --step``. Two layouts of the s
   responses attend to the prompt and to themselves only (a block mask, per-segment positions),
   and the LM head on the response tokens only.
 
-Both give the same log-probs (tests/test_packing.py); ``"none"`` is the oracle. The S-DPO
-reference (Chen et al., NeurIPS 2024, eq. 11) is the same model with its LoRA adapter disabled,
-run without gradients on the same batch.
+and two LM heads (``head=``):
+
+* ``"logits"``: ``model.lm_head`` on the hidden states, then ``ops.sdpo_loss`` /
+  ``ops.token_logps`` on the logits;
+* ``"linear"`` (default for a packed batch when ``ops`` is ``minisdpo.ops``):
+  ``ops.sdpo_linear_loss`` / ``ops.linear_token_logps`` on the hidden states and
+  ``model.lm_head.weight``, which form the logits one chunk of counted tokens at a time
+  (csrc/linear.cpp): no (S, R, V) logits, in the policy's pass or the reference's.
+
+All combinations give the same log-probs (tests/test_packing.py, tests/test_step.py); ``"none"``
+with ``"logits"`` and ``minisdpo.loss`` is the oracle. The S-DPO reference (Chen et al.,
+NeurIPS 2024, eq. 11) is the same model with its LoRA adapter disabled, run without gradients on
+the same batch, or read from a ``RefCache`` when the negatives of a row are fixed.
 
 ``ops`` is ``minisdpo.ops`` (the fused kernels) or ``minisdpo.loss`` (their PyTorch twin): both
-provide ``token_logps`` and ``sdpo_loss`` with the same signatures.
+provide ``token_logps`` and ``sdpo_loss`` with the same signatures; only ``minisdpo.ops`` has the
+linear head.
 """
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any, Hashable, Sequence
 
 import torch
+from torch import nn
 
 from minisdpo import data as D
 from minisdpo.lora import disable_lora
 
-__all__ = ["LAYOUTS", "build_batch", "response_logits", "sft_loss_sum", "sdpo_loss_sum"]
+__all__ = ["LAYOUTS", "HEADS", "RefCache", "build_batch", "resolve_head", "final_hidden",
+           "response_logits", "sft_loss_sum", "sdpo_loss_sum"]
 
 LAYOUTS = ("shared", "none")
+HEADS = ("linear", "logits")
 
 
 def build_batch(tok: Any, rows: Sequence[D.Row], negatives: Sequence[Sequence[str]] | None, max_len: int,
@@ -51,6 +65,36 @@ def build_batch(tok: Any, rows: Sequence[D.Row], negatives: Sequence[Sequence[st
     return batch
 
 
+def _plain_head(model: Any) -> bool:
+    # The linear head needs logits = hidden @ lm_head.weight^T exactly: a plain bias-free Linear
+    # (not one wrapped by LoRA).
+    head = getattr(model, "lm_head", None)
+    return type(head) is nn.Linear and head.bias is None
+
+
+def resolve_head(head: str | None, batch: dict[str, Any], ops: ModuleType, model: Any) -> str:
+    """The LM head to use: ``head`` checked, or the default ("linear" for a packed batch when
+    ``ops`` has the linear ops and the model's head is a plain Linear, else "logits")."""
+    has_linear = hasattr(ops, "sdpo_linear_loss")
+    if head is None:
+        return "linear" if "index" in batch and has_linear and _plain_head(model) else "logits"
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS} or None, got {head!r}")
+    if head == "linear" and not has_linear:
+        raise ValueError(f"head='linear' needs minisdpo.ops (sdpo_linear_loss), got ops={ops.__name__}")
+    if head == "linear" and not _plain_head(model):
+        raise ValueError("head='linear' needs model.lm_head to be a bias-free nn.Linear")
+    return head
+
+
+def final_hidden(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The final hidden states aligned with ``batch["labels"]``: response rows only for a packed
+    batch, every position for the plain layout."""
+    if "index" in batch:
+        return D.response_hidden(model, batch)                                   # (S, R, dim)
+    return model(batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=True)  # (S, T, dim)
+
+
 def response_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The logits that ``batch["labels"]`` scores: response tokens only for a packed batch (the
     LM head skips the prompt), every position for the plain layout."""
@@ -59,17 +103,92 @@ def response_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(batch["input_ids"], attention_mask=batch["attention_mask"])    # (S, T, V)
 
 
-def sft_loss_sum(model: Any, batch: dict[str, torch.Tensor], ops: ModuleType) -> torch.Tensor:
+def _token_logps(model: Any, batch: dict[str, torch.Tensor], ops: ModuleType, head: str) -> torch.Tensor:
+    if head == "linear":
+        return ops.linear_token_logps(final_hidden(model, batch), model.lm_head.weight, batch["labels"])
+    return ops.token_logps(response_logits(model, batch), batch["labels"])     # (S, R)
+
+
+def sft_loss_sum(model: Any, batch: dict[str, torch.Tensor], ops: ModuleType, *,
+                 head: str | None = None) -> torch.Tensor:
     """Sum of the response tokens' negative log-likelihoods (the caller divides by their count)."""
-    return -ops.token_logps(response_logits(model, batch), batch["labels"]).sum()
+    head = resolve_head(head, batch, ops, model)
+    return -_token_logps(model, batch, ops, head).sum()
+
+
+class RefCache:
+    """The frozen reference's log-probs of each group, computed once per (row, negatives).
+
+    With fixed negatives (the public S-DPO code draws them once) the reference log-probs of a
+    row never change: the reference model is frozen (LoRA disabled, no dropout in its path), so
+    from the second epoch on its forward pass is wasted work. Key a group by
+    ``RefCache.key(row_index, negatives)``; the cache holds the (1 + K,) log-probs of each key
+    and is only valid while the base weights, the tokenizer and max_len stay the same.
+    """
+
+    def __init__(self) -> None:
+        self._logps: dict[Hashable, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(row_index: int, negatives: Sequence[str]) -> tuple[int, tuple[str, ...]]:
+        return int(row_index), tuple(negatives)
+
+    def __len__(self) -> int:
+        return len(self._logps)
+
+    def get(self, keys: Sequence[Hashable]) -> torch.Tensor | None:
+        """The cached (S,) log-probs of these groups, in order, or None if any is missing."""
+        if not keys or any(k not in self._logps for k in keys):
+            self.misses += 1
+            return None
+        self.hits += 1
+        return torch.cat([self._logps[k] for k in keys])                 # (S,)
+
+    def put(self, keys: Sequence[Hashable], ref_logps: torch.Tensor) -> None:
+        """Store the (S,) log-probs of ``len(keys)`` groups laid out group-major."""
+        if not keys or ref_logps.dim() != 1 or ref_logps.numel() % len(keys) != 0:
+            raise ValueError(f"ref_logps of shape {tuple(ref_logps.shape)} does not split into "
+                             f"{len(keys)} groups")
+        for k, group in zip(keys, ref_logps.detach().view(len(keys), -1)):  # (G, 1+K)
+            self._logps[k] = group.clone()
+
+
+def _check_ref_keys(ref_cache: RefCache | None, ref_keys: Sequence[Hashable] | None,
+                    batch: dict[str, torch.Tensor], num_negatives: int) -> None:
+    if (ref_cache is None) != (ref_keys is None):
+        raise ValueError("ref_cache and ref_keys go together: pass both or neither")
+    groups = batch["labels"].shape[0] // (1 + num_negatives)
+    if ref_keys is not None and len(ref_keys) != groups:
+        raise ValueError(f"ref_keys has {len(ref_keys)} keys for a batch of {groups} groups")
 
 
 def sdpo_loss_sum(model: Any, batch: dict[str, torch.Tensor], ops: ModuleType, beta: float,
-                  num_negatives: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """S-DPO loss summed over the batch's groups, the policy's and the reference's log-probs (S,)."""
-    with torch.no_grad(), disable_lora(model):
-        ref_logps = ops.token_logps(response_logits(model, batch), batch["labels"]).sum(-1)  # (S,)
-    loss, logps = ops.sdpo_loss(response_logits(model, batch), batch["labels"], ref_logps, beta=beta,
-                                num_negatives=num_negatives)
-    groups = batch["labels"].shape[0] // (1 + num_negatives)
+                  num_negatives: int, *, head: str | None = None, ref_cache: RefCache | None = None,
+                  ref_keys: Sequence[Hashable] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """S-DPO loss summed over the batch's groups, the policy's and the reference's log-probs (S,).
+
+    ``head``: "linear", "logits" or None (see ``resolve_head``). ``ref_cache`` with ``ref_keys``
+    (one ``RefCache.key`` per group, in the batch's order) reuses the reference log-probs of
+    groups seen before and stores those it computes.
+    """
+    head = resolve_head(head, batch, ops, model)
+    _check_ref_keys(ref_cache, ref_keys, batch, num_negatives)
+    labels = batch["labels"]
+    ref_logps = ref_cache.get(ref_keys) if ref_cache is not None else None
+    if ref_logps is None:
+        with torch.no_grad(), disable_lora(model):
+            ref_logps = _token_logps(model, batch, ops, head).sum(-1)           # (S,)
+        if ref_cache is not None:
+            ref_cache.put(ref_keys, ref_logps)
+    ref_logps = ref_logps.to(labels.device)
+    if head == "linear":
+        loss, logps = ops.sdpo_linear_loss(final_hidden(model, batch), model.lm_head.weight, labels,
+                                           ref_logps, beta=beta, num_negatives=num_negatives)
+    else:
+        loss, logps = ops.sdpo_loss(response_logits(model, batch), labels, ref_logps, beta=beta,
+                                    num_negatives=num_negatives)
+    groups = labels.shape[0] // (1 + num_negatives)
     return loss * groups, logps, ref_logps
