@@ -140,3 +140,26 @@ def test_ref_cache(model):
         sdpo_loss_sum(model, batch, ops, 1.0, k, ref_cache=cache)
     with pytest.raises(ValueError, match="groups"):
         cache.put(keys, torch.zeros(15))
+
+
+def test_bench_step(tmp_path):
+    """python -m minisdpo.bench --step on the small model: both variants compute the same loss
+    on fewer tokens for the efficient one, and the JSON has the documented fields."""
+    import json
+
+    from minisdpo import bench
+
+    model, batches = bench.step_setup("small", 3, 2, torch.float32)
+    assert batches["efficient"]["num_tokens"] * 2 < batches["naive"]["num_tokens"]
+    losses = [bench.step_once(model, batches[v], v, 3) for v in bench.STEP_VARIANTS]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    path = tmp_path / "step.json"
+    bench.main(["--step", "--models", "small", "--negatives", "1", "--groups", "1", "--repeats", "1",
+                "--json", str(path)])
+    result = json.loads(path.read_text())
+    assert list(result) == ["small_K1"]
+    entry = result["small_K1"]
+    for v in ("naive", "efficient"):
+        assert entry[v]["ms"] > 0 and entry[v]["peak_mb"] > 0
+    assert entry["speedup"] == pytest.approx(entry["naive"]["ms"] / entry["efficient"]["ms"])
+    assert entry["memory_ratio"] == pytest.approx(entry["naive"]["peak_mb"] / entry["efficient"]["peak_mb"])
