@@ -77,15 +77,24 @@ class Tokenizer:
         return path
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | os.PathLike) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | os.PathLike,
+                    whole_pieces: Sequence[str] = ()) -> Tokenizer:
     """Train a Llama-2-style BPE SentencePiece model on ``texts``, write it to ``path``, load it.
 
     Deterministic (one thread, no sampling of the input) and fast on some 10k short texts.
-    vocab_size must exceed the 259 reserved pieces (unk, bos, eos and 256 bytes) and be
-    reachable from the corpus.
+    vocab_size counts every piece: it must exceed the 259 reserved ones (unk, bos, eos and 256
+    bytes) plus ``whole_pieces``, and be reachable from the corpus. ``whole_pieces`` are strings
+    that each become one piece of their own (SentencePiece's user-defined symbols), such as the
+    item titles of a catalogue, so that a small model copies a title as one token.
     """
     if not isinstance(vocab_size, int) or vocab_size <= 259:
         raise ValueError(f"vocab_size must be an int above 259 (3 specials + 256 byte pieces), got {vocab_size!r}")
+    whole_pieces = sorted(set(whole_pieces))
+    if any(not isinstance(w, str) or not w for w in whole_pieces):
+        raise ValueError("whole_pieces must be non-empty strings")
+    if vocab_size <= 259 + len(whole_pieces):
+        raise ValueError(f"vocab_size={vocab_size} leaves no room for learned pieces beside the 259 reserved "
+                         f"ones and {len(whole_pieces)} whole_pieces")
     texts = [t for t in texts if t]
     if not texts:
         raise ValueError("texts is empty: nothing to train a tokenizer on")
@@ -99,6 +108,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | os.PathLi
             remove_extra_whitespaces=False, normalization_rule_name="identity",
             input_sentence_size=0, shuffle_input_sentence=False, num_threads=1,
             max_sentence_length=1 << 16, minloglevel=2,
+            # SentencePiece matches its pieces with spaces written as the meta symbol U+2581.
+            user_defined_symbols=[w.replace(" ", "\u2581") for w in whole_pieces],
+            # Whole pieces leave little text to learn merges from: then vocab_size is a maximum.
+            hard_vocab_limit=not whole_pieces,
         )
     except RuntimeError as e:
         raise ValueError(f"SentencePiece training failed (vocab_size={vocab_size}): {e}") from None

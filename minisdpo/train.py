@@ -71,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     # model
     a("--model", default=None, help="a Hugging Face Llama directory (safetensors + tokenizer.model); "
                                     "default: train a small Llama from scratch")
-    a("--vocab-size", type=int, default=2048, help="[scratch] SentencePiece vocabulary trained on the data")
+    a("--vocab-size", type=int, default=1024, help="[scratch] SentencePiece pieces learned from the prompts "
+                                                   "(at most; plus one piece per title with --title-pieces)")
+    a("--title-pieces", action=argparse.BooleanOptionalAction, default=True,
+      help="[scratch] give every item title of the catalogue a token of its own, so the small model "
+           "copies a title as one token instead of spelling it")
     a("--dim", type=int, default=128, help="[scratch] hidden size")
     a("--layers", type=int, default=4, help="[scratch] number of transformer blocks")
     a("--heads", type=int, default=4, help="[scratch] attention heads")
@@ -201,7 +205,7 @@ def atomic_dir(write, path: Path) -> None:
 
 # Flags that change results: a resumed run must have the same.
 _RUN_KEYS = ("data", "data_dir", "domain", "limit_train", "limit_val", "limit_test", "max_len", "model",
-             "vocab_size", "dim", "layers", "heads", "kv_heads", "lora_r", "lora_alpha", "lora_dropout",
+             "vocab_size", "title_pieces", "dim", "layers", "heads", "kv_heads", "lora_r", "lora_alpha", "lora_dropout",
              "lora_targets", "sft_lr", "sft_epochs", "sdpo_lr", "sdpo_epochs", "max_steps", "batch_size",
              "grad_accum", "warmup", "clip", "weight_decay", "eval_every", "beta", "negatives",
              "fixed_negatives", "compare_dpo", "packing", "loss", "seed", "dtype")
@@ -243,32 +247,31 @@ def log(env: Env, msg: str) -> None:
 # --------------------------------------------------------------------------------------------
 # Data and tokenizer
 
-def load_rows(args: argparse.Namespace) -> tuple[dict[str, list[D.Row]], str]:
+def load_rows(args: argparse.Namespace) -> tuple[dict[str, list[D.Row]], str, list[str]]:
+    """The (limited) splits, the prompt domain and the catalogue: every item title that occurs in
+    the whole data set (item metadata, not interactions)."""
     splits = D.load_dataset(args.data, args.data_dir, seed=args.seed)
     domain = args.domain or D.default_domain(args.data)
+    titles = sorted({t for rows in splits.values() for r in rows for t in (*r.history, *r.candidates)})
     for split, limit in (("train", args.limit_train), ("val", args.limit_val), ("test", args.limit_test)):
         if limit:
             splits[split] = D.subsample(splits[split], limit, seed=args.seed)
         if not splits[split]:
             raise SystemExit(f"error: the {split} split of --data {args.data} is empty")
-    return splits, domain
+    return splits, domain, titles
 
 
-def tokenizer_texts(splits: dict[str, list[D.Row]], domain: str) -> list[str]:
-    """Prompts and titles of the training rows: what a tokenizer trained here must cover."""
-    rows = splits["train"]
-    titles = sorted({t for r in rows for t in (*r.history, *r.candidates)})
-    return titles + [D.format_prompt(r, domain) for r in rows[:2000]]
-
-
-def get_tokenizer(args: argparse.Namespace, env: Env, out: Path, splits, domain) -> Tokenizer:
+def get_tokenizer(args: argparse.Namespace, env: Env, out: Path, splits, domain, titles) -> Tokenizer:
     if args.model:
         return Tokenizer.from_dir(args.model)
     path = out / "tokenizer" / "tokenizer.model"
     if env.main and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name("tokenizer.model.tmp")
-        train_tokenizer(tokenizer_texts(splits, domain), args.vocab_size, tmp)
+        # The catalogue's titles and the training prompts: what the tokenizer must cover.
+        texts = titles + [D.format_prompt(r, domain) for r in splits["train"][:2000]]
+        whole = titles if args.title_pieces else []
+        train_tokenizer(texts, args.vocab_size + len(whole), tmp, whole_pieces=whole)
         os.replace(tmp, path)
     barrier(env)
     return Tokenizer(path)
@@ -530,7 +533,16 @@ def truncate_metrics(path: Path, stage: str, step: int) -> None:
 # --------------------------------------------------------------------------------------------
 # Stages
 
+def fresh_stage(name: str, args, env: Env, out: Path) -> None:
+    """Without --resume a stage starts over: drop its directory and its records."""
+    if not args.resume and env.main:
+        shutil.rmtree(out / name, ignore_errors=True)
+        truncate_metrics(out / "metrics.jsonl", name, 0)
+    barrier(env)
+
+
 def run_sft(args, tok, splits, domain, env, out, ops) -> None:
+    fresh_stage("sft", args, env, out)
     done = out / "sft" / "done.json"
     if done.exists():
         log(env, f"[sft] already done: {sft_model_dir(out)}")
@@ -556,6 +568,7 @@ def run_sft(args, tok, splits, domain, env, out, ops) -> None:
 
 
 def run_preference(name: str, k: int, args, tok, splits, domain, env, out, ops) -> None:
+    fresh_stage(name, args, env, out)
     done = out / name / "done.json"
     if done.exists():
         log(env, f"[{name}] already done: {out / name / 'adapter'}")
@@ -648,10 +661,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     else:
         ops = reference
     out = prepare_out(args, env)
-    splits, domain = load_rows(args)
+    splits, domain, titles = load_rows(args)
     log(env, f"data {args.data}: {len(splits['train'])} train / {len(splits['val'])} val / "
              f"{len(splits['test'])} test rows, domain {domain}; out {out}")
-    tok = get_tokenizer(args, env, out, splits, domain)
+    tok = get_tokenizer(args, env, out, splits, domain, titles)
     summary = None
     try:
         if args.stage in ("all", "sft"):

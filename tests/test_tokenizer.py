@@ -111,3 +111,21 @@ def test_training_errors(tmp_path):
         train_tokenizer(corpus(100), 100000, tmp_path / "t.model")
     with pytest.raises(ValueError, match="empty"):
         train_tokenizer([], 300, tmp_path / "t.model")
+
+
+def test_whole_pieces_are_single_tokens(tmp_path):
+    titles = ["The Usual Suspects", "Júpiter Maçã", "Ke$ha", "12 Angry Men", "Heat"]
+    prompt = "This user has watched:\n{}\nAnswer:"
+    texts = [prompt.format("\n".join(random.Random(i).sample(titles, 3))) for i in range(50)]
+    tok = train_tokenizer(texts, 1000, tmp_path / "t.model", whole_pieces=titles)
+    for title in titles:
+        ids = tok.encode(title)
+        assert [tok.sp.IdToPiece(i) for i in ids][-1] == title.replace(" ", "\u2581")
+        assert tok.decode(ids) == title
+    # In running text a title is one token too, and decoding gives the text back.
+    text = prompt.format("Heat\nThe Usual Suspects")
+    pieces = [tok.sp.IdToPiece(i) for i in tok.encode(text)]
+    assert "The\u2581Usual\u2581Suspects" in pieces and "Heat" in pieces
+    assert tok.decode(tok.encode(text)) == text
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer(texts, 262, tmp_path / "u.model", whole_pieces=titles)
