@@ -72,11 +72,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="--step: model sizes (default: small large)")
     p.add_argument("--negatives", nargs="+", type=int, default=[3, 7],
                    help="--step: numbers of negatives K (default: 3 7)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for the run and its memory processes (default: torch's)")
     p.add_argument("--groups", type=int, default=None,
                    help="--step: prompts per step (default: 4 for the small model, 1 for the large)")
     # Internal: the child process of peak_memory.
     p.add_argument("--memory-child", metavar="VARIANT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     if (args.repeats is not None and args.repeats < 1) or args.K < 1:
         p.error("--repeats and --K must be >= 1")
     if min(args.negatives) < 1 or (args.groups is not None and args.groups < 1):
@@ -345,7 +351,7 @@ def step_memory_child(args: argparse.Namespace) -> None:
 def step_peak_memory(variant: str, model_name: str, K: int, groups: int, args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "minisdpo.bench", "--step", "--memory-child", variant,
            "--models", model_name, "--negatives", str(K), "--groups", str(groups),
-           "--dtype", args.dtype[0]]
+           "--dtype", args.dtype[0], "--threads", str(torch.get_num_threads())]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["extra_bytes"]
 

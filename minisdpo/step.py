@@ -122,8 +122,10 @@ class RefCache:
     With fixed negatives (the public S-DPO code draws them once) the reference log-probs of a
     row never change: the reference model is frozen (LoRA disabled, no dropout in its path), so
     from the second epoch on its forward pass is wasted work. Key a group by
-    ``RefCache.key(row_index, negatives)``; the cache holds the (1 + K,) log-probs of each key
-    and is only valid while the base weights, the tokenizer and max_len stay the same.
+    ``RefCache.key(row, negatives)``, ``row`` any hashable id unique across the rows that share
+    the cache (a row index, or ("val", index) when splits share one cache); the cache holds
+    the (1 + K,) log-probs of each key and is only valid while the base weights, the tokenizer
+    and max_len stay the same.
     """
 
     def __init__(self) -> None:
@@ -132,8 +134,10 @@ class RefCache:
         self.misses = 0
 
     @staticmethod
-    def key(row_index: int, negatives: Sequence[str]) -> tuple[int, tuple[str, ...]]:
-        return int(row_index), tuple(negatives)
+    def key(row: Hashable, negatives: Sequence[str]) -> tuple[Hashable, tuple[str, ...]]:
+        if isinstance(negatives, str):
+            raise TypeError(f"negatives must be a sequence of titles, got the string {negatives!r}")
+        return row, tuple(negatives)
 
     def __len__(self) -> int:
         return len(self._logps)
