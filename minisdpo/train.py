@@ -39,7 +39,7 @@ from minisdpo.checkpoint import from_pretrained, save_pretrained
 from minisdpo.evaluate import evaluate_generation, evaluate_ranking
 from minisdpo.lora import apply_lora, load_adapter, mark_only_lora_as_trainable, merge_and_unload, save_adapter
 from minisdpo.model import Llama, ModelArgs
-from minisdpo.step import LAYOUTS, build_batch, sdpo_loss_sum, sft_loss_sum
+from minisdpo.step import LAYOUTS, RefCache, build_batch, sdpo_loss_sum, sft_loss_sum
 from minisdpo.tokenizer import Tokenizer, train_tokenizer
 
 STAGES = ("sft", "sdpo", "dpo")
@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--loss", choices=("fused", "reference"), default="fused",
       help="the fused C++/CUDA kernel (minisdpo.ops) or its plain PyTorch twin (minisdpo.loss)")
     # evaluation
+    a("--eval-split", choices=("test", "val"), default="test",
+      help="the split the final evaluation runs on ('val' for tuning, so the test split stays unseen)")
     a("--eval-batch-size", type=int, default=32, help="rows per batch for generation")
     a("--rank-batch-size", type=int, default=4, help="rows per batch for the ranking metrics")
     a("--no-ranking", action="store_true", help="skip the likelihood ranking metrics")
@@ -350,17 +352,22 @@ def stage_negatives(spec: StageSpec, args, rows: list[D.Row], epoch: int):
     return D.epoch_negatives(rows, spec.negatives, args.seed, epoch, fixed=args.fixed_negatives)
 
 
-def micro_loss(spec: StageSpec, args, model, batch, ops) -> tuple[torch.Tensor, dict]:
+def micro_loss(spec: StageSpec, args, model, batch, ops, ref_cache: RefCache | None = None,
+               ref_keys=None) -> tuple[torch.Tensor, dict]:
     """(sum of the loss terms, stats); the caller divides by the number of terms in the whole
-    global batch, so that accumulation and data parallelism give the gradient of one big batch."""
+    global batch, so that accumulation and data parallelism give the gradient of one big batch.
+    With fixed negatives the reference log-probs of a (row, negatives) come from ``ref_cache``
+    after their first computation."""
     if not spec.negatives:
         return sft_loss_sum(model, batch, ops), {}
-    loss_sum, logps, ref_logps = sdpo_loss_sum(model, batch, ops, args.beta, spec.negatives)
+    loss_sum, logps, ref_logps = sdpo_loss_sum(model, batch, ops, args.beta, spec.negatives,
+                                               ref_cache=ref_cache, ref_keys=ref_keys)
     return loss_sum, reference.metrics(logps.detach(), ref_logps, args.beta, spec.negatives)
 
 
 @torch.no_grad()
-def validation_loss(spec: StageSpec, args, model, tok, rows, domain, env, ops) -> float:
+def validation_loss(spec: StageSpec, args, model, tok, rows, domain, env, ops,
+                    ref_cache: RefCache | None = None) -> float:
     """Mean loss on the validation rows (fixed negatives), for choosing the best checkpoint."""
     model.eval()
     negatives = D.epoch_negatives(rows, spec.negatives, args.seed, 0, fixed=True) if spec.negatives else None
@@ -369,7 +376,8 @@ def validation_loss(spec: StageSpec, args, model, tok, rows, domain, env, ops) -
         part = rows[start:start + args.batch_size]
         negs = negatives[start:start + args.batch_size] if negatives else None
         batch = make_batch(spec, args, tok, part, negs, domain, env)
-        value, _ = micro_loss(spec, args, model, batch, ops)
+        keys = [RefCache.key(("val", start + i), n) for i, n in enumerate(negs)] if negs else None
+        value, _ = micro_loss(spec, args, model, batch, ops, ref_cache, keys)
         total += float(value)
         terms += len(part) if spec.negatives else sft_terms(tok, part)
     model.train()
@@ -421,7 +429,7 @@ def train_stage(spec: StageSpec, args, model: Llama, tok, splits, domain: str, e
 
     def maybe_validate(step: int) -> None:
         nonlocal best
-        val = validation_loss(spec, args, model, tok, splits["val"], domain, env, ops)
+        val = validation_loss(spec, args, model, tok, splits["val"], domain, env, ops, val_cache)
         record = {"stage": spec.name, "step": step, "val_loss": val}
         if val < best["val_loss"]:
             best = {"val_loss": val, "step": step}
@@ -432,6 +440,9 @@ def train_stage(spec: StageSpec, args, model: Llama, tok, splits, domain: str, e
         log(env, f"[{spec.name}] step {step}: validation loss {val:.4f} (best {best['val_loss']:.4f} "
                  f"at step {best['step']})")
 
+    # The validation negatives are always fixed; the training ones when --fixed-negatives.
+    val_cache = RefCache() if spec.negatives else None
+    ref_cache = RefCache() if spec.negatives and args.fixed_negatives else None
     model.train()
     bar = tqdm(total=total, initial=step, desc=spec.name, disable=args.no_progress or not env.main,
                dynamic_ncols=True)
@@ -452,7 +463,8 @@ def train_stage(spec: StageSpec, args, model: Llama, tok, splits, domain: str, e
             part = mine[m:m + args.batch_size]
             batch = make_batch(spec, args, tok, [rows[i] for i in part],
                                [negatives[i] for i in part] if negatives else None, domain, env)
-            value, stats = micro_loss(spec, args, model, batch, ops)
+            keys = [RefCache.key(i, negatives[i]) for i in part] if ref_cache is not None else None
+            value, stats = micro_loss(spec, args, model, batch, ops, ref_cache, keys)
             (value / n_terms).backward()
             loss_sum += float(value.detach())
             tokens += batch["num_tokens"]
@@ -584,7 +596,7 @@ def run_preference(name: str, k: int, args, tok, splits, domain, env, out, ops) 
 
 
 def run_eval(args, tok, splits, domain, env, out, wall_start: float) -> dict:
-    rows = splits["test"]
+    rows = splits[args.eval_split]
     progress = not args.no_progress
     results = {}
     model = load_sft_model(out, env)
@@ -594,7 +606,7 @@ def run_eval(args, tok, splits, domain, env, out, wall_start: float) -> dict:
             continue
         if name != "sft":
             load_adapter(model, str(path))
-        log(env, f"[eval] {name}: generation on {len(rows)} test rows")
+        log(env, f"[eval] {name}: generation on {len(rows)} {args.eval_split} rows")
         gen = evaluate_generation(model, tok, rows, domain, batch_size=args.eval_batch_size,
                                   progress=progress)
         res = {"hr@1": gen["hr@1"], "valid_ratio": gen["valid_ratio"]}
@@ -604,7 +616,7 @@ def run_eval(args, tok, splits, domain, env, out, wall_start: float) -> dict:
                     if k != "n"}
         results[name] = res
         atomic_write_json({"answers": gen["answers"]}, out / f"answers_{name}.json")
-    summary = {"models": results, "test_rows": len(rows), "wall_s": time.time() - wall_start}
+    summary = {"models": results, f"{args.eval_split}_rows": len(rows), "wall_s": time.time() - wall_start}
     atomic_write_json(summary, out / "summary.json")
     print_table(summary)
     return summary
@@ -615,7 +627,8 @@ def print_table(summary: dict) -> None:
     lines = [f"{'model':<6} " + " ".join(f"{c:>12}" for c in cols)]
     for name, res in summary["models"].items():
         lines.append(f"{name:<6} " + " ".join(f"{res[c]:>12.4f}" if c in res else f"{'-':>12}" for c in cols))
-    lines.append(f"test rows: {summary['test_rows']}, wall time: {summary['wall_s']:.0f} s")
+    split = "test" if "test_rows" in summary else "val"
+    lines.append(f"{split} rows: {summary[split + '_rows']}, wall time: {summary['wall_s']:.0f} s")
     print("\n".join(lines), flush=True)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,7 +76,10 @@ def test_all_stages_end_to_end(data_dir, tmp_path):
     assert all(r["loss"] > 0 for r in sdpo)
     # The SFT model is a Hugging Face directory that loads back; the adapters are PEFT files.
     model = from_pretrained(str(out / "sft" / "model"))
-    assert model.args.vocab_size == 400
+    from minisdpo.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(out / "sft" / "model")
+    assert model.args.vocab_size == tok.vocab_size
+    assert all(len(tok.encode(t)) == 2 for t in TITLES)  # "▁" + the title's own piece
     for name in ("sdpo", "dpo"):
         assert (out / name / "adapter" / "adapter_model.safetensors").exists()
     assert (out / "plots" / "sft.png").exists() and (out / "plots" / "sdpo.png").exists()
@@ -193,3 +197,31 @@ def test_resume_with_other_settings_is_refused(data_dir, tmp_path):
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     with pytest.raises((FileNotFoundError, ValueError, SystemExit), match="nowhere"):
         train.main(_flags(tmp_path / "nowhere", tmp_path / "run"))
+
+
+def test_fixed_negatives_reuse_reference_logps_with_the_same_results(data_dir, tmp_path, monkeypatch):
+    from minisdpo.step import RefCache
+    flags = ["--stage", "sdpo", "--sdpo-epochs", "2", "--fixed-negatives", "--lora-dropout", "0", "--no-plots"]
+    base = tmp_path / "base"
+    train.main(_flags(data_dir, base, "--stage", "sft", "--max-steps", "2"))
+    curves = {}
+    for name in ("cached", "uncached"):
+        out = tmp_path / name
+        shutil.copytree(base, out)
+        hits = []
+        original = RefCache.get
+        if name == "uncached":
+            monkeypatch.setattr(RefCache, "get", lambda self, keys: None)
+        else:
+            def counting_get(self, keys):
+                found = original(self, keys)
+                hits.append(found is not None)
+                return found
+            monkeypatch.setattr(RefCache, "get", counting_get)
+        train.main(_flags(data_dir, out, *flags))
+        monkeypatch.setattr(RefCache, "get", original)
+        curves[name] = [r["loss"] for r in _metrics(out) if r["stage"] == "sdpo" and "loss" in r]
+        if name == "cached":
+            assert any(hits)  # the second epoch reads the first one's reference log-probs
+    assert len(curves["cached"]) == 12
+    assert curves["cached"] == pytest.approx(curves["uncached"], rel=1e-6, abs=1e-7)
