@@ -64,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data", choices=("movielens", "lastfm", "json"), default="movielens", help="data set")
     a("--data-dir", default=None, help="directory of the data files (default for movielens: the recbole wheel)")
     a("--domain", choices=D.DOMAINS, default=None, help="prompt domain (default: the data set's own)")
-    a("--limit-train", type=int, default=4000, help="use at most N training rows (0: all)")
+    a("--limit-train", type=int, default=8000, help="use at most N training rows (0: all)")
     a("--limit-val", type=int, default=200, help="use at most N validation rows for model selection (0: all)")
-    a("--limit-test", type=int, default=500, help="evaluate on at most N test rows (0: all)")
+    a("--limit-test", type=int, default=1000, help="evaluate on at most N test rows (0: all)")
     a("--max-len", type=int, default=512, help="maximum tokens of prompt + response (the prompt is cut on the left)")
     # model
     a("--model", default=None, help="a Hugging Face Llama directory (safetensors + tokenizer.model); "
