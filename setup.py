@@ -19,7 +19,7 @@ def _sources(pattern):
 
 
 def _extension():
-    # Portable flags only: never -march=native. Vector code is chosen at run time (csrc/*).
+    # Portable flags only: never a -march flag for the build machine. Vector code is chosen at run time (csrc/*).
     cxx = ["-O0", "-g"] if DEBUG else ["-O3", "-g0", "-DNDEBUG"]
     cxx += ["-std=c++20", "-fvisibility=hidden"]
     sources = _sources("csrc/*.cpp")

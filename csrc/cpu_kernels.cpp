@@ -3,7 +3,7 @@
 // ATen's approach (aten/src/ATen/native/cpu, CPU_CAPABILITY): the same source is compiled for
 // several instruction sets and the best one the CPU supports is picked at run time. Here the
 // copies live in one file, each in its own namespace under `#pragma GCC target`, because
-// setup.py compiles every csrc/*.cpp with the same portable flags (never -march=native: the
+// setup.py compiles every csrc/*.cpp with the same portable flags (never a -march flag for the build machine: the
 // built extension must run on a CPU without AVX-512).
 #include "cpu_kernels.h"
 
