@@ -21,8 +21,8 @@ Prompts and responses are tokenised by ``minisdpo.data`` exactly as in training.
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -51,6 +51,19 @@ def _device(model: Any) -> torch.device:
         return next(model.parameters()).device
     except (AttributeError, StopIteration, TypeError):
         return torch.device("cpu")
+
+
+@contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """The model in eval mode (no dropout) inside the block, its previous mode after it."""
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
 
 
 def _check_common(rows: Sequence[Row], batch_size: int) -> None:
@@ -82,10 +95,7 @@ def evaluate_generation(model: Any, tok: TokenizerLike, rows: Sequence[Row], dom
         prompts = [truncate_prompt(p, max_new_tokens, max_len) for p in prompts]
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(rows)
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
+    with _eval_mode(model):
         for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
             idx = order[start:start + batch_size]
             T = max(len(prompts[i]) for i in idx)
@@ -105,9 +115,6 @@ def evaluate_generation(model: Any, tok: TokenizerLike, rows: Sequence[Row], dom
                 if tok.eos_id in ids:
                     ids = ids[:ids.index(tok.eos_id)]
                 answers[i] = tok.decode(ids)
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train()
     judged = [judge(a, row.candidates, row.target) for a, row in zip(answers, rows)]
     n = len(rows)
     return {"hr@1": sum(h for _, h in judged) / n, "valid_ratio": sum(v for v, _ in judged) / n,
@@ -151,10 +158,7 @@ def ranking_scores(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: 
     device = _device(model)
     order = sorted(range(len(rows)), key=lambda i: len(encode_prompt(tok, rows[i], domain)))
     scores = torch.empty(len(rows), n_cands)
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
+    with _eval_mode(model):
         for start in tqdm(range(0, len(order), batch_size), desc="rank", disable=not progress):
             idx = order[start:start + batch_size]
             part = [rows[i] for i in idx]
@@ -163,9 +167,6 @@ def ranking_scores(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: 
             logits = model.lm_head(response_hidden(model, batch))                 # (B*C, R, V)
             logps = sequence_logps(logits, batch["labels"])                        # (B*C,)
             scores[idx] = logps.float().cpu().view(len(idx), n_cands)             # (B, C)
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train()
     return scores
 
 

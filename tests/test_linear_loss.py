@@ -16,14 +16,7 @@ from minisdpo import loss as ref
 from minisdpo import ops
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second intra-op thread saves nothing, and on a busy 2-core machine every
-    # parallel region waits for it (measured here: 60x slower with 2 threads under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_inputs(S, R, D, V, K=1, dtype=torch.float32, seed=0):

@@ -23,14 +23,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 COMBOS = [("shared", "linear"), ("shared", "logits"), ("none", "linear"), ("none", "logits")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second intra-op thread saves nothing, and on a busy 2-core machine every
-    # parallel region waits for it (measured here: 60x slower with 2 threads under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
