@@ -291,6 +291,9 @@ class WordTokenizer:
     def decode(self, ids) -> str:
         raise NotImplementedError("WordTokenizer only encodes")
 
+    def prompt_ids(self, text: str) -> list[int]:
+        return self.encode(text, bos=True)
+
 
 def step_rows(groups: int, K: int, seed: int = 0) -> tuple[list[D.Row], list[list[str]]]:
     """Rows with 10 history titles of 8-12 random words and 20 candidates of 6-10 (a prompt of

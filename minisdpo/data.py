@@ -35,7 +35,8 @@ Prompt and tokens (one function each, used by SFT, S-DPO and evaluation alike):
 
 * ``format_prompt`` writes one title per line (titles may contain ", ", so a comma list would be
   ambiguous; a title may not contain a newline, which ``Row`` checks).
-* ``encode_prompt`` = ``[BOS] + encode(prompt text)``, no EOS.
+* ``encode_prompt`` = ``tok.prompt_ids(prompt text)``: the chat template of an instruct model
+  with the assistant's turn opened, or ``[BOS] + encode(prompt text)``; no EOS.
 * ``encode_response`` = ``encode(title) + [EOS]``, encoded separately from the prompt.
   A training sequence is ``encode_prompt(...) + encode_response(title)``, so greedy decoding
   that starts from ``encode_prompt(...)`` sees exactly the context the model was trained on.
@@ -102,12 +103,13 @@ IGNORE_INDEX = -100
 class TokenizerLike(Protocol):
     """What data and evaluation need of a tokenizer (minisdpo.tokenizer.Tokenizer has it)."""
 
-    bos_id: int
+    bos_id: int | None
     eos_id: int
     pad_id: int
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
+    def prompt_ids(self, text: str) -> list[int]: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,8 +482,9 @@ def format_prompt(row: Row, domain: str) -> str:
 
 
 def encode_prompt(tok: TokenizerLike, row: Row, domain: str) -> list[int]:
-    """[BOS] + the prompt's tokens, no EOS: the context of SFT, S-DPO and generation alike."""
-    return [tok.bos_id] + tok.encode(format_prompt(row, domain), bos=False, eos=False)
+    """The prompt's ids (chat template or [BOS] + tokens, see ``Tokenizer.prompt_ids``), no EOS:
+    the context of SFT, S-DPO and generation alike."""
+    return tok.prompt_ids(format_prompt(row, domain))
 
 
 def encode_response(tok: TokenizerLike, title: str) -> list[int]:

