@@ -301,8 +301,14 @@ def log(env: Env, msg: str) -> None:
 def load_rows(args: argparse.Namespace) -> tuple[dict[str, list[D.Row]], str, list[str]]:
     """The (limited) splits, the prompt domain and the catalogue: every item title that occurs in
     the whole data set (item metadata, not interactions)."""
-    splits = D.load_dataset(args.data, args.data_dir, seed=args.seed)
+    if args.data == "json" and args.domain is None:
+        raise SystemExit(f"error: --data json needs --domain (one of {', '.join(D.DOMAINS)})")
     domain = args.domain or D.default_domain(args.data)
+    try:
+        splits = D.load_dataset(args.data, args.data_dir, seed=args.seed)
+    except (OSError, ValueError, TypeError) as e:  # the message names the file and row
+        where = f"--data {args.data}" + (f" --data-dir {args.data_dir}" if args.data_dir else "")
+        raise SystemExit(f"error: {where}: {e}") from None
     titles = sorted({t for rows in splits.values() for r in rows for t in (*r.history, *r.candidates)})
     for split, limit in (("train", args.limit_train), ("val", args.limit_val), ("test", args.limit_test)):
         if limit:
@@ -337,10 +343,15 @@ def resolve_model(args: argparse.Namespace, env: Env) -> str | None:
     return str(target)
 
 
-def get_tokenizer(args: argparse.Namespace, env: Env, out: Path, splits, domain, titles,
-                  model_dir: str | None) -> Tokenizer:
-    if model_dir:
+def load_model_tokenizer(args: argparse.Namespace, model_dir: str) -> Tokenizer:
+    try:
         return Tokenizer.from_dir(model_dir, chat_template=args.chat_template == "auto")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --model {args.model}: {e}") from None
+
+
+def scratch_tokenizer(args: argparse.Namespace, env: Env, out: Path, splits, domain, titles) -> Tokenizer:
+    """A SentencePiece tokenizer trained on the data (once per run, in OUT/tokenizer)."""
     path = out / "tokenizer" / "tokenizer.model"
     if env.main and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -495,7 +506,11 @@ def train_stage(spec: StageSpec, args, model: Llama, tok, splits, domain: str, e
         if env.main:
             truncate_metrics(metrics_path, spec.name, step)
 
+    saved_step = step   # the step of the checkpoint on disk (0: none)
+
     def checkpoint(step: int) -> None:
+        nonlocal saved_step
+        saved_step = step
         if env.main:
             atomic_save({"params": {n: p.detach().cpu() for n, p in params}, "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "step": step, "best": best,
@@ -554,12 +569,19 @@ def train_stage(spec: StageSpec, args, model: Llama, tok, splits, domain: str, e
             loss_sum, tokens = _all_reduce_floats(env, [loss_sum, float(tokens)])
             stats = dict(zip(stats, _all_reduce_floats(env, [v / env.world for v in stats.values()])))
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], args.clip or float("inf"))
+        loss = loss_sum / n_terms
+        if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+            bar.close()
+            raise SystemExit(
+                f"error: [{spec.name}] step {step + 1}: the loss ({loss}) or the gradient norm "
+                f"({float(grad_norm)}) is not finite: the run diverged and stopped before this update. "
+                f"The last checkpoint ({state_path if state_path.exists() else 'none yet'}, step {saved_step}) "
+                f"is untouched; --resume continues from it")
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        loss = loss_sum / n_terms
         record = {"stage": spec.name, "step": step, "epoch": epoch, "loss": loss, "lr": lr,
                   "grad_norm": float(grad_norm), "tokens_per_s": tokens / max(1e-9, time.time() - t0), **stats}
         if env.main:
@@ -802,12 +824,16 @@ def main(argv: list[str] | None = None) -> dict | None:
         from minisdpo import ops
     else:
         ops = reference
-    out = prepare_out(args, env)
+    # Everything that can fail on the user's input runs before the run directory is written, so
+    # a corrected command starts cleanly instead of meeting a half-made run.
     splits, domain, titles = load_rows(args)
+    model_dir = resolve_model(args, env)
+    tok = load_model_tokenizer(args, model_dir) if model_dir else None
+    out = prepare_out(args, env)
     log(env, f"data {args.data}: {len(splits['train'])} train / {len(splits['val'])} val / "
              f"{len(splits['test'])} test rows, domain {domain}; out {out}")
-    model_dir = resolve_model(args, env)
-    tok = get_tokenizer(args, env, out, splits, domain, titles, model_dir)
+    if tok is None:
+        tok = scratch_tokenizer(args, env, out, splits, domain, titles)
     summary = None
     try:
         if args.stage in ("all", "sft"):

@@ -3,6 +3,7 @@ an interruption, a user's own Hugging Face checkpoint, two-process data parallel
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -195,9 +196,61 @@ def test_resume_with_other_settings_is_refused(data_dir, tmp_path):
         train.main(_flags(data_dir, out, "--stage", "sft", "--max-steps", "1", "--beta", "2", "--resume"))
 
 
-def test_missing_data_dir_is_a_clear_error(tmp_path):
-    with pytest.raises((FileNotFoundError, ValueError, SystemExit), match="nowhere"):
-        train.main(_flags(tmp_path / "nowhere", tmp_path / "run"))
+@pytest.mark.parametrize("case", ["lastfm without --data-dir", "missing directory", "malformed row",
+                                  "json without --domain"])
+def test_a_run_that_cannot_start_leaves_nothing(data_dir, tmp_path, capsys, case):
+    """One error line naming the flag or file (and row), nothing written, and the corrected
+    command then just runs."""
+    out = tmp_path / "run"
+    bad = tmp_path / "bad"
+    shutil.copytree(data_dir, bad)
+    rows = json.loads((bad / "toy-train.json").read_text())
+    rows[5]["itemList"] = "not a list"
+    (bad / "toy-train.json").write_text(json.dumps(rows))
+    flags = {"lastfm without --data-dir": ["--data", "lastfm", "--data-dir", None],
+             "missing directory": ["--data-dir", str(tmp_path / "nowhere")],
+             "malformed row": ["--data-dir", str(bad)],
+             "json without --domain": ["--domain", None]}[case]
+    argv = _flags(data_dir, out, "--max-steps", "1", "--stage", "sft", "--no-plots")
+    for name, value in zip(flags[::2], flags[1::2]):  # replace (or drop, for None) each flag's value
+        i = argv.index(name) if name in argv else None
+        if i is not None:
+            del argv[i:i + 2]
+        if value is not None:
+            argv += [name, value]
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    want = {"lastfm without --data-dir": "data_dir", "missing directory": "nowhere",
+            "malformed row": "row 5", "json without --domain": "--domain"}[case]
+    assert want in message and ("toy-train.json" in message or case != "malformed row")
+    assert not out.exists()
+    summary_flags = _flags(data_dir, out, "--max-steps", "1", "--stage", "sft", "--no-plots")
+    assert train.main(summary_flags) is None and (out / "sft" / "done.json").exists()
+
+
+def test_a_diverging_run_stops_and_resumes_from_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    flags = _flags(data_dir, out, "--stage", "sft", "--max-steps", "5", "--ckpt-every", "2", "--no-plots")
+    original = train.micro_loss
+    calls = []
+
+    def diverging(spec, *a, **kw):  # step 3's first micro-batch gives NaN (2 micro-batches a step)
+        value, stats = original(spec, *a, **kw)
+        calls.append(1)
+        return (value * float("nan") if len(calls) == 5 else value), stats
+
+    monkeypatch.setattr(train, "micro_loss", diverging)
+    with pytest.raises(SystemExit, match=r"\[sft\] step 3: .*not finite.*step 2.*--resume"):
+        train.main(flags)
+    state = torch.load(out / "sft" / "state.pt", weights_only=False)
+    assert state["step"] == 2                                         # the last good checkpoint
+    assert all(math.isfinite(v.abs().sum()) for v in state["params"].values())
+    assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2]  # no record of the bad step
+    monkeypatch.setattr(train, "micro_loss", original)
+    train.main(flags + ["--resume"])
+    assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2, 3, 4, 5]
 
 
 def test_fixed_negatives_reuse_reference_logps_with_the_same_results(data_dir, tmp_path, monkeypatch):
