@@ -2,7 +2,7 @@
 
 A directory holds ``config.json`` and the weights as safetensors: one ``model.safetensors``, or
 shards listed by ``model.safetensors.index.json`` (its ``weight_map`` names the shard of each
-tensor). Tensor names are the model's own parameter names (DESIGN.md section 4), so loading is
+tensor). Tensor names are the model's own parameter names (docs/design.md section 4), so loading is
 an identity copy; with tied embeddings the file has no ``lm_head.weight``.
 
 Loading builds the model on the meta device and assigns each tensor as it is read

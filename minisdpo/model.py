@@ -4,7 +4,7 @@ Follows "LLaMA: Open and Efficient Foundation Language Models" (Touvron et al., 
 Llama 2/3 (grouped-query attention, Ainslie et al. 2023; the "llama3" RoPE frequency scaling),
 written in the style of gpt-fast's model.py: one ``ModelArgs`` dataclass, a KV cache object
 with explicit positions, prefill and decode kept apart. Modules are named exactly as Hugging
-Face's ``LlamaForCausalLM`` names them (DESIGN.md section 4), so a checkpoint loads as an
+Face's ``LlamaForCausalLM`` names them (docs/design.md section 4), so a checkpoint loads as an
 identity copy, and RoPE uses the ``rotate_half`` form those checkpoints are stored for.
 
 Masks are boolean, True meaning "may attend". Every token may always attend to itself: a padding

@@ -1,6 +1,6 @@
 """Packed layout vs concatenated layout: time and token counts on a tiny random Llama.
 
-Measures (DESIGN.md section 7: medians of several runs, both variants side by side in one
+Measures (docs/design.md section 7: medians of several runs, both variants side by side in one
 process) on MovieLens-100K rows with a BPE tokenizer trained on MovieLens titles and prompts:
 
 1. ranking: ``minisdpo.evaluate.ranking_scores`` (20 candidates packed behind one prompt pass,

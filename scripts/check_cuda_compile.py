@@ -1,6 +1,6 @@
 """Compile-check csrc/cuda/sdpo.cu with nvcc, without a GPU and with a CPU-only torch.
 
-A CUDAExtension cannot be built against a CPU torch (DESIGN.md section 6), but the CUDA source
+A CUDAExtension cannot be built against a CPU torch (docs/design.md section 6), but the CUDA source
 can still be compiled to an object file, which catches every syntax, type and template error
 of the kernels and of their host wrappers. This mirrors what torch.utils.cpp_extension passes
 to nvcc for the real build (its COMMON_NVCC_FLAGS, the C++ ABI flag, -std=c++20, -O3), plus a

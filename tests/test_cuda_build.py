@@ -2,7 +2,7 @@
 
 The CUDA kernels (csrc/cuda/sdpo.cu) are built only against a CUDA torch, which CI machines
 lack; this test compiles the file with nvcc and torch's headers (scripts/check_cuda_compile.py,
-DESIGN.md section 6) so that a syntax, type or template error fails CI with nvcc's message.
+docs/design.md section 6) so that a syntax, type or template error fails CI with nvcc's message.
 It is skipped only when nvcc is absent. Whether the kernels compute the right numbers is
 tests/test_ops.py's job, on a machine with a GPU (scripts/gpu_check.sh).
 """
