@@ -32,7 +32,17 @@ from minisdpo.data import (Row, TokenizerLike, collate, encode_group, encode_pro
                            response_hidden, truncate_prompt)
 from minisdpo.loss import sequence_logps
 
-__all__ = ["judge", "evaluate_generation", "ranking_scores", "evaluate_ranking", "rank_metrics"]
+__all__ = ["judge", "named_candidate", "generate_answers", "evaluate_generation", "ranking_scores",
+           "evaluate_ranking", "rank_metrics"]
+
+
+def named_candidate(answer: str, candidates: Sequence[str]) -> str | None:
+    """The one candidate the answer names under the paper's rule (see the module docstring), or
+    None when it names none or several: the recommendation of a generated answer."""
+    if not isinstance(answer, str):
+        raise TypeError(f"answer must be str, got {type(answer).__name__}")
+    found = [c for c in candidates if c in answer]
+    return found[0] if len(found) == 1 else None
 
 
 def judge(answer: str, candidates: Sequence[str], target: str) -> tuple[bool, bool]:
@@ -41,9 +51,8 @@ def judge(answer: str, candidates: Sequence[str], target: str) -> tuple[bool, bo
         raise TypeError(f"answer must be str, got {type(answer).__name__}")
     if target not in candidates:
         raise ValueError(f"target {target!r} is not among the candidates")
-    found = [c for c in candidates if c in answer]
-    valid = len(found) == 1
-    return valid, valid and found[0] == target
+    named = named_candidate(answer, candidates)
+    return named is not None, named == target
 
 
 def _device(model: Any) -> torch.device:
@@ -74,17 +83,18 @@ def _check_common(rows: Sequence[Row], batch_size: int) -> None:
 
 
 @torch.no_grad()
-def evaluate_generation(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: str,
-                        batch_size: int = 16, max_new_tokens: int = 20,
-                        max_len: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """HR@1 and ValidRatio by batched greedy decoding.
+def generate_answers(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: str,
+                     batch_size: int = 16, max_new_tokens: int = 20,
+                     max_len: int | None = None, progress: bool = True) -> list[str]:
+    """The model's answer to each row's prompt by batched greedy decoding, in the order of ``rows``.
 
+    Only ``row.history`` and ``row.candidates`` are read (the prompt shows no target), so the rows
+    of a recommender at inference, which have no target, serve as well as ``Row``s.
     Prompts are left-padded (with attention_mask 0 on the padding) and passed to
     ``model.generate(input_ids, max_new_tokens, eos_id, attention_mask=...)``, which returns the
-    new tokens only. With ``max_len``, a prompt is cut on the left (BOS kept) so that it and
-    ``max_new_tokens`` fit, as in training. Rows are batched by prompt length to save padding;
-    ``answers`` come back in the order of ``rows``.
-    Returns {"hr@1", "valid_ratio", "n", "answers"}.
+    new tokens only; an answer is the decoded text up to the first EOS. With ``max_len``, a
+    prompt is cut on the left (BOS kept) so that it and ``max_new_tokens`` fit, as in training.
+    Rows are batched by prompt length to save padding.
     """
     _check_common(rows, batch_size)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -115,6 +125,17 @@ def evaluate_generation(model: Any, tok: TokenizerLike, rows: Sequence[Row], dom
                 if tok.eos_id in ids:
                     ids = ids[:ids.index(tok.eos_id)]
                 answers[i] = tok.decode(ids)
+    return answers
+
+
+def evaluate_generation(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: str,
+                        batch_size: int = 16, max_new_tokens: int = 20,
+                        max_len: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """HR@1 and ValidRatio of the answers of ``generate_answers`` (same arguments), judged by
+    the paper's rule (``judge``). Returns {"hr@1", "valid_ratio", "n", "answers"}, ``answers``
+    in the order of ``rows``.
+    """
+    answers = generate_answers(model, tok, rows, domain, batch_size, max_new_tokens, max_len, progress)
     judged = [judge(a, row.candidates, row.target) for a, row in zip(answers, rows)]
     n = len(rows)
     return {"hr@1": sum(h for _, h in judged) / n, "valid_ratio": sum(v for v, _ in judged) / n,
@@ -151,7 +172,8 @@ def ranking_scores(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: 
     a packed row holds about 1/14 of the tokens of 20 separate sequences, hence the larger
     default than the unpacked path's 2. ``model`` is called as ``model(input_ids,
     position_ids=..., mask=..., return_hidden=True)`` and must have ``lm_head``
-    (minisdpo.model.Llama has both). Rows are batched by prompt length to save padding.
+    (minisdpo.model.Llama has both). Rows are batched by prompt length to save padding. As in
+    ``generate_answers``, only ``row.history`` and ``row.candidates`` are read.
     """
     _check_common(rows, batch_size)
     n_cands = _check_candidates(rows)
