@@ -6,7 +6,7 @@ This module is the specification of the fused kernel in ``csrc/`` and its test o
 arXiv 2406.09215), eq. (11)-(12), and its public code: token log-probs are summed, not averaged,
 and the loss is averaged over prompts.
 
-Layout (docs/method.md, DESIGN.md section 3): sequences come group-major. Group g holds 1+K
+Layout (docs/method.md; docs/design.md, the op contract): sequences come group-major. Group g holds 1+K
 sequences; row g*(1+K) is the chosen response y_w and rows g*(1+K)+1 .. g*(1+K)+K the rejected
 ones y_1..y_K. ``labels[s, t]`` is the token that ``logits[s, t]`` predicts (the caller shifts);
 ``ignore_index`` marks positions that do not count (prompt, padding).
@@ -26,8 +26,10 @@ import torch.nn.functional as F
 __all__ = ["token_logps", "sequence_logps", "preference_loss", "sdpo_loss", "dpo_loss", "metrics"]
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float32 whatever the input precision; float64 stays float64 (for gradcheck).
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype log-probs are computed and returned in: float32 whatever the input precision;
+    float64 stays float64 (for gradcheck). minisdpo.ops uses this one rule; the C++/CUDA kernels
+    use its twin, acc_t in csrc/sdpo_math.h."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -38,7 +40,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 
     """
     counted = labels != ignore_index                                   # (S, T)
     safe_labels = labels.masked_fill(~counted, 0)                      # any valid index
-    logprobs = torch.log_softmax(logits.to(_accumulation_dtype(logits.dtype)), dim=-1)  # (S, T, V)
+    logprobs = torch.log_softmax(logits.to(accumulation_dtype(logits.dtype)), dim=-1)  # (S, T, V)
     picked = logprobs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)                 # (S, T)
     return picked.masked_fill(~counted, 0.0)
 
