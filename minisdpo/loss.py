@@ -6,9 +6,9 @@ This module is the specification of the fused kernel in ``csrc/`` and its test o
 arXiv 2406.09215), eq. (11)-(12), and its public code: token log-probs are summed, not averaged,
 and the loss is averaged over prompts.
 
-Layout (docs/method.md; docs/design.md, the op contract): sequences come group-major. Group g holds 1+K
-sequences; row g*(1+K) is the chosen response y_w and rows g*(1+K)+1 .. g*(1+K)+K the rejected
-ones y_1..y_K. ``labels[s, t]`` is the token that ``logits[s, t]`` predicts (the caller shifts);
+Layout (docs/method.md; docs/design.md, the op contract): sequences come group-major. Group g
+holds 1+K sequences; row g*(1+K) is the chosen response y_w and rows g*(1+K)+1 .. g*(1+K)+K the
+rejected ones y_1..y_K. ``labels[s, t]`` is the token that ``logits[s, t]`` predicts (the caller shifts);
 ``ignore_index`` marks positions that do not count (prompt, padding).
 
     logp(y|x) = sum_t log softmax(logits_t)[y_t]

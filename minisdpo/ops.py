@@ -5,7 +5,7 @@ formulas (``torch.library.register_autograd``) and fake kernels (``torch.library
 for torch.compile), and exposes the same two functions as ``minisdpo.loss``, the plain PyTorch
 reference, with the same signatures. The method is S-DPO ("On Softmax Direct Preference
 Optimization for Recommendation", Chen et al., NeurIPS 2024, arXiv 2406.09215); the gradient
-derivation is docs/method.md and docs/design.md, the gradient:
+derivation is docs/method.md and docs/design.md, the method:
 
     dL/dlogp(y_j) =  beta * sigma(S) * w_j / G     (rejected j; S = logsumexp z, w = softmax z)
     dL/dlogp(y_w) = -beta * sigma(S) / G           (chosen)

@@ -473,7 +473,8 @@ def test_inplace_backward_rejects_overlapping_logits(device):
     with pytest.raises(RuntimeError, match="more than one element"):
         loss.backward()
     coef = torch.ones(4, 5, device=device)
-    _, _, lse, _ = torch.ops.minisdpo.sdpo_fwd(base.detach().expand(4, 5, 70), labels, ref_logps, 1.0, 1, -100)
+    expanded = base.detach().expand(4, 5, 70)
+    _, _, lse, _ = torch.ops.minisdpo.sdpo_fwd(expanded, labels, ref_logps, 1.0, 1, -100)
     with pytest.raises(RuntimeError, match="more than one element"):
         torch.ops.minisdpo.logits_bwd_(base.detach().clone().expand(4, 5, 70), coef, labels, lse, -100)
     ops.sdpo_loss(base.expand(4, 5, 70), labels, ref_logps)[0].backward()
