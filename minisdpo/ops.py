@@ -34,12 +34,21 @@ import math
 import torch
 
 from . import _C  # noqa: F401  (loading the extension registers torch.ops.minisdpo)
-from .loss import accumulation_dtype
 
 __all__ = ["sdpo_loss", "token_logps", "sdpo_linear_loss", "linear_token_logps", "cpu_capability"]
 
 _ops = torch.ops.minisdpo
 _FLOATING = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# The accumulation dtype of each input dtype (float32, float64 for float64), as the kernels
+# choose it (acc_dtype in csrc/sdpo_math.h): the dtype of the lse the CPU kernel returns for one
+# ignored token, read once. The fake kernels cannot disagree with the kernels, and the rule is
+# written nowhere in Python but in the reference, which keeps its own. The backward formulas
+# take it from the saved lse.
+_ACC_DTYPE = {
+    dtype: _ops.token_logps_fwd(torch.zeros(1, 1, 1, dtype=dtype, device="cpu"),
+                                torch.full((1, 1), -100, dtype=torch.long, device="cpu"), -100)[1].dtype
+    for dtype in _FLOATING
+}
 
 
 # ----- the argument checks of csrc/sdpo.h and csrc/linear.cpp, for the fake kernels
@@ -85,7 +94,7 @@ def _check_group(like: torch.Tensor, like_name: str, ref_logps: torch.Tensor, be
 
 def _check_acc(t: torch.Tensor, name: str, like: torch.Tensor, like_name: str) -> None:
     """t (S, T) of the accumulation dtype of like (lse, and the linear ops' coef)."""
-    acc = accumulation_dtype(like.dtype)
+    acc = _ACC_DTYPE[like.dtype]
     torch._check_type(t.dtype == acc, lambda: (
         f"minisdpo: {name} must be {acc} for {like.dtype} {like_name}, got {t.dtype}"))
     _check_like(t, name, tuple(like.shape[:2]), like, like_name)
@@ -149,7 +158,7 @@ def _token_logps_fwd_fake(logits, labels, ignore_index, inplace_backward=False):
         f"minisdpo: logits must have a vocabulary V > 0, got shape {tuple(logits.shape)}"))
     _check_labels(labels, logits, "logits")
     S, T, _ = logits.shape
-    acc = accumulation_dtype(logits.dtype)
+    acc = _ACC_DTYPE[logits.dtype]
     return logits.new_empty((S, T), dtype=acc), logits.new_empty((S, T), dtype=acc)
 
 
@@ -167,7 +176,7 @@ def _token_logps_backward(ctx, grad_tok, grad_lse):
     if grad_tok is None:
         return None, None, None, None
     logits, labels, lse = ctx.saved_tensors
-    coef = grad_tok.to(accumulation_dtype(logits.dtype))
+    coef = grad_tok.to(lse.dtype)
     return _logits_grad(ctx, coef, logits, labels, lse), None, None, None
 
 
@@ -208,7 +217,7 @@ def _sdpo_backward(ctx, grad_loss, grad_logps, grad_lse, grad_dlogps):
     c = _sequence_coef(dlogps, grad_loss, grad_logps)
     if c is None:
         return (None,) * 7
-    coef = c.to(accumulation_dtype(logits.dtype)).unsqueeze(1).expand(logits.shape[:2])  # (S, T) view
+    coef = c.to(lse.dtype).unsqueeze(1).expand(logits.shape[:2])  # (S, T) view
     return _logits_grad(ctx, coef, logits, labels, lse), None, None, None, None, None, None
 
 
@@ -252,7 +261,7 @@ def _logits_bwd_inplace_fake(logits, coef, labels, lse, ignore_index):
 def _linear_token_logps_fwd_fake(hidden, weight, labels, ignore_index, chunk_rows):
     _check_linear(hidden, weight, labels)
     S, R, _ = hidden.shape
-    acc = accumulation_dtype(hidden.dtype)
+    acc = _ACC_DTYPE[hidden.dtype]
     return hidden.new_empty((S, R), dtype=acc), hidden.new_empty((S, R), dtype=acc)
 
 
@@ -276,7 +285,7 @@ def _linear_bwd_fake(coef, hidden, weight, labels, lse, ignore_index, chunk_rows
     _check_linear(hidden, weight, labels)
     _check_acc(coef, "coef", hidden, "hidden")
     _check_acc(lse, "lse", hidden, "hidden")
-    acc = accumulation_dtype(hidden.dtype)
+    acc = _ACC_DTYPE[hidden.dtype]
     grad_h = hidden.new_empty(hidden.shape if hidden_grad else (0,))
     grad_w = weight.new_empty(weight.shape if weight_grad else (0,), dtype=acc)
     return grad_h, grad_w
@@ -305,7 +314,7 @@ def _linear_token_logps_setup(ctx, inputs, output):
 def _linear_token_logps_backward(ctx, grad_tok, grad_lse):
     if grad_tok is None:
         return None, None, None, None, None
-    coef = grad_tok.to(accumulation_dtype(ctx.saved_tensors[0].dtype)).contiguous()
+    coef = grad_tok.to(ctx.saved_tensors[3].dtype).contiguous()  # lse's: the accumulation dtype
     return *_linear_grads(ctx, coef), None, None, None
 
 
@@ -325,11 +334,11 @@ def _sdpo_linear_setup(ctx, inputs, output):
 
 
 def _sdpo_linear_backward(ctx, grad_loss, grad_logps, grad_lse, grad_dlogps):
-    hidden, _, labels, _, dlogps = ctx.saved_tensors
+    _, _, labels, lse, dlogps = ctx.saved_tensors
     c = _sequence_coef(dlogps, grad_loss, grad_logps)
     if c is None:
         return (None,) * 8
-    coef = c.to(accumulation_dtype(hidden.dtype)).unsqueeze(1).expand(labels.shape)  # (S, R) view
+    coef = c.to(lse.dtype).unsqueeze(1).expand(labels.shape)  # (S, R) view
     return *_linear_grads(ctx, coef), None, None, None, None, None, None
 
 
