@@ -59,7 +59,9 @@ Capability supported_capability() {
   return Capability::kDefault;
 }
 
-// float64 (gradcheck): plain scalar loops, the same one-pass online max and sum.
+// float64 (gradcheck): plain scalar loops, the same one-pass online max and sum, and the same
+// NaN and inf rules as row_lse in cpu_rows.h (offset 0 while the max is -inf, so that a NaN
+// after only -inf still reaches the sum; a +inf adds exp(inf - inf) = NaN).
 double row_lse_f64(const double* x, int64_t V) {
   double m = -INFINITY, sum = 0.0;
   for (int64_t i = 0; i < V; ++i) {
@@ -67,9 +69,9 @@ double row_lse_f64(const double* x, int64_t V) {
       sum *= std::exp(m - x[i]);
       m = x[i];
     }
-    if (m != -INFINITY) sum += std::exp(x[i] - m);
+    sum += std::exp(x[i] - (m == -INFINITY ? 0.0 : m));
   }
-  return m == -INFINITY ? m : m + std::log(sum);
+  return m + std::log(sum);
 }
 
 void row_grad_f64(const double* x, double* g, int64_t V, double lse, double coef, int64_t y) {

@@ -9,7 +9,8 @@
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
+
+#include "sdpo_math.h"  // acc_t
 
 namespace minisdpo::cpu {
 
@@ -19,11 +20,9 @@ enum class Capability { kDefault = 0, kAVX2 = 1, kAVX512 = 2 };
 Capability current_capability();
 const char* capability_name(Capability c);
 
-// float32 accumulation for every input dtype but float64 (gradcheck).
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-// lse(x, V): log sum_v exp(x[v]) in one pass over the row (online max and sum).
+// lse(x, V): log sum_v exp(x[v]) in one pass over the row (online max and sum), with the
+// NaN and inf semantics of torch.log_softmax: NaN if the row holds a NaN or a +inf, -inf if
+// every element is -inf.
 // grad(x, g, V, lse, coef, y): g[v] = coef * ([v == y] - exp(x[v] - lse)); g may alias x.
 template <typename T>
 struct RowKernels {

@@ -25,10 +25,14 @@ constexpr int64_t kBlock = 1024;
 // exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (Cody-Waite
 // split of ln 2 so that r is exact), exp(r) by its degree-6 Taylor polynomial (error < 2 ulp).
 // Below log(FLT_MIN) the result is flushed to 0; inputs here are x - max or x - lse <= ~0.
+// NaN gives NaN: the clamps compare with x on the side that keeps x when the comparison is
+// false (`x < lo ? lo : x`), and a NaN fails every comparison; exp(+inf - +inf) = exp(NaN) is
+// how a +inf logit makes its row's lse NaN, as in torch.log_softmax.
 // Inlined everywhere: a call would pass 64-byte vectors through memory on narrower targets.
 [[gnu::always_inline]] static inline vfloat vexp(vfloat x) {
   const vfloat lo = vsplat(-87.33f), hi = vsplat(88.5f);
-  const vfloat xc = vmax(x, lo) < hi ? vmax(x, lo) : hi;   // NaN stays NaN
+  const vfloat xl = x < lo ? lo : x;
+  const vfloat xc = xl > hi ? hi : xl;
   const vfloat magic = vsplat(12582912.0f);                 // 1.5 * 2^23: rounds to integer
   const vfloat t = xc * vsplat(1.44269504f) + magic;
   const vfloat n = t - magic;
@@ -88,51 +92,87 @@ static inline double hsum(vfloat v) {
   for (int i = 0; i < kLanes; ++i) p[i] = c10::Half(v[i]);
 }
 
+// The first n < 16 elements at p as a vector whose other lanes are `fill`, and the first n
+// lanes of v stored at p; the same float32 conversions and rounding as load16 / store16.
+template <typename T>
+[[gnu::always_inline]] static inline vfloat load_part(const T* p, int64_t n, float fill) {
+  vfloat v = vsplat(fill);
+  for (int64_t i = 0; i < n; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+}
+template <typename T>
+[[gnu::always_inline]] static inline void store_part(T* p, vfloat v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(v[i]);
+}
+
+// How many elements come before the first one at p whose address is a multiple of the vector
+// size in bytes (64 for float32, 32 for the 16-bit types), at most V. A row of V = 32001 or of
+// an offset view starts anywhere: after this scalar-sized prologue every vector access is
+// aligned and none splits a cache line.
+template <typename T>
+[[gnu::always_inline]] static inline int64_t lead(const T* p, int64_t V) {
+  constexpr uintptr_t kBytes = kLanes * sizeof(T);
+  const uintptr_t mis = reinterpret_cast<uintptr_t>(p) % kBytes;
+  return std::min<int64_t>(V, mis == 0 ? 0 : static_cast<int64_t>((kBytes - mis) / sizeof(T)));
+}
+
 // log sum_v exp(x_v), one pass: a running max m and a running sum of exp(x - m) (in double,
-// rescaled when a block raises the max). Rows of -inf only give -inf; NaN propagates.
+// rescaled when a block raises the max). The row is a prologue of fewer than 16 elements up to
+// the first aligned one, an aligned body of whole vectors, and a tail of fewer than 16; prologue
+// and tail go first, together, as two partial vectors padded with -inf (exp(-inf) = 0).
+//
+// NaN and inf as torch.log_softmax: a NaN anywhere, or a +inf (exp(+inf - +inf) = NaN), makes
+// the sum and so the lse NaN; a row of -inf only gives m = -inf, sum = 0, lse = -inf. The max
+// itself may drop a NaN (vmax is `a > b ? a : b`, one instruction); the sum never does, because
+// vexp keeps NaN and the exps are taken from an offset that is never -inf: 0 while nothing but
+// -inf (and NaN) has been seen, since x - (-inf) would turn every -inf into NaN.
 template <typename T>
 static float row_lse(const T* x, int64_t V) {
-  const int64_t nvec = V - V % kLanes;
+  const int64_t head = lead(x, V);
+  const int64_t body_end = head + (V - head) / kLanes * kLanes;
   float m = -INFINITY;
   double sum = 0.0;
-  for (int64_t b = 0; b < nvec; b += kBlock) {
-    const int64_t e = std::min(nvec, b + kBlock);
-    vfloat vm = load16(x + b);
-    for (int64_t i = b + kLanes; i < e; i += kLanes) vm = vmax(vm, load16(x + i));
-    const float bm = hmax(vm);
-    if (bm == -INFINITY) continue;  // the block adds exp(-inf) = 0
+  // Raise the running max to the block's max bm; the offset for the block's exps.
+  const auto raise = [&](float bm) {
     if (bm > m) {
       sum *= std::exp(static_cast<double>(m) - bm);
       m = bm;
     }
-    const vfloat vmx = vsplat(m);
+    return vsplat(m == -INFINITY ? 0.0f : m);
+  };
+  {
+    const vfloat a = load_part(x, head, -INFINITY);
+    const vfloat b = load_part(x + body_end, V - body_end, -INFINITY);
+    const vfloat off = raise(hmax(vmax(a, b)));
+    sum += hsum(vexp(a - off) + vexp(b - off));
+  }
+  for (int64_t b = head; b < body_end; b += kBlock) {
+    const int64_t e = std::min(body_end, b + kBlock);
+    vfloat vm = load16(x + b);
+    for (int64_t i = b + kLanes; i < e; i += kLanes) vm = vmax(vm, load16(x + i));
+    const vfloat off = raise(hmax(vm));
     vfloat acc = {};
-    for (int64_t i = b; i < e; i += kLanes) acc += vexp(load16(x + i) - vmx);
+    for (int64_t i = b; i < e; i += kLanes) acc += vexp(load16(x + i) - off);
     sum += hsum(acc);
   }
-  for (int64_t i = nvec; i < V; ++i) {  // the tail of V % 16 elements
-    const float v = static_cast<float>(x[i]);
-    if (v > m) {
-      sum *= std::exp(static_cast<double>(m) - v);
-      m = v;
-    }
-    if (m != -INFINITY) sum += std::exp(static_cast<double>(v) - m);
-  }
-  if (m == -INFINITY) return m;
   return m + static_cast<float>(std::log(sum));
 }
 
 // g = coef * (onehot(y) - exp(x - lse)). g may be x itself (in-place backward): x[y] is read
-// before the loop, and every other element is read before it is overwritten.
+// before the loop, and every other element is read before it is overwritten. The aligned body
+// starts at g's first aligned element (the stores; x has the same alignment in place, and for
+// the fresh gradient of contiguous logits). A NaN lse (a row with NaN or +inf) gives a NaN row.
 template <typename T>
 static void row_grad(const T* x, T* g, int64_t V, float lse, float coef, int64_t y) {
   const float p_y = std::exp(static_cast<float>(x[y]) - lse);
   const float g_y = -coef * (p_y - 1.0f);  // p_y - 1 in float32, rounded to T once
-  const int64_t nvec = V - V % kLanes;
+  const int64_t head = lead(g, V);
+  const int64_t body_end = head + (V - head) / kLanes * kLanes;
   const vfloat vl = vsplat(lse), vc = vsplat(-coef);
-  for (int64_t i = 0; i < nvec; i += kLanes) store16(g + i, vc * vexp(load16(x + i) - vl));
-  for (int64_t i = nvec; i < V; ++i)
-    g[i] = static_cast<T>(-coef * std::exp(static_cast<float>(x[i]) - lse));
+  store_part(g, vc * vexp(load_part(x, head, 0.0f) - vl), head);
+  for (int64_t i = head; i < body_end; i += kLanes) store16(g + i, vc * vexp(load16(x + i) - vl));
+  const int64_t tail = V - body_end;
+  store_part(g + body_end, vc * vexp(load_part(x + body_end, tail, 0.0f) - vl), tail);
   g[y] = static_cast<T>(g_y);
 }
 

@@ -92,9 +92,20 @@ std::tuple<at::Tensor, at::Tensor> call_token_logps_fwd(const at::Tensor& logits
                                                         int64_t ignore_index) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("minisdpo::token_logps_fwd", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&,
-                                                                 const at::Tensor&, int64_t)>();
-  return op.call(logits, labels, ignore_index);
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, int64_t, bool)>();
+  return op.call(logits, labels, ignore_index, /*inplace_backward=*/false);
+}
+
+// The group loss of csrc/sdpo_math.h on the logps' device (sdpo_group_loss: CPU or CUDA).
+std::tuple<at::Tensor, at::Tensor> call_sdpo_group_loss(const at::Tensor& logps,
+                                                        const at::Tensor& ref_logps, double beta,
+                                                        int64_t num_negatives) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("minisdpo::sdpo_group_loss", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, double, int64_t)>();
+  return op.call(logps, ref_logps, beta, num_negatives);
 }
 
 void call_logits_bwd_(at::Tensor& logits, const at::Tensor& coef, const at::Tensor& labels,
@@ -135,40 +146,21 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logps_fwd(const at::Tensor& hidd
   return {tok.view({S, R}), lse.view({S, R})};
 }
 
-// The S-DPO loss from the token log-probs: G-sized work, in float64 with ATen ops so that it
-// runs on any device. Returns (loss (), logps (S,), lse (S, R)) like sdpo_fwd.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpo_linear_fwd(const at::Tensor& hidden,
-                                                               const at::Tensor& weight,
-                                                               const at::Tensor& labels,
-                                                               const at::Tensor& ref_logps,
-                                                               double beta, int64_t num_negatives,
-                                                               int64_t ignore_index,
-                                                               int64_t chunk_rows) {
+// The S-DPO loss from the token log-probs: the group loss of the logits op (sdpo_group_loss,
+// csrc/sdpo_math.h), on the device of hidden. Returns (loss (), logps (S,), lse (S, R),
+// dlogps (S,) float64) like sdpo_fwd.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpo_linear_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+    const at::Tensor& ref_logps, double beta, int64_t num_negatives, int64_t ignore_index,
+    int64_t chunk_rows) {
   check_linear(hidden, weight, labels);
-  TORCH_CHECK_TYPE(at::isFloatingType(ref_logps.scalar_type()),
-                   "minisdpo: ref_logps must be a floating tensor, got ", ref_logps.scalar_type());
-  TORCH_CHECK_VALUE(ref_logps.dim() == 1 && ref_logps.size(0) == hidden.size(0),
-                    "minisdpo: ref_logps must have shape (S,) = (", hidden.size(0),
-                    ",) to match hidden ", hidden.sizes(), ", got ", ref_logps.sizes());
-  TORCH_CHECK_VALUE(ref_logps.device() == hidden.device(), "minisdpo: ref_logps must be on ",
-                    hidden.device(), " like hidden, got ", ref_logps.device());
-  TORCH_CHECK_VALUE(std::isfinite(beta), "minisdpo: beta must be finite, got ", beta);
-  TORCH_CHECK_VALUE(num_negatives >= 1, "minisdpo: num_negatives must be >= 1, got ",
-                    num_negatives);
-  TORCH_CHECK_VALUE(hidden.size(0) > 0 && hidden.size(0) % (1 + num_negatives) == 0,
-                    "minisdpo: the number of sequences S = hidden.size(0) = ", hidden.size(0),
-                    " must be a positive multiple of 1 + num_negatives = ", 1 + num_negatives);
+  check_ref_logps(ref_logps, hidden, "hidden");
+  check_group(hidden, "hidden", beta, num_negatives);
   auto [tok, lse] = linear_token_logps_fwd(hidden, weight, labels, ignore_index, chunk_rows);
-  const int64_t K1 = 1 + num_negatives;
   // logp(y) summed in double, in a fixed order: independent of chunks and threads.
-  const at::Tensor logps = tok.to(at::kDouble).sum(1);                      // (S,)
-  const at::Tensor rewards = (logps - ref_logps.to(at::kDouble)).mul(beta).view({-1, K1});  // (G, 1+K)
-  const at::Tensor z = rewards.slice(1, 1) - rewards.slice(1, 0, 1);      // (G, K): z_j
-  const at::Tensor lse_z = at::logsumexp(z, {1});                         // (G,)
-  // softplus(x) = max(x, 0) + log1p(exp(-|x|)), exact for every x (at::softplus switches to
-  // x above a threshold).
-  const at::Tensor loss = (lse_z.clamp_min(0) + lse_z.abs().neg().exp().log1p()).mean();
-  return {loss.to(tok.scalar_type()), logps.to(tok.scalar_type()), lse};
+  const at::Tensor logps = tok.to(at::kDouble).sum(1);  // (S,)
+  auto [loss, dlogps] = call_sdpo_group_loss(logps, ref_logps, beta, num_negatives);
+  return {loss.to(tok.scalar_type()), logps.to(tok.scalar_type()), lse, dlogps};
 }
 
 // Gradients of hidden (S, R, D) (hidden's dtype) and of weight (V, D) (accumulation dtype) for
@@ -228,7 +220,7 @@ TORCH_LIBRARY_FRAGMENT(minisdpo, m) {
       "int chunk_rows) -> (Tensor, Tensor)");
   m.def(
       "sdpo_linear_fwd(Tensor hidden, Tensor weight, Tensor labels, Tensor ref_logps, float beta, "
-      "int num_negatives, int ignore_index, int chunk_rows) -> (Tensor, Tensor, Tensor)");
+      "int num_negatives, int ignore_index, int chunk_rows) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "linear_bwd(Tensor coef, Tensor hidden, Tensor weight, Tensor labels, Tensor lse, "
       "int ignore_index, int chunk_rows, bool hidden_grad, bool weight_grad) -> (Tensor, Tensor)");

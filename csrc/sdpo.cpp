@@ -7,6 +7,7 @@
 // coef * (onehot - softmax) in one pass. Ignored rows are skipped in the forward pass and
 // zeroed in the backward pass. Rows are spread over threads with at::parallel_for; the
 // per-row vector code is in cpu_rows.h, chosen per CPU by cpu_kernels.cpp.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <Python.h>
 #include <torch/library.h>
@@ -32,8 +33,6 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
 namespace minisdpo {
 
 namespace {
-
-using cpu::acc_t;
 
 // Enough rows per task that a task does at least ~32k elements of work (ATen's GRAIN_SIZE).
 int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / V); }
@@ -121,7 +120,8 @@ void backward_rows(const at::Tensor& coef, const at::Tensor& x, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor> token_logps_fwd_cpu(const at::Tensor& logits,
                                                        const at::Tensor& labels,
-                                                       int64_t ignore_index) {
+                                                       int64_t ignore_index,
+                                                       bool /*inplace_backward*/) {
   check_token_logps_fwd(logits, labels);
   const at::Tensor x = rows_contiguous(logits);
   const auto opts = logits.options().dtype(acc_dtype(logits.scalar_type()));
@@ -134,47 +134,60 @@ std::tuple<at::Tensor, at::Tensor> token_logps_fwd_cpu(const at::Tensor& logits,
   return {tok, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpo_fwd_cpu(const at::Tensor& logits,
-                                                            const at::Tensor& labels,
-                                                            const at::Tensor& ref_logps,
-                                                            double beta, int64_t num_negatives,
-                                                            int64_t ignore_index) {
+namespace {
+
+// loss = mean over the G groups of group_loss (csrc/sdpo_math.h), dlogp[s] = d loss / d logp_s;
+// G-sized work in float64, in a fixed order. The CUDA twin is group_loss_kernel.
+double group_losses(const double* logp, const double* ref, double beta, int64_t K, int64_t G,
+                    double* dlogp) {
+  double total = 0.0;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t w = g * (1 + K);
+    total += group_loss(logp + w, ref + w, beta, K, 1.0 / static_cast<double>(G), dlogp + w);
+  }
+  return total / static_cast<double>(G);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpo_fwd_cpu(
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& ref_logps, double beta,
+    int64_t num_negatives, int64_t ignore_index, bool inplace_backward) {
   check_sdpo_fwd(logits, labels, ref_logps, beta, num_negatives);
-  auto [tok, lse] = token_logps_fwd_cpu(logits, labels, ignore_index);
-  const int64_t S = logits.size(0), Tn = logits.size(1), K1 = 1 + num_negatives, G = S / K1;
+  auto [tok, lse] = token_logps_fwd_cpu(logits, labels, ignore_index, inplace_backward);
+  const int64_t S = logits.size(0), Tn = logits.size(1), G = S / (1 + num_negatives);
 
   // logp(y) = sum_t tok[s, t], summed in double in a fixed order: the result does not depend
   // on the number of threads.
   const at::Tensor tok64 = tok.to(at::kDouble);
   const at::Tensor ref64 = ref_logps.to(at::kDouble).contiguous();
   const double* tp = tok64.const_data_ptr<double>();
-  const double* rp = ref64.const_data_ptr<double>();
-  std::vector<double> logp(S, 0.0);
+  at::Tensor logps64 = at::zeros({S}, tok64.options());
+  double* lp = logps64.mutable_data_ptr<double>();
   for (int64_t s = 0; s < S; ++s)
-    for (int64_t t = 0; t < Tn; ++t) logp[s] += tp[s * Tn + t];
+    for (int64_t t = 0; t < Tn; ++t) lp[s] += tp[s * Tn + t];
 
-  // loss_g = softplus(logsumexp_j z_j), z_j = beta * (delta(y_j) - delta(y_w)), mean over g.
-  double total = 0.0;
-  std::vector<double> z(num_negatives);
-  for (int64_t g = 0; g < G; ++g) {
-    const int64_t w = g * K1;
-    const double r_w = beta * (logp[w] - rp[w]);
-    double z_max = -INFINITY;
-    for (int64_t j = 0; j < num_negatives; ++j) {
-      z[j] = beta * (logp[w + 1 + j] - rp[w + 1 + j]) - r_w;
-      z_max = std::max(z_max, z[j]);
-    }
-    double sum = 0.0;
-    for (int64_t j = 0; j < num_negatives; ++j) sum += std::exp(z[j] - z_max);
-    const double lse_z = std::isinf(z_max) ? z_max : z_max + std::log(sum);
-    total += lse_z > 0 ? lse_z + std::log1p(std::exp(-lse_z)) : std::log1p(std::exp(lse_z));
-  }
-
+  // The loss and, in the same pass, d loss / d logp_s: the backward pass needs nothing else.
+  at::Tensor dlogps = at::empty({S}, tok64.options());
+  const double loss = group_losses(lp, ref64.const_data_ptr<double>(), beta, num_negatives, G,
+                                   dlogps.mutable_data_ptr<double>());
   const auto opts = tok.options();
-  at::Tensor loss = at::scalar_tensor(total / G, opts);
-  // A copy in every dtype: the vector dies with this function.
-  at::Tensor logps = at::from_blob(logp.data(), {S}, at::kDouble).to(opts.dtype(), false, true);
-  return {loss, logps, lse};
+  return {at::scalar_tensor(loss, opts), logps64.to(opts.dtype()), lse, dlogps};
+}
+
+// The S-DPO loss of sequence log-probs (S,) that are already summed (the linear op's): loss ()
+// and dlogps (S,), both float64.
+std::tuple<at::Tensor, at::Tensor> sdpo_group_loss_cpu(const at::Tensor& logps,
+                                                       const at::Tensor& ref_logps, double beta,
+                                                       int64_t num_negatives) {
+  check_group_loss(logps, ref_logps, beta, num_negatives);
+  const at::Tensor lp = logps.to(at::kDouble).contiguous();
+  const at::Tensor rp = ref_logps.to(at::kDouble).contiguous();
+  const int64_t S = logps.size(0), G = S / (1 + num_negatives);
+  at::Tensor dlogps = at::empty({S}, lp.options());
+  const double loss = group_losses(lp.const_data_ptr<double>(), rp.const_data_ptr<double>(), beta,
+                                   num_negatives, G, dlogps.mutable_data_ptr<double>());
+  return {at::scalar_tensor(loss, lp.options()), dlogps};
 }
 
 at::Tensor logits_bwd_cpu(const at::Tensor& coef, const at::Tensor& logits,
@@ -193,6 +206,9 @@ at::Tensor logits_bwd_cpu(const at::Tensor& coef, const at::Tensor& logits,
 void logits_bwd_inplace_cpu(at::Tensor& logits, const at::Tensor& coef, const at::Tensor& labels,
                             const at::Tensor& lse, int64_t ignore_index) {
   check_logits_bwd(coef, logits, labels, lse);
+  // An expanded view (one memory location for several elements) cannot take a gradient that
+  // differs per element, and threads writing its rows would race.
+  at::assert_no_internal_overlap(logits);
   if (logits.stride(2) != 1) {  // rows not adjacent: compute aside, then write back
     logits.copy_(logits_bwd_cpu(coef, logits, labels, lse, ignore_index));
     return;
@@ -210,10 +226,19 @@ std::string cpu_capability() { return cpu::capability_name(cpu::current_capabili
 
 TORCH_LIBRARY(minisdpo, m) {
   m.set_python_module("minisdpo.ops");  // where the fake kernels and autograd are registered
-  m.def("token_logps_fwd(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)");
+  // inplace_backward: the autograd formula (minisdpo/ops.py) writes the logits' gradient into
+  // the logits themselves (logits_bwd_); the forward kernels do not read it.
+  m.def(
+      "token_logps_fwd(Tensor logits, Tensor labels, int ignore_index, "
+      "bool inplace_backward=False) -> (Tensor, Tensor)");
+  // Returns (loss, logps, lse, dlogps): dlogps = d loss / d logps (S,) float64, computed with the
+  // loss, is all the backward pass needs besides lse.
   m.def(
       "sdpo_fwd(Tensor logits, Tensor labels, Tensor ref_logps, float beta, int num_negatives, "
-      "int ignore_index) -> (Tensor, Tensor, Tensor)");
+      "int ignore_index, bool inplace_backward=False) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "sdpo_group_loss(Tensor logps, Tensor ref_logps, float beta, int num_negatives) "
+      "-> (Tensor, Tensor)");
   m.def("logits_bwd(Tensor coef, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor");
   m.def(
       "logits_bwd_(Tensor(a!) logits, Tensor coef, Tensor labels, Tensor lse, int ignore_index) "
@@ -224,6 +249,7 @@ TORCH_LIBRARY(minisdpo, m) {
 TORCH_LIBRARY_IMPL(minisdpo, CPU, m) {
   m.impl("token_logps_fwd", &minisdpo::token_logps_fwd_cpu);
   m.impl("sdpo_fwd", &minisdpo::sdpo_fwd_cpu);
+  m.impl("sdpo_group_loss", &minisdpo::sdpo_group_loss_cpu);
   m.impl("logits_bwd", &minisdpo::logits_bwd_cpu);
   m.impl("logits_bwd_", &minisdpo::logits_bwd_inplace_cpu);
 }

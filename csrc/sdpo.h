@@ -1,9 +1,11 @@
 // Shared declarations of the minisdpo ops and their argument checks.
 //
-// Included by csrc/sdpo.cpp (schemas + CPU kernels) and csrc/cuda/sdpo.cu (CUDA kernels), so
-// both devices reject the same bad input with the same message, each naming the argument.
-// The op contract is DESIGN.md section 3; the math is docs/method.md (S-DPO, Chen et al.,
-// NeurIPS 2024, arXiv 2406.09215).
+// Included by csrc/sdpo.cpp (schemas + CPU kernels), csrc/linear.cpp (the linear ops) and
+// csrc/cuda/sdpo.cu (CUDA kernels), so every device rejects the same bad input with the same
+// message, each naming the argument; the fake kernels of minisdpo/ops.py check the same
+// conditions with torch._check_value / torch._check_type while torch.compile traces. The op
+// contract is docs/design.md, the op contract; the math is docs/method.md (S-DPO, Chen et al.,
+// NeurIPS 2024, arXiv 2406.09215) and csrc/sdpo_math.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,12 +14,9 @@
 #include <cstdint>
 #include <tuple>
 
-namespace minisdpo {
+#include "sdpo_math.h"
 
-// float32 whatever the input precision; float64 stays float64 (gradcheck).
-inline at::ScalarType acc_dtype(at::ScalarType logits_dtype) {
-  return logits_dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
+namespace minisdpo {
 
 // logits (S, T, V): a floating tensor of one of the four supported dtypes, any strides.
 inline void check_logits(const at::Tensor& logits) {
@@ -43,26 +42,40 @@ inline void check_labels(const at::Tensor& labels, const at::Tensor& logits) {
                     logits.device(), " like logits, got ", labels.device());
 }
 
-// ref_logps (S,): the frozen reference's sequence log-probs, any floating dtype.
-inline void check_ref_logps(const at::Tensor& ref_logps, const at::Tensor& logits) {
+// ref_logps (S,): the frozen reference's sequence log-probs, any floating dtype. `like` is
+// the tensor whose first dimension is S (logits, hidden or logps), named `like_name`.
+inline void check_ref_logps(const at::Tensor& ref_logps, const at::Tensor& like,
+                            const char* like_name) {
   TORCH_CHECK_TYPE(at::isFloatingType(ref_logps.scalar_type()),
                    "minisdpo: ref_logps must be a floating tensor, got ", ref_logps.scalar_type());
-  TORCH_CHECK_VALUE(ref_logps.dim() == 1 && ref_logps.size(0) == logits.size(0),
-                    "minisdpo: ref_logps must have shape (S,) = (", logits.size(0),
-                    ",) to match logits ", logits.sizes(), ", got ", ref_logps.sizes());
-  TORCH_CHECK_VALUE(ref_logps.device() == logits.device(), "minisdpo: ref_logps must be on ",
-                    logits.device(), " like logits, got ", ref_logps.device());
+  TORCH_CHECK_VALUE(ref_logps.dim() == 1 && ref_logps.size(0) == like.size(0),
+                    "minisdpo: ref_logps must have shape (S,) = (", like.size(0), ",) to match ",
+                    like_name, " ", like.sizes(), ", got ", ref_logps.sizes());
+  TORCH_CHECK_VALUE(ref_logps.device() == like.device(), "minisdpo: ref_logps must be on ",
+                    like.device(), " like ", like_name, ", got ", ref_logps.device());
 }
 
-// beta finite, num_negatives >= 1, S = G * (1 + K) with G >= 1.
-inline void check_group(const at::Tensor& logits, double beta, int64_t num_negatives) {
+// beta finite, num_negatives >= 1, S = G * (1 + K) with G >= 1; S is `like`.size(0).
+inline void check_group(const at::Tensor& like, const char* like_name, double beta,
+                        int64_t num_negatives) {
   TORCH_CHECK_VALUE(std::isfinite(beta), "minisdpo: beta must be finite, got ", beta);
   TORCH_CHECK_VALUE(num_negatives >= 1, "minisdpo: num_negatives must be >= 1, got ",
                     num_negatives);
-  const int64_t S = logits.size(0);
-  TORCH_CHECK_VALUE(S > 0 && S % (1 + num_negatives) == 0,
-                    "minisdpo: the number of sequences S = logits.size(0) = ", S,
+  const int64_t S = like.size(0);
+  TORCH_CHECK_VALUE(S > 0 && S % (1 + num_negatives) == 0, "minisdpo: the number of sequences S = ",
+                    like_name, ".size(0) = ", S,
                     " must be a positive multiple of 1 + num_negatives = ", 1 + num_negatives);
+}
+
+// logps (S,) floating: the policy's sequence log-probs given to the group loss.
+inline void check_group_loss(const at::Tensor& logps, const at::Tensor& ref_logps, double beta,
+                             int64_t num_negatives) {
+  TORCH_CHECK_TYPE(at::isFloatingType(logps.scalar_type()),
+                   "minisdpo: logps must be a floating tensor, got ", logps.scalar_type());
+  TORCH_CHECK_VALUE(logps.dim() == 1, "minisdpo: logps must be 1-D (S,), got shape ",
+                    logps.sizes());
+  check_ref_logps(ref_logps, logps, "logps");
+  check_group(logps, "logps", beta, num_negatives);
 }
 
 // coef (S, T) float32/float64, any strides (an expanded (S, 1) view is fine).
@@ -100,8 +113,8 @@ inline void check_sdpo_fwd(const at::Tensor& logits, const at::Tensor& labels,
                            const at::Tensor& ref_logps, double beta, int64_t num_negatives) {
   check_logits(logits);
   check_labels(labels, logits);
-  check_ref_logps(ref_logps, logits);
-  check_group(logits, beta, num_negatives);
+  check_ref_logps(ref_logps, logits, "logits");
+  check_group(logits, "logits", beta, num_negatives);
 }
 
 inline void check_logits_bwd(const at::Tensor& coef, const at::Tensor& logits,
@@ -112,15 +125,18 @@ inline void check_logits_bwd(const at::Tensor& coef, const at::Tensor& logits,
   check_lse(lse, logits);
 }
 
-// The per-device implementations (TORCH_LIBRARY_IMPL CPU in sdpo.cpp, CUDA in cuda/sdpo.cu).
+// The CPU implementations (TORCH_LIBRARY_IMPL CPU in sdpo.cpp; the CUDA ones are in
+// cuda/sdpo.cu). inplace_backward is read by the autograd formula (minisdpo/ops.py) only.
 std::tuple<at::Tensor, at::Tensor> token_logps_fwd_cpu(const at::Tensor& logits,
                                                        const at::Tensor& labels,
-                                                       int64_t ignore_index);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpo_fwd_cpu(const at::Tensor& logits,
-                                                            const at::Tensor& labels,
-                                                            const at::Tensor& ref_logps,
-                                                            double beta, int64_t num_negatives,
-                                                            int64_t ignore_index);
+                                                       int64_t ignore_index,
+                                                       bool inplace_backward);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpo_fwd_cpu(
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& ref_logps, double beta,
+    int64_t num_negatives, int64_t ignore_index, bool inplace_backward);
+std::tuple<at::Tensor, at::Tensor> sdpo_group_loss_cpu(const at::Tensor& logps,
+                                                       const at::Tensor& ref_logps, double beta,
+                                                       int64_t num_negatives);
 at::Tensor logits_bwd_cpu(const at::Tensor& coef, const at::Tensor& logits,
                           const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index);
 void logits_bwd_inplace_cpu(at::Tensor& logits, const at::Tensor& coef, const at::Tensor& labels,

@@ -6,9 +6,9 @@ This module is the specification of the fused kernel in ``csrc/`` and its test o
 arXiv 2406.09215), eq. (11)-(12), and its public code: token log-probs are summed, not averaged,
 and the loss is averaged over prompts.
 
-Layout (docs/method.md, DESIGN.md section 3): sequences come group-major. Group g holds 1+K
-sequences; row g*(1+K) is the chosen response y_w and rows g*(1+K)+1 .. g*(1+K)+K the rejected
-ones y_1..y_K. ``labels[s, t]`` is the token that ``logits[s, t]`` predicts (the caller shifts);
+Layout (docs/method.md; docs/design.md, the op contract): sequences come group-major. Group g
+holds 1+K sequences; row g*(1+K) is the chosen response y_w and rows g*(1+K)+1 .. g*(1+K)+K the
+rejected ones y_1..y_K. ``labels[s, t]`` is the token that ``logits[s, t]`` predicts (the caller shifts);
 ``ignore_index`` marks positions that do not count (prompt, padding).
 
     logp(y|x) = sum_t log softmax(logits_t)[y_t]
@@ -27,7 +27,9 @@ __all__ = ["token_logps", "sequence_logps", "preference_loss", "sdpo_loss", "dpo
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float32 whatever the input precision; float64 stays float64 (for gradcheck).
+    # float32 whatever the input precision; float64 stays float64 (for gradcheck). The reference's
+    # own rule, kept independent of the kernels' (acc_dtype in csrc/sdpo_math.h, which
+    # minisdpo.ops reads from the extension).
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

@@ -5,24 +5,31 @@ formulas (``torch.library.register_autograd``) and fake kernels (``torch.library
 for torch.compile), and exposes the same two functions as ``minisdpo.loss``, the plain PyTorch
 reference, with the same signatures. The method is S-DPO ("On Softmax Direct Preference
 Optimization for Recommendation", Chen et al., NeurIPS 2024, arXiv 2406.09215); the gradient
-derivation is docs/method.md and DESIGN.md section 1:
+derivation is docs/method.md and docs/design.md, the method:
 
     dL/dlogp(y_j) =  beta * sigma(S) * w_j / G     (rejected j; S = logsumexp z, w = softmax z)
     dL/dlogp(y_w) = -beta * sigma(S) / G           (chosen)
     dlogp(y)/dlogits[t, v] = [v == y_t] - softmax(logits_t)[v]
 
-so the gradient of the logits is one coefficient per sequence, computed here from the saved
-sequence log-probs (G-sized work, torch ops, no host synchronisation), times (onehot - softmax),
-which the ``logits_bwd`` kernel writes in one pass from the saved per-token log-sum-exp.
+The forward kernels compute the group loss and, in the same pass, dL/dlogp per sequence (the
+``dlogps`` output, csrc/sdpo_math.h); the backward pass multiplies it by the incoming gradient
+(S-sized work, torch ops, no host synchronisation) to get one coefficient per sequence, times
+(onehot - softmax), which the ``logits_bwd`` kernel writes in one pass from the saved per-token
+log-sum-exp.
 
 ``sdpo_linear_loss`` and ``linear_token_logps`` take the hidden states and the LM-head weight
 instead of the logits (csrc/linear.cpp): the logits only ever exist one chunk of tokens at a
 time, in the forward pass and again in the backward pass, which also forms the gradients of the
 hidden states and of the weight chunk by chunk.
+
+The fake kernels check what the C++ checks (csrc/sdpo.h) with ``torch._check_value`` /
+``torch._check_type``, so that torch.compile rejects a bad call while it traces, with the same
+exception type and message; only the label range, which needs the labels' values, is left to
+the kernels.
 """
 from __future__ import annotations
 
-import threading
+import math
 
 import torch
 
@@ -31,30 +38,90 @@ from . import _C  # noqa: F401  (loading the extension registers torch.ops.minis
 __all__ = ["sdpo_loss", "token_logps", "sdpo_linear_loss", "linear_token_logps", "cpu_capability"]
 
 _ops = torch.ops.minisdpo
+_FLOATING = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# The accumulation dtype of each input dtype (float32, float64 for float64), as the kernels
+# choose it (acc_dtype in csrc/sdpo_math.h): the dtype of the lse the CPU kernel returns for one
+# ignored token, read once. The fake kernels cannot disagree with the kernels, and the rule is
+# written nowhere in Python but in the reference, which keeps its own. The backward formulas
+# take it from the saved lse.
+_ACC_DTYPE = {
+    dtype: _ops.token_logps_fwd(torch.zeros(1, 1, 1, dtype=dtype, device="cpu"),
+                                torch.full((1, 1), -100, dtype=torch.long, device="cpu"), -100)[1].dtype
+    for dtype in _FLOATING
+}
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# ----- the argument checks of csrc/sdpo.h and csrc/linear.cpp, for the fake kernels
 
 
-# inplace_backward is an argument of the Python wrappers, not of the ops: the wrapper sets it
-# here for the duration of the op call, and setup_context (which runs inside that call) keeps it.
-_inplace = threading.local()
+def _check_input(x: torch.Tensor, name: str, dims: str) -> None:
+    """x (logits or hidden) of a supported dtype and 3-D."""
+    torch._check_type(x.dtype in _FLOATING, lambda: (
+        f"minisdpo: {name} must be float32, bfloat16, float16 or float64, got {x.dtype}"))
+    torch._check_value(x.dim() == 3, lambda: (
+        f"minisdpo: {name} must be 3-D {dims}, got shape {tuple(x.shape)}"))
 
 
-def _take_inplace_flag() -> bool:
-    return getattr(_inplace, "on", False)
+def _check_like(t: torch.Tensor, name: str, shape: tuple, like: torch.Tensor, like_name: str) -> None:
+    """t has the given shape and like's device."""
+    torch._check_value(t.dim() == len(shape) and all(a == b for a, b in zip(t.shape, shape)), lambda: (
+        f"minisdpo: {name} must have shape {tuple(shape)} to match {like_name} {tuple(like.shape)}, "
+        f"got {tuple(t.shape)}"))
+    torch._check_value(t.device == like.device, lambda: (
+        f"minisdpo: {name} must be on {like.device} like {like_name}, got {t.device}"))
 
 
-class _InplaceBackward:
-    def __init__(self, on: bool) -> None:
-        self.on = on
+def _check_labels(labels: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
+    torch._check_type(labels.dtype == torch.int64, lambda: (
+        f"minisdpo: labels must be int64, got {labels.dtype}"))
+    _check_like(labels, "labels", tuple(like.shape[:2]), like, like_name)
 
-    def __enter__(self) -> None:
-        _inplace.on = self.on
 
-    def __exit__(self, *exc) -> None:
-        _inplace.on = False
+def _check_group(like: torch.Tensor, like_name: str, ref_logps: torch.Tensor, beta: float,
+                 num_negatives: int) -> None:
+    """ref_logps (S,) floating; beta finite; S a positive multiple of 1 + num_negatives."""
+    torch._check_type(ref_logps.dtype.is_floating_point, lambda: (
+        f"minisdpo: ref_logps must be a floating tensor, got {ref_logps.dtype}"))
+    _check_like(ref_logps, "ref_logps", (like.shape[0],), like, like_name)
+    torch._check_value(math.isfinite(beta), lambda: f"minisdpo: beta must be finite, got {beta}")
+    torch._check_value(num_negatives >= 1, lambda: (
+        f"minisdpo: num_negatives must be >= 1, got {num_negatives}"))
+    S = like.shape[0]
+    torch._check_value(S > 0 and S % (1 + num_negatives) == 0, lambda: (
+        f"minisdpo: the number of sequences S = {like_name}.size(0) = {S} must be a positive "
+        f"multiple of 1 + num_negatives = {1 + num_negatives}"))
+
+
+def _check_acc(t: torch.Tensor, name: str, like: torch.Tensor, like_name: str) -> None:
+    """t (S, T) of the accumulation dtype of like (lse, and the linear ops' coef)."""
+    acc = _ACC_DTYPE[like.dtype]
+    torch._check_type(t.dtype == acc, lambda: (
+        f"minisdpo: {name} must be {acc} for {like.dtype} {like_name}, got {t.dtype}"))
+    _check_like(t, name, tuple(like.shape[:2]), like, like_name)
+
+
+def _check_logits_bwd(coef, logits, labels, lse) -> None:
+    _check_input(logits, "logits", "(S, T, V)")
+    _check_labels(labels, logits, "logits")
+    torch._check_type(coef.dtype in (torch.float32, torch.float64), lambda: (
+        f"minisdpo: coef must be float32 or float64, got {coef.dtype}"))
+    _check_like(coef, "coef", tuple(logits.shape[:2]), logits, "logits")
+    _check_acc(lse, "lse", logits, "logits")
+
+
+def _check_linear(hidden, weight, labels) -> None:
+    _check_input(hidden, "hidden", "(S, R, D)")
+    torch._check_type(weight.dtype == hidden.dtype, lambda: (
+        f"minisdpo: weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}"))
+    torch._check_value(weight.dim() == 2 and weight.shape[0] > 0 and weight.shape[1] == hidden.shape[2],
+                       lambda: (f"minisdpo: weight must have shape (V, D) with V > 0 and D = "
+                                f"hidden.size(2) = {hidden.shape[2]}, got {tuple(weight.shape)}"))
+    torch._check_value(weight.device == hidden.device, lambda: (
+        f"minisdpo: weight must be on {hidden.device} like hidden, got {weight.device}"))
+    _check_labels(labels, hidden, "hidden")
+
+
+# ----- autograd helpers
 
 
 def _logits_grad(ctx, coef: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
@@ -67,30 +134,50 @@ def _logits_grad(ctx, coef: torch.Tensor, logits: torch.Tensor, labels: torch.Te
     return _ops.logits_bwd(coef, logits, labels, lse, ctx.ignore_index)
 
 
-# ----- token_logps_fwd: (logits, labels, ignore_index) -> (token_logps (S, T), lse (S, T))
+def _sequence_coef(dlogps: torch.Tensor, grad_loss: torch.Tensor | None,
+                   grad_logps: torch.Tensor | None) -> torch.Tensor | None:
+    """c_s = grad_loss * dL/dlogp_s + grad_logps_s (S,), in float64 (logp - ref_logp cancels most
+    digits of two large numbers). dlogps = dL/dlogp came from the forward kernel. An output
+    that no gradient reaches (None) adds nothing: a NaN loss that is not differentiated does
+    not poison the gradient of logps. None when neither output is differentiated."""
+    c = None
+    if grad_loss is not None:
+        c = grad_loss.double() * dlogps
+    if grad_logps is not None:
+        c = grad_logps.double() if c is None else c + grad_logps.double()
+    return c
+
+
+# ----- token_logps_fwd: (logits, labels, ignore_index, inplace_backward) -> (token_logps, lse)
 
 
 @torch.library.register_fake("minisdpo::token_logps_fwd")
-def _token_logps_fwd_fake(logits, labels, ignore_index):
+def _token_logps_fwd_fake(logits, labels, ignore_index, inplace_backward=False):
+    _check_input(logits, "logits", "(S, T, V)")
+    torch._check_value(logits.shape[2] > 0, lambda: (
+        f"minisdpo: logits must have a vocabulary V > 0, got shape {tuple(logits.shape)}"))
+    _check_labels(labels, logits, "logits")
     S, T, _ = logits.shape
-    acc = _acc_dtype(logits.dtype)
+    acc = _ACC_DTYPE[logits.dtype]
     return logits.new_empty((S, T), dtype=acc), logits.new_empty((S, T), dtype=acc)
 
 
 def _token_logps_setup(ctx, inputs, output):
-    logits, labels, ignore_index = inputs
+    logits, labels, ignore_index, inplace_backward = inputs
     _, lse = output
     ctx.save_for_backward(logits, labels, lse)
-    ctx.ignore_index = ignore_index
-    ctx.inplace = _take_inplace_flag()
+    ctx.ignore_index, ctx.inplace = ignore_index, inplace_backward
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
 
 
 def _token_logps_backward(ctx, grad_tok, grad_lse):
     # d token_logp[s, t] / d logits[s, t, :] = onehot - softmax: the coefficient is grad_tok.
+    if grad_tok is None:
+        return None, None, None, None
     logits, labels, lse = ctx.saved_tensors
-    coef = grad_tok.to(_acc_dtype(logits.dtype))
-    return _logits_grad(ctx, coef, logits, labels, lse), None, None
+    coef = grad_tok.to(lse.dtype)
+    return _logits_grad(ctx, coef, logits, labels, lse), None, None, None
 
 
 torch.library.register_autograd(
@@ -98,57 +185,58 @@ torch.library.register_autograd(
 )
 
 
-# ----- sdpo_fwd: (logits, labels, ref_logps, beta, K, ignore_index) -> (loss (), logps (S,), lse)
+# ----- sdpo_fwd: (logits, labels, ref_logps, beta, K, ignore_index, inplace_backward)
+#                 -> (loss (), logps (S,), lse (S, T), dlogps (S,) float64)
 
 
 @torch.library.register_fake("minisdpo::sdpo_fwd")
-def _sdpo_fwd_fake(logits, labels, ref_logps, beta, num_negatives, ignore_index):
-    S, T, _ = logits.shape
-    acc = _acc_dtype(logits.dtype)
+def _sdpo_fwd_fake(logits, labels, ref_logps, beta, num_negatives, ignore_index,
+                   inplace_backward=False):
+    _, lse = _token_logps_fwd_fake(logits, labels, ignore_index)
+    _check_group(logits, "logits", ref_logps, beta, num_negatives)
+    S = logits.shape[0]
     return (
-        logits.new_empty((), dtype=acc),
-        logits.new_empty((S,), dtype=acc),
-        logits.new_empty((S, T), dtype=acc),
+        lse.new_empty(()),
+        lse.new_empty((S,)),
+        lse,
+        lse.new_empty((S,), dtype=torch.float64),
     )
 
 
 def _sdpo_setup(ctx, inputs, output):
-    logits, labels, ref_logps, beta, num_negatives, ignore_index = inputs
-    _, logps, lse = output
-    ctx.save_for_backward(logits, labels, lse, logps, ref_logps)
-    ctx.beta, ctx.num_negatives, ctx.ignore_index = beta, num_negatives, ignore_index
-    ctx.inplace = _take_inplace_flag()
-    ctx.mark_non_differentiable(lse)
+    logits, labels, ref_logps, beta, num_negatives, ignore_index, inplace_backward = inputs
+    _, _, lse, dlogps = output
+    ctx.save_for_backward(logits, labels, lse, dlogps)
+    ctx.ignore_index, ctx.inplace = ignore_index, inplace_backward
+    ctx.mark_non_differentiable(lse, dlogps)
+    ctx.set_materialize_grads(False)
 
 
-def _sequence_coef(
-    logps: torch.Tensor,
-    ref_logps: torch.Tensor,
-    beta: float,
-    num_negatives: int,
-    grad_loss: torch.Tensor,
-    grad_logps: torch.Tensor,
-) -> torch.Tensor:
-    """c_s = grad_loss * dL/dlogp_s + grad_logps_s (S,), in float64: it is G-sized work, and
-    logp - ref_logp cancels most digits of two large float32 numbers."""
-    k1 = 1 + num_negatives
-    rewards = beta * (logps.double() - ref_logps.double())   # beta * delta(y), (S,)
-    rewards = rewards.view(-1, k1)                            # (G, 1+K)
-    z = rewards[:, 1:] - rewards[:, :1]                       # (G, K)
-    groups = z.shape[0]
-    scale = beta * torch.sigmoid(torch.logsumexp(z, dim=-1, keepdim=True)) / groups  # (G, 1)
-    d_loss = torch.cat([-scale, scale * torch.softmax(z, dim=-1)], dim=-1)  # (G, 1+K)
-    return grad_loss.double() * d_loss.reshape(-1) + grad_logps.double()  # (S,)
-
-
-def _sdpo_backward(ctx, grad_loss, grad_logps, grad_lse):
-    logits, labels, lse, logps, ref_logps = ctx.saved_tensors
-    c = _sequence_coef(logps, ref_logps, ctx.beta, ctx.num_negatives, grad_loss, grad_logps)
-    coef = c.to(_acc_dtype(logits.dtype)).unsqueeze(1).expand(logits.shape[:2])  # (S, T) view
-    return _logits_grad(ctx, coef, logits, labels, lse), None, None, None, None, None
+def _sdpo_backward(ctx, grad_loss, grad_logps, grad_lse, grad_dlogps):
+    logits, labels, lse, dlogps = ctx.saved_tensors
+    c = _sequence_coef(dlogps, grad_loss, grad_logps)
+    if c is None:
+        return (None,) * 7
+    coef = c.to(lse.dtype).unsqueeze(1).expand(logits.shape[:2])  # (S, T) view
+    return _logits_grad(ctx, coef, logits, labels, lse), None, None, None, None, None, None
 
 
 torch.library.register_autograd("minisdpo::sdpo_fwd", _sdpo_backward, setup_context=_sdpo_setup)
+
+
+# ----- sdpo_group_loss: (logps (S,), ref_logps, beta, K) -> (loss (), dlogps (S,)), float64;
+# used inside sdpo_linear_fwd (csrc/linear.cpp), not differentiated itself.
+
+
+@torch.library.register_fake("minisdpo::sdpo_group_loss")
+def _sdpo_group_loss_fake(logps, ref_logps, beta, num_negatives):
+    torch._check_type(logps.dtype.is_floating_point, lambda: (
+        f"minisdpo: logps must be a floating tensor, got {logps.dtype}"))
+    torch._check_value(logps.dim() == 1, lambda: (
+        f"minisdpo: logps must be 1-D (S,), got shape {tuple(logps.shape)}"))
+    _check_group(logps, "logps", ref_logps, beta, num_negatives)
+    return (logps.new_empty((), dtype=torch.float64),
+            logps.new_empty(logps.shape, dtype=torch.float64))
 
 
 # ----- logits_bwd / logits_bwd_: coef * (onehot - softmax)
@@ -156,11 +244,13 @@ torch.library.register_autograd("minisdpo::sdpo_fwd", _sdpo_backward, setup_cont
 
 @torch.library.register_fake("minisdpo::logits_bwd")
 def _logits_bwd_fake(coef, logits, labels, lse, ignore_index):
+    _check_logits_bwd(coef, logits, labels, lse)
     return logits.new_empty(logits.shape)
 
 
 @torch.library.register_fake("minisdpo::logits_bwd_")
 def _logits_bwd_inplace_fake(logits, coef, labels, lse, ignore_index):
+    _check_logits_bwd(coef, logits, labels, lse)
     return None
 
 
@@ -169,27 +259,33 @@ def _logits_bwd_inplace_fake(logits, coef, labels, lse, ignore_index):
 
 @torch.library.register_fake("minisdpo::linear_token_logps_fwd")
 def _linear_token_logps_fwd_fake(hidden, weight, labels, ignore_index, chunk_rows):
+    _check_linear(hidden, weight, labels)
     S, R, _ = hidden.shape
-    acc = _acc_dtype(hidden.dtype)
+    acc = _ACC_DTYPE[hidden.dtype]
     return hidden.new_empty((S, R), dtype=acc), hidden.new_empty((S, R), dtype=acc)
 
 
 @torch.library.register_fake("minisdpo::sdpo_linear_fwd")
 def _sdpo_linear_fwd_fake(hidden, weight, labels, ref_logps, beta, num_negatives, ignore_index,
                           chunk_rows):
-    S, R, _ = hidden.shape
-    acc = _acc_dtype(hidden.dtype)
+    _, lse = _linear_token_logps_fwd_fake(hidden, weight, labels, ignore_index, chunk_rows)
+    _check_group(hidden, "hidden", ref_logps, beta, num_negatives)
+    S = hidden.shape[0]
     return (
-        hidden.new_empty((), dtype=acc),
-        hidden.new_empty((S,), dtype=acc),
-        hidden.new_empty((S, R), dtype=acc),
+        lse.new_empty(()),
+        lse.new_empty((S,)),
+        lse,
+        lse.new_empty((S,), dtype=torch.float64),
     )
 
 
 @torch.library.register_fake("minisdpo::linear_bwd")
 def _linear_bwd_fake(coef, hidden, weight, labels, lse, ignore_index, chunk_rows, hidden_grad,
                      weight_grad):
-    acc = _acc_dtype(hidden.dtype)
+    _check_linear(hidden, weight, labels)
+    _check_acc(coef, "coef", hidden, "hidden")
+    _check_acc(lse, "lse", hidden, "hidden")
+    acc = _ACC_DTYPE[hidden.dtype]
     grad_h = hidden.new_empty(hidden.shape if hidden_grad else (0,))
     grad_w = weight.new_empty(weight.shape if weight_grad else (0,), dtype=acc)
     return grad_h, grad_w
@@ -212,10 +308,13 @@ def _linear_token_logps_setup(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, labels, lse)
     ctx.ignore_index, ctx.chunk_rows = ignore_index, chunk_rows
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
 
 
 def _linear_token_logps_backward(ctx, grad_tok, grad_lse):
-    coef = grad_tok.to(_acc_dtype(ctx.saved_tensors[0].dtype)).contiguous()
+    if grad_tok is None:
+        return None, None, None, None, None
+    coef = grad_tok.to(ctx.saved_tensors[3].dtype).contiguous()  # lse's: the accumulation dtype
     return *_linear_grads(ctx, coef), None, None, None
 
 
@@ -227,17 +326,19 @@ torch.library.register_autograd(
 
 def _sdpo_linear_setup(ctx, inputs, output):
     hidden, weight, labels, ref_logps, beta, num_negatives, ignore_index, chunk_rows = inputs
-    _, logps, lse = output
-    ctx.save_for_backward(hidden, weight, labels, lse, logps, ref_logps)
-    ctx.beta, ctx.num_negatives = beta, num_negatives
+    _, _, lse, dlogps = output
+    ctx.save_for_backward(hidden, weight, labels, lse, dlogps)
     ctx.ignore_index, ctx.chunk_rows = ignore_index, chunk_rows
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, dlogps)
+    ctx.set_materialize_grads(False)
 
 
-def _sdpo_linear_backward(ctx, grad_loss, grad_logps, grad_lse):
-    hidden, _, labels, _, logps, ref_logps = ctx.saved_tensors
-    c = _sequence_coef(logps, ref_logps, ctx.beta, ctx.num_negatives, grad_loss, grad_logps)
-    coef = c.to(_acc_dtype(hidden.dtype)).unsqueeze(1).expand(labels.shape)  # (S, R) view
+def _sdpo_linear_backward(ctx, grad_loss, grad_logps, grad_lse, grad_dlogps):
+    _, _, labels, lse, dlogps = ctx.saved_tensors
+    c = _sequence_coef(dlogps, grad_loss, grad_logps)
+    if c is None:
+        return (None,) * 8
+    coef = c.to(lse.dtype).unsqueeze(1).expand(labels.shape)  # (S, R) view
     return *_linear_grads(ctx, coef), None, None, None, None, None, None
 
 
@@ -270,12 +371,12 @@ def sdpo_loss(
     ref_logps (S,) the frozen reference's log-probs (no gradient). Returns (loss (), logps (S,))
     in float32 (float64 for float64 logits); both are differentiable w.r.t. logits.
     inplace_backward=True writes the logits' gradient into the logits' own storage (saves one
-    logits-sized buffer; the logits must not be used after the loss).
+    logits-sized buffer; the logits must not be used after the loss, and must not be an
+    expanded view: one memory location cannot hold several gradient values, so that raises).
     """
-    with _InplaceBackward(inplace_backward):
-        loss, logps, _ = _ops.sdpo_fwd(
-            logits, labels, ref_logps, float(beta), num_negatives, ignore_index
-        )
+    loss, logps, _, _ = _ops.sdpo_fwd(
+        logits, labels, ref_logps, float(beta), num_negatives, ignore_index, bool(inplace_backward)
+    )
     return loss, logps
 
 
@@ -287,8 +388,7 @@ def token_logps(
 ) -> torch.Tensor:
     """log softmax(logits[s, t])[labels[s, t]] per token, 0 where ignored: (S, T) float32
     (float64 for float64 logits), differentiable w.r.t. logits."""
-    with _InplaceBackward(inplace_backward):
-        tok, _ = _ops.token_logps_fwd(logits, labels, ignore_index)
+    tok, _ = _ops.token_logps_fwd(logits, labels, ignore_index, bool(inplace_backward))
     return tok
 
 
@@ -313,7 +413,7 @@ def sdpo_linear_loss(
     in the backward pass; the weight's gradient is accumulated in float32 over the chunks.
     """
     _check_chunk_rows(chunk_rows)
-    loss, logps, _ = _ops.sdpo_linear_fwd(
+    loss, logps, _, _ = _ops.sdpo_linear_fwd(
         hidden, weight, labels, ref_logps, float(beta), num_negatives, ignore_index, chunk_rows
     )
     return loss, logps

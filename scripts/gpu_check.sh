@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # GPU check of minisdpo's CUDA kernels (csrc/cuda/sdpo.cu): build, CUDA tests, benchmark.
 #
-# For a machine with one NVIDIA GPU, a CUDA build of torch, nvcc and no network: it builds the
-# extension in place against the installed torch (only for this GPU's architecture, to be
-# quick), runs the CUDA half of tests/test_ops.py, then `python -m minisdpo.bench --device cuda`
-# at 8192 tokens (S=32 sequences x T=256, K=3) for V = 32000 and 128256, float32 and bfloat16,
-# and prints a table of the fused kernels' bandwidth against the device's copy bandwidth
-# (the targets of DESIGN.md section 3 / issue 5: forward >= 80% of copy counting one read of
-# the counted rows, backward >= 80% counting one read and one write).
+# For a machine with one NVIDIA GPU, a CUDA build of torch, nvcc, pytest and no network: it
+# checks that nvcc's CUDA major version is torch's and that pytest and setuptools import, then
+# rebuilds the extension in place from scratch (--force: never a stale _C*.so; only this GPU's
+# architecture, to be quick), runs the CUDA half of tests/test_ops.py (NaN/inf cases, V = 4096,
+# 32000 and 32001 in float32 and bfloat16 with aligned strided views, offset rows and the
+# in-place backward) and of tests/test_linear_loss.py (sdpo_linear_loss / linear_token_logps),
+# two demos that fail the script when they show the wrong thing, then
+# `python -m minisdpo.bench --device cuda` at 8192 tokens (S=32 sequences x T=256, K=3) for
+# V = 32000, 32001 (unaligned rows) and 128256, float32 and bfloat16, and prints a table of the
+# fused kernels' bandwidth against the device's copy bandwidth (the targets of docs/design.md,
+# the op contract: forward >= 80% of copy counting one read of the counted rows, backward >= 80%
+# counting one read and one write).
 #
 #   bash scripts/gpu_check.sh             # logs under $OUT if set, else ./gpu_check_logs
 #   PYTHON=python3 MAX_JOBS=16 FULL=1 bash scripts/gpu_check.sh
@@ -50,8 +55,23 @@ EOF
 then
   exit 1
 fi
-if ! command -v nvcc >/dev/null && [ ! -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
+# The nvcc the build will use: torch.utils.cpp_extension's CUDA_HOME ($CUDA_HOME, else the
+# nvcc on PATH, else /usr/local/cuda).
+NVCC="$("$PYTHON" -c 'from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or "")')/bin/nvcc"
+if [ ! -x "$NVCC" ]; then
   echo "gpu_check: nvcc not found (PATH or \$CUDA_HOME/bin): the CUDA kernels cannot be built" >&2
+  exit 1
+fi
+# A CUDA 12 torch with a CUDA 13 nvcc (or the reverse) fails only halfway through the build, or
+# builds kernels the runtime cannot load: compare the major versions first.
+nvcc_major=$("$NVCC" --version | sed -n 's/.*release \([0-9][0-9]*\)\..*/\1/p')
+torch_major=$("$PYTHON" -c 'import torch; print(torch.version.cuda.split(".")[0])')
+if [ -z "$nvcc_major" ] || [ "$nvcc_major" != "$torch_major" ]; then
+  echo "gpu_check: $NVCC is CUDA ${nvcc_major:-?}, torch was built with CUDA $torch_major: install the matching toolkit (or set CUDA_HOME)" >&2
+  exit 1
+fi
+if ! "$PYTHON" -c 'import pytest, setuptools' 2>/dev/null; then
+  echo "gpu_check: $PYTHON cannot import pytest and setuptools (the build and the tests need them)" >&2
   exit 1
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv >"$LOG_DIR/nvidia-smi.csv" 2>&1 || true
@@ -59,7 +79,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=c
 # --- build, for this GPU's architecture only
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
 export TORCH_CUDA_ARCH_LIST
-step build 420 "$PYTHON" setup.py build_ext --inplace || exit 1
+step build 420 "$PYTHON" setup.py build_ext --inplace --force || exit 1
 if ! "$PYTHON" -c 'import torch, minisdpo.ops; x = torch.zeros(2, 1, 4, device="cuda"); y = torch.zeros(2, 1, dtype=torch.long, device="cuda"); torch.ops.minisdpo.token_logps_fwd(x, y, -100); torch.cuda.synchronize()'; then
   echo "gpu_check: the built extension has no working CUDA kernels (see $LOG_DIR/build.log)" >&2
   exit 1
@@ -69,27 +89,44 @@ fi
 # synchronisation inside the ops), which leaves the process's CUDA context unusable: the two
 # bad-label cases run each in its own process, after the others.
 step test_ops_cuda 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops.py -k "cuda and not bad_input_raises" || status=1
+step test_linear_cuda 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_linear_loss.py -k cuda || status=1
 step test_ops_cuda_bad_input 120 "$PYTHON" -m pytest -q -p no:cacheprovider \
   $(for i in $(seq 2 11); do echo "tests/test_ops.py::test_bad_input_raises[$i-cuda]"; done) || status=1
 for i in 0 1; do
   step "test_ops_cuda_bad_label_$i" 120 "$PYTHON" -m pytest -q -p no:cacheprovider "tests/test_ops.py::test_bad_input_raises[$i-cuda]" \
     || { status=1; echo "   (a bad label on CUDA is a device-side assert, raised at the next synchronisation)"; }
 done
-# What a bad label does on CUDA, shown directly: the error must name the assert, not crash.
+# What a bad label does on CUDA, shown directly: a RuntimeError naming the device-side assert.
+# No error, or another one, fails the script.
 step bad_label_demo 120 "$PYTHON" -c '
-import torch, minisdpo.ops as ops
+import sys, torch, minisdpo.ops as ops
 x = torch.randn(2, 3, 10, device="cuda"); y = torch.zeros(2, 3, dtype=torch.long, device="cuda"); y[1, 2] = 10
 try:
-    ops.token_logps(x, y); torch.cuda.synchronize(); print("no error raised: WRONG")
+    ops.token_logps(x, y); torch.cuda.synchronize()
 except RuntimeError as e:
     print("RuntimeError:", str(e).splitlines()[0])
+    sys.exit(0 if "assert" in str(e) else "WRONG: the error does not name the device-side assert")
+sys.exit("WRONG: no error raised for a label outside [0, V)")
 ' || status=1
 cat "$LOG_DIR/bad_label_demo.log"
+# A diverged run must not log a healthy loss: a NaN reference log-prob gives a NaN loss, a NaN
+# logit a NaN log-prob, on the GPU as in minisdpo.loss.
+step nan_demo 120 "$PYTHON" -c '
+import sys, torch, minisdpo.ops as ops
+x = torch.randn(4, 3, 40, device="cuda"); y = torch.randint(0, 40, (4, 3), device="cuda")
+ref = torch.tensor([float("nan"), 0.0, 0.0, 0.0], device="cuda")
+loss, logps = ops.sdpo_loss(x, y, ref)
+x[2, 1, 5] = float("nan")
+tok = ops.token_logps(x, y)
+print("loss with a NaN ref_logps:", loss.item(), "; token log-prob with a NaN logit:", tok[2, 1].item())
+sys.exit(0 if loss.isnan() and tok[2, 1].isnan() and torch.isfinite(logps).all() else "WRONG: NaN swallowed")
+' || status=1
+cat "$LOG_DIR/nan_demo.log"
 
 # --- benchmark: 8192 tokens, two vocabularies, float32 and bfloat16
 BENCH_FLAGS=(--device cuda --S 32 --T 256 --K 3 --dtype float32 bfloat16 --repeats 10)
 if [ "${FULL:-0}" != "1" ]; then BENCH_FLAGS+=(--no-compile --no-memory); fi
-for V in 32000 128256; do
+for V in 32000 32001 128256; do
   step "bench_V$V" 300 "$PYTHON" -m minisdpo.bench "${BENCH_FLAGS[@]}" --V "$V" --json "$LOG_DIR/bench_V$V.json" \
     || { status=1; continue; }
   cat "$LOG_DIR/bench_V$V.log"

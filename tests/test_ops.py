@@ -1,13 +1,20 @@
 """Tests of the fused S-DPO ops (minisdpo.ops) against the PyTorch reference (minisdpo.loss).
 
-The reference is the specification (DESIGN.md section 3): values and logits gradients through
-both outputs (loss and logps), every logits dtype, awkward shapes (odd V, V below and not a
-multiple of the 16-lane vector width, T = 1), ignored tokens and sequences, extreme logits,
-strided views, gradcheck, opcheck, torch.compile, the in-place backward, each CPU code path and
-the thread count. Every case draws fresh random inputs.
+The reference is the specification (docs/design.md, the op contract): values and logits
+gradients through both outputs (loss and logps), every logits dtype, awkward shapes (odd V, V
+below and not a multiple of the 16-lane vector width, T = 1), ignored tokens and sequences,
+extreme logits, NaN and inf (NaN exactly where the reference has NaN), strided, offset and
+unaligned rows at V = 4096, 32000 and 32001, gradcheck, opcheck, torch.compile (and its fake
+kernels' checks), the in-place backward, each CPU code path and the thread count. Every case
+draws fresh random inputs. An independent oracle, F.cross_entropy over the implicit rewards,
+checks the group loss of both the reference and the kernels.
 """
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from minisdpo import loss as ref
 from minisdpo import ops
@@ -48,9 +55,9 @@ def tolerances(dtype):
     return {torch.float32: (1e-5, 1e-6), torch.float64: (1e-10, 1e-12)}.get(dtype, (2e-2, 2e-3))
 
 
-def check_against_reference(logits, labels, ref_logps, K, beta=1.0, tol=None):
+def check_against_reference(logits, labels, ref_logps, K, beta=1.0, tol=None, fn=ops.sdpo_loss):
     dtype = logits.dtype
-    got = loss_and_grad(ops.sdpo_loss, logits, labels, ref_logps, K, beta)
+    got = loss_and_grad(fn, logits, labels, ref_logps, K, beta)
     # Low precision: the reference in float32 on the upcast inputs; float32: in float64.
     up = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
     want = loss_and_grad(ref.sdpo_loss, logits.to(up), labels, ref_logps, K, beta)
@@ -126,6 +133,95 @@ def test_extreme_logits(device, dtype):
     check_against_reference(logits, labels, ref_logps, 1, tol=(1e-3, 1e-3) if dtype == torch.float32 else None)
 
 
+# ----- NaN and inf: the outputs are NaN exactly where the reference's are, and so are the
+# gradients (one exception, see nonfinite_inputs: a NaN in an ignored row).
+
+NONFINITE = ["nan_logit", "posinf_logit", "nan_after_neginf", "neginf_logits", "nan_ignored_row",
+             "nan_ref_logps", "inf_ref_logps"]
+
+
+def nonfinite_inputs(case, dtype, device):
+    """S = 8 sequences (K = 3: two groups), T = 4, V = 3001 (rows at every alignment, several
+    1024-element blocks, a tail); the last token of each sequence always counts. The bad values
+    sit in group 0 only, at a row's first element, in its middle and at its last element, so
+    that the vector body, the head before the first aligned element and the tail are each hit,
+    and group 1 stays finite."""
+    logits, labels, ref_logps = make_inputs(8, 4, 3001, 3, torch.float64, seed=20)
+    ref_logps = ref_logps.double()
+    nan, inf = float("nan"), float("inf")
+    if case in ("nan_logit", "posinf_logit"):
+        bad = nan if case == "nan_logit" else inf
+        for s, v in ((1, 0), (2, 1500), (3, 3000)):
+            logits[s, -1, v] = bad
+    elif case == "nan_after_neginf":      # a NaN hidden behind -inf must not vanish from the max
+        logits[1, -1] = -inf
+        logits[1, -1, 2000] = nan
+    elif case == "neginf_logits":         # -inf as today: finite unless the label's logit or the row
+        labels[1, -1] = 7
+        logits[1, -1, 100:2900] = -inf    # a finite label: finite
+        logits[2, -1, 7] = -inf
+        labels[2, -1] = 7                  # the label's logit is -inf: log-prob -inf
+        logits[3, -1] = -inf               # a row of -inf only: NaN, as log_softmax gives
+    elif case == "nan_ignored_row":       # never read: everything stays finite
+        labels[1, 0] = -100
+        logits[1, 0, 10] = nan
+    elif case == "nan_ref_logps":
+        ref_logps[1] = nan
+    elif case == "inf_ref_logps":         # z = +inf in group 0: loss +inf
+        ref_logps[2] = -inf
+    return logits.to(dtype).to(device), labels.to(device), ref_logps.to(device)
+
+
+def assert_close_nan(got, want, rtol, atol, what):
+    """NaN at the same places; the rest close (infinities equal)."""
+    got, want = got.double().cpu(), want.double().cpu()
+    differ = (got.isnan() != want.isnan()).nonzero().tolist()
+    assert not differ, f"{what}: NaN in one but not the other at {len(differ)} places, first {differ[:3]}"
+    keep = ~want.isnan()
+    torch.testing.assert_close(got[keep], want[keep], rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("case", NONFINITE)
+def test_nan_and_inf_match_reference(device, dtype, case):
+    logits, labels, ref_logps = nonfinite_inputs(case, dtype, device)
+    up = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+    got = loss_and_grad(ops.sdpo_loss, logits, labels, ref_logps, 3)
+    want = loss_and_grad(ref.sdpo_loss, logits.to(up), labels, ref_logps, 3)
+    rtol, atol = tolerances(dtype)
+    if case not in ("nan_ref_logps", "inf_ref_logps"):
+        assert not torch.isfinite(got[0]) or case in ("neginf_logits", "nan_ignored_row")
+    assert_close_nan(got[0], want[0], rtol, atol, "loss")
+    assert_close_nan(got[1], want[1], max(rtol, 1e-5), atol, "logps")
+    tok = ops.token_logps(logits, labels)
+    assert_close_nan(tok, ref.token_logps(logits.to(up), labels), max(rtol, 1e-5), atol, "token_logps")
+    if case == "nan_ignored_row":
+        # The reference's log_softmax runs over the ignored row too, and its backward turns the
+        # row's NaN into a NaN gradient (0 * NaN); the kernels never read the row: zeros.
+        assert torch.isfinite(got[2]).all() and not torch.isfinite(want[2]).all()
+        assert torch.count_nonzero(got[2][labels == -100]).item() == 0
+        return
+    scale = want[2][want[2].isfinite()].abs().max().item()
+    assert_close_nan(got[2], want[2], rtol, atol * scale, "grad")
+    if case in ("nan_logit", "posinf_logit", "nan_ref_logps"):  # group 1 untouched
+        assert torch.isfinite(got[1][4:]).all() and torch.isfinite(got[2][4:]).all()
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("case", ["nan_logit", "posinf_logit", "nan_after_neginf"])
+def test_nan_and_inf_every_cpu_path(monkeypatch, capability, case):
+    monkeypatch.setenv("MINISDPO_CPU_CAPABILITY", capability)
+    if ops.cpu_capability() != capability:
+        pytest.skip(f"this CPU does not support {capability}")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        logits, labels, ref_logps = nonfinite_inputs(case, dtype, "cpu")
+        got = loss_and_grad(ops.sdpo_loss, logits, labels, ref_logps, 3)
+        want = loss_and_grad(ref.sdpo_loss, logits.float(), labels, ref_logps, 3)
+        for a, b, what in zip(got, want, ("loss", "logps", "grad")):
+            assert torch.equal(a.isnan(), b.isnan()), f"{dtype} {what}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("view", ["transposed", "sliced", "vocab_strided"])
 def test_non_contiguous_logits(device, view):
@@ -141,6 +237,43 @@ def test_non_contiguous_logits(device, view):
     labels = torch.randint(0, V, (S, T), generator=g).to(device)
     ref_logps = ref.sequence_logps(logits.double(), labels).float() + 1.0
     check_against_reference(logits, labels, ref_logps, K)
+
+
+def inplace_sdpo_loss(x, *args, **kw):
+    """sdpo_loss with the in-place backward on a non-leaf copy (its storage takes the gradient)."""
+    return ops.sdpo_loss(x * 1, *args, inplace_backward=True, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [4096, 32000, 32001])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "offset", "shifted", "inplace"])
+def test_large_vocab_layouts(device, dtype, V, layout):
+    """The vector paths at real vocabulary sizes. V = 4096 and 32000 rows are 16-byte aligned
+    (and 64-byte for float32), V = 32001 rows start at every offset; "strided" takes every other
+    token of a longer sequence (aligned rows stay aligned), "offset" drops each row's first
+    element (every row unaligned, the row stride V + 1), "shifted" is contiguous one element past
+    the start of its storage (the gradient buffer must not be aligned differently), "inplace"
+    writes the gradient into the logits."""
+    S, T, K = 2, 3, 1
+    g = torch.Generator().manual_seed(V)
+    if layout == "strided":
+        logits = torch.randn(S, 2 * T, V, generator=g)[:, ::2]
+    elif layout == "offset":
+        logits = torch.randn(S, T, V + 1, generator=g)[:, :, 1:]
+    elif layout == "shifted":
+        logits = torch.randn(S * T * V + 1, generator=g)[1:].view(S, T, V)
+    else:
+        logits = torch.randn(S, T, V, generator=g)
+    logits = (2 * logits).to(dtype).to(device)
+    if layout == "shifted":  # .to(device) copies: shift on the device itself
+        logits = torch.cat([logits.new_zeros(1), logits.flatten()])[1:].view(S, T, V)
+    labels = torch.randint(0, V, (S, T), generator=g)
+    labels[:, 0] = -100
+    labels = labels.to(device)
+    ref_logps = (ref.sequence_logps(logits.double(), labels) + 0.5).float()
+    fn = inplace_sdpo_loss if layout == "inplace" else ops.sdpo_loss
+    check_against_reference(logits, labels, ref_logps, K, fn=fn)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -164,10 +297,13 @@ def test_opcheck(device):
     x = logits.detach().requires_grad_()
     torch.library.opcheck(torch.ops.minisdpo.token_logps_fwd, (x, labels, -100))
     torch.library.opcheck(torch.ops.minisdpo.sdpo_fwd, (x, labels, ref_logps, 0.5, 1, -100))
-    _, _, lse = torch.ops.minisdpo.sdpo_fwd(logits, labels, ref_logps, 0.5, 1, -100)
+    _, _, lse, _ = torch.ops.minisdpo.sdpo_fwd(logits, labels, ref_logps, 0.5, 1, -100)
     coef = torch.randn(4, 1, device=device).expand(4, 3)
     torch.library.opcheck(torch.ops.minisdpo.logits_bwd, (coef, logits, labels, lse, -100))
     torch.library.opcheck(torch.ops.minisdpo.logits_bwd_, (logits.clone(), coef, labels, lse, -100))
+    torch.library.opcheck(torch.ops.minisdpo.token_logps_fwd, (x, labels, -100, True))
+    logps = torch.randn(4, dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.minisdpo.sdpo_group_loss, (logps, ref_logps, 0.5, 1))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -176,6 +312,33 @@ def test_one_negative_is_dpo(device):
     loss, logps = ops.sdpo_loss(logits, labels, ref_logps, beta=0.3, num_negatives=1)
     dpo = ref.dpo_loss(logps[0::2], logps[1::2], ref_logps[0::2], ref_logps[1::2], beta=0.3)
     torch.testing.assert_close(loss, dpo, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("K", [1, 3, 7])
+def test_group_loss_is_cross_entropy_over_rewards(device, K):
+    """An oracle independent of both implementations: the S-DPO loss of a group is the
+    cross-entropy of the implicit rewards beta * (logp - ref_logp) with the chosen response as
+    the class (docs/method.md, section 2)."""
+    G, beta = 5, 0.7
+    g = torch.Generator().manual_seed(K)
+    logps = (-30 + 5 * torch.randn(G * (1 + K), generator=g, dtype=torch.float64)).to(device)
+    ref_logps = logps.detach() + torch.randn(G * (1 + K), generator=g, dtype=torch.float64).to(device)
+    chosen = torch.zeros(G, dtype=torch.long, device=device)
+    p = logps.clone().requires_grad_()
+    oracle = F.cross_entropy((beta * (p - ref_logps)).view(G, 1 + K), chosen, reduction="none")
+    oracle.mean().backward()
+    torch.testing.assert_close(ref.preference_loss(logps, ref_logps, beta, K), oracle.detach())
+    loss, dlogps = torch.ops.minisdpo.sdpo_group_loss(logps, ref_logps, beta, K)
+    torch.testing.assert_close(loss, oracle.detach().mean())
+    torch.testing.assert_close(dlogps, p.grad)
+    # And the whole fused op: token log-probs by F.cross_entropy too.
+    logits, labels, ref_tok = make_inputs(2 * (1 + K), 5, 61, K, torch.float64, device, seed=K)
+    nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    seq = -nll.view(labels.shape).sum(1)
+    rewards = beta * (seq - ref_tok.double())
+    want = F.cross_entropy(rewards.view(-1, 1 + K), torch.zeros(2, dtype=torch.long, device=device))
+    torch.testing.assert_close(ops.sdpo_loss(logits, labels, ref_tok, beta, K)[0], want)
 
 
 def _bad_inputs(device):
@@ -224,7 +387,7 @@ def test_bad_input_raises(device, case):
 
 def test_bad_input_of_backward_op():
     logits, labels, ref_logps = make_inputs(4, 3, 10, 1, seed=11)
-    _, _, lse = torch.ops.minisdpo.sdpo_fwd(logits, labels, ref_logps, 1.0, 1, -100)
+    _, _, lse, _ = torch.ops.minisdpo.sdpo_fwd(logits, labels, ref_logps, 1.0, 1, -100)
     with pytest.raises(ValueError, match="coef"):
         torch.ops.minisdpo.logits_bwd(torch.ones(4, 2), logits, labels, lse, -100)
     with pytest.raises(TypeError, match="lse"):
@@ -247,6 +410,77 @@ def test_torch_compile(device):
     out2.backward()
     torch.testing.assert_close(out1, out2)
     torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize("case", range(2, 12))
+def test_fake_kernels_check_like_the_kernels(case):
+    """Under fake tensors (what torch.compile traces with) every shape, dtype and group-size
+    error of _bad_inputs is raised by the fake kernels, with the C++ exception type and words.
+    The label range needs the labels' values and is left to the kernels (cases 0 and 1)."""
+    name, call, exc, words = _bad_inputs("cpu")[case]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with pytest.raises(exc, match=words):
+            call()
+
+
+def test_fake_kernels_of_the_backward_ops():
+    logits, labels, ref_logps = make_inputs(4, 3, 10, 1, seed=11)
+    _, _, lse, _ = torch.ops.minisdpo.sdpo_fwd(logits, labels, ref_logps, 1.0, 1, -100)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with pytest.raises(ValueError, match="coef"):
+            torch.ops.minisdpo.logits_bwd(torch.ones(4, 2), logits, labels, lse, -100)
+        with pytest.raises(TypeError, match="lse"):
+            torch.ops.minisdpo.logits_bwd_(logits, torch.ones(4, 3), labels, lse.double(), -100)
+        with pytest.raises(ValueError, match="num_negatives"):
+            torch.ops.minisdpo.sdpo_group_loss(torch.zeros(4), ref_logps, 1.0, 2)
+
+
+@pytest.mark.parametrize("bad", ["group size", "labels shape", "ref_logps dtype"])
+def test_torch_compile_rejects_a_bad_call_while_tracing(bad):
+    """The error comes from the fake kernel while dynamo traces: no graph reaches the backend
+    (before the fake kernels checked, tracing succeeded and only the compiled kernel raised)."""
+    logits, labels, ref_logps = make_inputs(4, 5, 64, 1, seed=12)
+    K, words = 1, "labels"
+    if bad == "group size":
+        K, words = 2, "num_negatives"
+    elif bad == "labels shape":
+        labels = labels[:, :4]
+    else:
+        ref_logps, words = ref_logps.long(), "ref_logps"
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(x):
+        return ops.sdpo_loss(x, labels, ref_logps, beta=0.5, num_negatives=K)[0]
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=words):
+        torch.compile(step, backend=backend, fullgraph=True)(logits.requires_grad_())
+    assert graphs == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_backward_rejects_overlapping_logits(device):
+    """An expanded view holds one memory location for several logits, which cannot take
+    several gradient values: the in-place backward raises instead of racing; the ordinary
+    backward of the same view is right."""
+    logits, labels, ref_logps = make_inputs(4, 5, 70, 1, device=device, seed=16)
+    base = logits[:, :1].detach().clone().requires_grad_()        # (S, 1, V)
+    loss, _ = ops.sdpo_loss(base.expand(4, 5, 70), labels, ref_logps, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="more than one element"):
+        loss.backward()
+    coef = torch.ones(4, 5, device=device)
+    expanded = base.detach().expand(4, 5, 70)
+    _, _, lse, _ = torch.ops.minisdpo.sdpo_fwd(expanded, labels, ref_logps, 1.0, 1, -100)
+    with pytest.raises(RuntimeError, match="more than one element"):
+        torch.ops.minisdpo.logits_bwd_(base.detach().clone().expand(4, 5, 70), coef, labels, lse, -100)
+    ops.sdpo_loss(base.expand(4, 5, 70), labels, ref_logps)[0].backward()
+    want = base.detach().double().requires_grad_()
+    ref.sdpo_loss(want.expand(4, 5, 70), labels, ref_logps)[0].backward()
+    torch.testing.assert_close(base.grad.double(), want.grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -272,11 +506,12 @@ def test_inplace_backward(device, dtype):
 
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cpu_capabilities_agree(monkeypatch, capability, dtype):
+@pytest.mark.parametrize("V", [1200, 1203])  # rows 64-byte aligned; rows at every offset
+def test_cpu_capabilities_agree(monkeypatch, capability, dtype, V):
     monkeypatch.setenv("MINISDPO_CPU_CAPABILITY", capability)
     if ops.cpu_capability() != capability:
         pytest.skip(f"this CPU does not support {capability}")
-    logits, labels, ref_logps = make_inputs(8, 3, 1200, 3, dtype, seed=14)
+    logits, labels, ref_logps = make_inputs(8, 3, V, 3, dtype, seed=14)
     got = loss_and_grad(ops.sdpo_loss, logits, labels, ref_logps, 3)
     check_against_reference(logits, labels, ref_logps, 3)
     monkeypatch.setenv("MINISDPO_CPU_CAPABILITY", "default")

@@ -3,16 +3,22 @@
 // Fused S-DPO loss ("On Softmax Direct Preference Optimization for Recommendation", Chen et al.,
 // NeurIPS 2024, arXiv 2406.09215, eq. 11-12; derivation in docs/method.md, reference in
 // minisdpo/loss.py, schemas and CPU kernels in csrc/sdpo.cpp). The kernel rules are those of
-// DESIGN.md section 3, learned from Liger-Kernel, flash-attn's cross entropy and Cut
-// Cross-Entropy: float32 accumulation, only the log-sum-exp per token is saved, the softmax is
-// recomputed in the backward pass, p_y - 1 is formed in float32, ignored rows are skipped.
+// docs/design.md, the op contract, learned from Liger-Kernel, flash-attn's cross entropy and
+// Cut Cross-Entropy: float32 accumulation, only the log-sum-exp per token is saved, the softmax
+// is recomputed in the backward pass, p_y - 1 is formed in float32, ignored rows are skipped.
 //
 // Forward, per token row r = s * T + t (one block per row, all rows in one grid):
 //   lse[r] = log sum_v exp(x[v]),  tok[r] = x[y] - lse[r]      (0 and 0 where y is ignored)
 // read once with 16-byte loads, UNROLL loads in flight per thread, an online (max, sum) pair
-// per thread merged across the block. sdpo_fwd then sums tok per sequence (one block per
-// sequence) and forms the group loss (one block), both in float64 and in a fixed order, so the
-// result is deterministic and nothing waits on the host.
+// per thread merged across the block. A row that does not start on a 16-byte boundary (V = 32001,
+// an offset view) reads its first few elements one by one, then 16-byte loads. sdpo_fwd then
+// sums tok per sequence (one block per sequence) and forms the group loss and d loss / d logp
+// (one block, group_loss of csrc/sdpo_math.h, the CPU's function), both in float64 and in a fixed
+// order, so the result is deterministic and nothing waits on the host.
+//
+// NaN and inf as torch.log_softmax and minisdpo/loss.py: a NaN or a +inf in a counted row makes
+// its lse NaN (through the sum, see accumulate), a NaN log-prob or ref_logps makes its group's
+// loss NaN (group_loss), a row of -inf only has lse = -inf.
 //
 // Backward, per row: g[v] = coef[s, t] * ([v == y] - exp(x[v] - lse[r])), zeros where ignored,
 // one read and one write of the row with the same 16-byte vectors (in place: g aliases x).
@@ -26,10 +32,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cstdint>
-#include <type_traits>
+#include <ATen/MemoryOverlap.h>
 
-#include "../sdpo.h"
+#include <cstdint>
+
+#include "../sdpo.h"  // the checks, and csrc/sdpo_math.h: acc_t, group_loss
 
 namespace minisdpo {
 namespace {
@@ -37,9 +44,6 @@ namespace {
 constexpr int kUnroll = 4;        // 16-byte loads in flight per thread per step
 constexpr int kMaxThreads = 512;  // per row block: 4 blocks fill an SM's 2048 threads
 constexpr int kSumThreads = 128;  // per-sequence sum and group loss
-
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // exp(d) = exp2(d * log2(e)): one FMUL and one MUFU.EX2 in float32 (2 ulp). The offsets d are
 // differences from the row's running maximum, itself a logit, so they are exact or nearly so
@@ -63,9 +67,19 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-// Elements per 16-byte access; 1 when the rows are not 16-byte aligned.
+// Elements per 16-byte access.
 template <typename T>
 constexpr int kVec = 16 / sizeof(T);
+
+// How many of a row's V elements come before its first one on an N * sizeof(T)-byte boundary
+// (fewer than N): read and written one by one, then whole N-element packs.
+template <typename T, int N>
+__device__ __forceinline__ int64_t lead(const T* row, int64_t V) {
+  constexpr uintptr_t kBytes = N * sizeof(T);
+  const uintptr_t mis = reinterpret_cast<uintptr_t>(row) % kBytes;
+  const int64_t head = mis == 0 ? 0 : static_cast<int64_t>((kBytes - mis) / sizeof(T));
+  return head < V ? head : V;
+}
 
 // Merge two (max, sum) pairs, sum being relative to exp(max); an empty pair is (-inf, 0).
 // A pair with max = -inf has seen only -inf and NaN logits, so its sum is 0 or NaN.
@@ -82,8 +96,10 @@ __device__ __forceinline__ void merge(A& m, A& sum, A other_m, A other_sum) {
 }
 
 // Fold n logits into a thread's (max, sum) pair: one rescale for the n, one exp each.
-// fmax drops NaN, so a NaN logit reaches lse through the sum. While nothing but -inf and NaN
-// has been seen the offset is 0, not -inf (x - -inf would turn every -inf into NaN).
+// fmax drops NaN, so a NaN logit reaches lse through the sum (exp(NaN) = NaN). While nothing
+// but -inf and NaN has been seen the offset is 0, not -inf (x - -inf would turn every -inf into
+// NaN). A +inf logit raises the max to +inf and adds exp(inf - inf) = NaN: lse is NaN, as
+// torch.log_softmax gives.
 template <typename A, int n>
 __device__ __forceinline__ void accumulate(A& m, A& sum, const A (&x)[n]) {
   using M = Math<A>;
@@ -141,8 +157,9 @@ __device__ __forceinline__ int64_t row_offset(int64_t r, int64_t T, int64_t st0,
   return (r / T) * st0 + (r % T) * st1;
 }
 
-// One block per row: lse and the label's log-prob. N is the elements per load (kVec<T> when
-// every row starts 16-byte aligned, else 1); the V % N tail elements are read one by one.
+// One block per row: lse and the label's log-prob. N is the elements per load (kVec<T>; 1 only
+// for data not aligned to its element size). The row's head (the elements before its first
+// N-aligned one) and tail (after the last whole pack), fewer than N each, are read one by one.
 template <typename T, int N>
 __global__ void __launch_bounds__(kMaxThreads)
     forward_kernel(const T* __restrict__ logits, const int64_t* __restrict__ labels, int64_t T_len,
@@ -159,8 +176,10 @@ __global__ void __launch_bounds__(kMaxThreads)
     return;
   }
   const T* row = logits + row_offset(r, T_len, st0, st1);
-  const auto* packs = reinterpret_cast<const Pack<T, N>*>(row);
-  const int64_t n_packs = V / N;
+  const int64_t head = lead<T, N>(row, V);
+  const auto* packs = reinterpret_cast<const Pack<T, N>*>(row + head);
+  const int64_t n_packs = (V - head) / N;
+  const int64_t body_end = head + n_packs * N;
 
   A m = -INFINITY, sum = 0;  // this thread's running max and sum of exp(x - m)
   for (int64_t base = threadIdx.x; base < n_packs; base += int64_t(blockDim.x) * kUnroll) {
@@ -180,8 +199,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     accumulate(m, sum, x);
   }
-  for (int64_t v = n_packs * N + threadIdx.x; v < V; v += blockDim.x) {  // tail, fewer than N
-    const A x[1] = {static_cast<A>(row[v])};
+  // Head and tail, fewer than N elements each: one element per thread.
+  for (int64_t i = threadIdx.x; i < head + (V - body_end); i += blockDim.x) {
+    const A x[1] = {static_cast<A>(row[i < head ? i : body_end + (i - head)])};
     accumulate(m, sum, x);
   }
 
@@ -208,58 +228,33 @@ __global__ void sequence_sum_kernel(const A* __restrict__ tok, int64_t T_len, A*
   }
 }
 
-// One block: loss = mean over groups g of softplus(logsumexp_j z_j),
-// z_j = beta * (delta(y_j) - delta(y_w)), delta = logp - ref_logp, in float64.
-template <typename A>
+// One block: loss = mean over the G groups of group_loss (csrc/sdpo_math.h, the function the
+// CPU runs in group_losses of csrc/sdpo.cpp), dlogps[s] = d loss / d logp_s, in float64. The
+// groups are spread over the threads and their losses summed in a fixed order (block_sum).
+template <typename L>
 __global__ void group_loss_kernel(const double* __restrict__ logps, const double* __restrict__ ref,
-                                  double beta, int64_t G, int64_t K, A* __restrict__ loss) {
+                                  double beta, int64_t G, int64_t K, L* __restrict__ loss,
+                                  double* __restrict__ dlogps) {
   double total = 0.0;
   for (int64_t g = threadIdx.x; g < G; g += blockDim.x) {
     const int64_t w = g * (1 + K);
-    const double r_w = beta * (logps[w] - ref[w]);
-    double z_max = -INFINITY;
-    for (int64_t j = 1; j <= K; ++j) z_max = fmax(z_max, beta * (logps[w + j] - ref[w + j]) - r_w);
-    double sum = 0.0;
-    for (int64_t j = 1; j <= K; ++j) sum += exp(beta * (logps[w + j] - ref[w + j]) - r_w - z_max);
-    const double lse_z = isinf(z_max) ? z_max : z_max + log(sum);
-    // softplus without overflow: max(x, 0) + log1p(exp(-|x|))
-    total += fmax(lse_z, 0.0) + log1p(exp(-fabs(lse_z)));
+    total += group_loss(logps + w, ref + w, beta, K, 1.0 / static_cast<double>(G), dlogps + w);
   }
   total = block_sum(total);
-  if (threadIdx.x == 0) loss[0] = static_cast<A>(total / static_cast<double>(G));
+  if (threadIdx.x == 0) loss[0] = static_cast<L>(total / static_cast<double>(G));
 }
 
-// One block per row: g = coef * (onehot(y) - exp(x - lse)), zeros on ignored rows.
-// grad may alias logits (in place); each element is read and then written by the same thread.
+// g = coef * (onehot(y) - exp(x - lse)) over one row, by the block: the first `head` elements
+// one by one, then N-element packs of x and g (both N-aligned after head), then the tail.
+// g may alias x (in place): each element is read and then written by the same thread.
 template <typename T, int N>
-__global__ void __launch_bounds__(kMaxThreads)
-    backward_kernel(const acc_t<T>* coef, int64_t cs0, int64_t cs1, const T* logits,
-                    int64_t xs0, int64_t xs1, T* grad, int64_t gs0, int64_t gs1,
-                    const int64_t* __restrict__ labels, const acc_t<T>* __restrict__ lse,
-                    int64_t T_len, int64_t V, int64_t ignore_index) {
+__device__ __forceinline__ void grad_row(const T* xrow, T* grow, int64_t V, int64_t head,
+                                         acc_t<T> c, acc_t<T> l, int64_t y) {
   using A = acc_t<T>;
-  const int64_t r = blockIdx.x;
-  const int64_t y = labels[r];
-  T* grow = grad + row_offset(r, T_len, gs0, gs1);
-  auto* gpacks = reinterpret_cast<Pack<T, N>*>(grow);
-  const int64_t n_packs = V / N;
-
-  if (y == ignore_index) {
-    Pack<T, N> zero;
-#pragma unroll
-    for (int k = 0; k < N; ++k) zero.v[k] = static_cast<T>(0);
-    for (int64_t i = threadIdx.x; i < n_packs; i += blockDim.x) gpacks[i] = zero;
-    for (int64_t v = n_packs * N + threadIdx.x; v < V; v += blockDim.x) grow[v] = static_cast<T>(0);
-    return;
-  }
-  if (threadIdx.x == 0) {
-    CUDA_KERNEL_ASSERT_MSG(y >= 0 && y < V, "minisdpo: a label is outside [0, V) and is not ignore_index");
-  }
-
-  const T* xrow = logits + row_offset(r, T_len, xs0, xs1);
-  const auto* xpacks = reinterpret_cast<const Pack<T, N>*>(xrow);
-  const A c = coef[(r / T_len) * cs0 + (r % T_len) * cs1];  // cs1 may be 0 (an expanded view)
-  const A l = lse[r];
+  const auto* xpacks = reinterpret_cast<const Pack<T, N>*>(xrow + head);
+  auto* gpacks = reinterpret_cast<Pack<T, N>*>(grow + head);
+  const int64_t n_packs = (V - head) / N;
+  const int64_t body_end = head + n_packs * N;
 
   for (int64_t base = threadIdx.x; base < n_packs; base += int64_t(blockDim.x) * kUnroll) {
     Pack<T, N> p[kUnroll];
@@ -276,16 +271,59 @@ __global__ void __launch_bounds__(kMaxThreads)
         for (int k = 0; k < N; ++k) {
           const A prob = Math<A>::exp(static_cast<A>(p[u].v[k]) - l);
           // p_y - 1 is formed in A before the single rounding to T.
-          const A onehot = (i * N + k == y) ? A(1) : A(0);
+          const A onehot = (head + i * N + k == y) ? A(1) : A(0);
           p[u].v[k] = static_cast<T>(-c * (prob - onehot));
         }
         gpacks[i] = p[u];
       }
     }
   }
-  for (int64_t v = n_packs * N + threadIdx.x; v < V; v += blockDim.x) {
+  for (int64_t i = threadIdx.x; i < head + (V - body_end); i += blockDim.x) {
+    const int64_t v = i < head ? i : body_end + (i - head);
     const A prob = Math<A>::exp(static_cast<A>(xrow[v]) - l);
     grow[v] = static_cast<T>(-c * (prob - (v == y ? A(1) : A(0))));
+  }
+}
+
+// One block per row: g = coef * (onehot(y) - exp(x - lse)), zeros on ignored rows.
+// grad may alias logits (in place). A row whose x and g start at different offsets from a
+// 16-byte boundary cannot use the same packs for both and is done one element at a time
+// (a strided view whose row stride is not a multiple of 16 bytes; launch_backward gives a
+// contiguous x a gradient of the same alignment).
+template <typename T, int N>
+__global__ void __launch_bounds__(kMaxThreads)
+    backward_kernel(const acc_t<T>* coef, int64_t cs0, int64_t cs1, const T* logits,
+                    int64_t xs0, int64_t xs1, T* grad, int64_t gs0, int64_t gs1,
+                    const int64_t* __restrict__ labels, const acc_t<T>* __restrict__ lse,
+                    int64_t T_len, int64_t V, int64_t ignore_index) {
+  using A = acc_t<T>;
+  const int64_t r = blockIdx.x;
+  const int64_t y = labels[r];
+  T* grow = grad + row_offset(r, T_len, gs0, gs1);
+  const int64_t head = lead<T, N>(grow, V);
+
+  if (y == ignore_index) {
+    auto* gpacks = reinterpret_cast<Pack<T, N>*>(grow + head);
+    const int64_t n_packs = (V - head) / N, body_end = head + n_packs * N;
+    Pack<T, N> zero;
+#pragma unroll
+    for (int k = 0; k < N; ++k) zero.v[k] = static_cast<T>(0);
+    for (int64_t i = threadIdx.x; i < n_packs; i += blockDim.x) gpacks[i] = zero;
+    for (int64_t i = threadIdx.x; i < head + (V - body_end); i += blockDim.x)
+      grow[i < head ? i : body_end + (i - head)] = static_cast<T>(0);
+    return;
+  }
+  if (threadIdx.x == 0) {
+    CUDA_KERNEL_ASSERT_MSG(y >= 0 && y < V, "minisdpo: a label is outside [0, V) and is not ignore_index");
+  }
+
+  const T* xrow = logits + row_offset(r, T_len, xs0, xs1);
+  const A c = coef[(r / T_len) * cs0 + (r % T_len) * cs1];  // cs1 may be 0 (an expanded view)
+  const A l = lse[r];
+  if (lead<T, N>(xrow, V) == head) {
+    grad_row<T, N>(xrow, grow, V, head, c, l, y);
+  } else {
+    grad_row<T, 1>(xrow, grow, V, 0, c, l, y);
   }
 }
 
@@ -296,13 +334,21 @@ int row_threads(int64_t n_loads) {
   return threads;
 }
 
-// Every row of t starts on a 16-byte boundary (the base and both row strides are multiples).
-bool rows_aligned16(const at::Tensor& t) {
-  const int64_t es = t.element_size();
-  const bool base = reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
-  const bool s0 = t.size(0) <= 1 || (t.stride(0) * es) % 16 == 0;
-  const bool s1 = t.size(1) <= 1 || (t.stride(1) * es) % 16 == 0;
-  return base && s0 && s1;
+// 16-byte packs need data aligned to its element size (always so for tensors torch allocates;
+// a from_blob pointer may not be); every row then has its own head up to a 16-byte boundary.
+bool element_aligned(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % t.element_size() == 0;
+}
+
+// A fresh gradient for x whose rows sit at the same offset from a 16-byte boundary as x's, so
+// that the backward kernel reads and writes them with the same packs: for a contiguous x at an
+// offset (a slice), a plain empty tensor would start every row at another offset. 16 extra
+// bytes at most; the gradient is then a view at that storage offset.
+at::Tensor empty_aligned_like(const at::Tensor& x) {
+  const int64_t shift = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16) /
+                        x.element_size();
+  if (shift == 0 || !x.is_contiguous()) return at::empty(x.sizes(), x.options());
+  return at::empty({x.numel() + shift}, x.options()).narrow(0, shift, x.numel()).view(x.sizes());
 }
 
 // The kernels index rows by their first two strides; the V elements of a row must be adjacent.
@@ -317,7 +363,7 @@ void launch_forward(const at::Tensor& x, const at::Tensor& labels, int64_t ignor
   if (rows == 0) return;
   TORCH_CHECK(rows <= INT32_MAX, "minisdpo: S * T = ", rows, " rows exceed the CUDA grid limit");
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool vec = rows_aligned16(x);
+  const bool vec = element_aligned(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "minisdpo_fwd_cuda", [&] {
     using A = acc_t<scalar_t>;
     constexpr int N = kVec<scalar_t>;
@@ -337,7 +383,7 @@ void launch_backward(const at::Tensor& coef, const at::Tensor& x, const at::Tens
   if (rows == 0) return;
   TORCH_CHECK(rows <= INT32_MAX, "minisdpo: S * T = ", rows, " rows exceed the CUDA grid limit");
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool vec = rows_aligned16(x) && rows_aligned16(grad);
+  const bool vec = element_aligned(x) && element_aligned(grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "minisdpo_bwd_cuda", [&] {
     using A = acc_t<scalar_t>;
     constexpr int N = kVec<scalar_t>;
@@ -353,7 +399,8 @@ void launch_backward(const at::Tensor& coef, const at::Tensor& x, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> token_logps_fwd_cuda(const at::Tensor& logits,
                                                         const at::Tensor& labels,
-                                                        int64_t ignore_index) {
+                                                        int64_t ignore_index,
+                                                        bool /*inplace_backward*/) {
   check_token_logps_fwd(logits, labels);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor x = rows_contiguous(logits);
@@ -365,32 +412,54 @@ std::tuple<at::Tensor, at::Tensor> token_logps_fwd_cuda(const at::Tensor& logits
   return {tok, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpo_fwd_cuda(const at::Tensor& logits,
-                                                             const at::Tensor& labels,
-                                                             const at::Tensor& ref_logps,
-                                                             double beta, int64_t num_negatives,
-                                                             int64_t ignore_index) {
+// loss () of dtype L (the accumulation dtype, or float64) and dlogps (S,) float64 from the
+// float64 sequence log-probs: one block, group_loss_kernel.
+template <typename L>
+void launch_group_loss(const at::Tensor& logps64, const at::Tensor& ref_logps, double beta,
+                       int64_t num_negatives, at::Tensor& loss, at::Tensor& dlogps) {
+  const int64_t G = logps64.size(0) / (1 + num_negatives);
+  const at::Tensor ref64 = ref_logps.to(at::kDouble).contiguous();
+  group_loss_kernel<L><<<1, kSumThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      logps64.const_data_ptr<double>(), ref64.const_data_ptr<double>(), beta, G, num_negatives,
+      loss.mutable_data_ptr<L>(), dlogps.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpo_fwd_cuda(
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& ref_logps, double beta,
+    int64_t num_negatives, int64_t ignore_index, bool inplace_backward) {
   check_sdpo_fwd(logits, labels, ref_logps, beta, num_negatives);
   const c10::cuda::CUDAGuard guard(logits.device());
-  auto [tok, lse] = token_logps_fwd_cuda(logits, labels, ignore_index);
-  const int64_t S = logits.size(0), T_len = logits.size(1), G = S / (1 + num_negatives);
+  auto [tok, lse] = token_logps_fwd_cuda(logits, labels, ignore_index, inplace_backward);
+  const int64_t S = logits.size(0), T_len = logits.size(1);
   const auto opts = tok.options();
   at::Tensor logps = at::empty({S}, opts);
   at::Tensor loss = at::empty({}, opts);
   at::Tensor logps64 = at::empty({S}, opts.dtype(at::kDouble));
-  const at::Tensor ref64 = ref_logps.to(at::kDouble).contiguous();
+  at::Tensor dlogps = at::empty({S}, opts.dtype(at::kDouble));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(tok.scalar_type(), "minisdpo_loss_cuda", [&] {
     sequence_sum_kernel<scalar_t><<<S, kSumThreads, 0, stream>>>(
         tok.const_data_ptr<scalar_t>(), T_len, logps.mutable_data_ptr<scalar_t>(),
         logps64.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    group_loss_kernel<scalar_t><<<1, kSumThreads, 0, stream>>>(
-        logps64.const_data_ptr<double>(), ref64.const_data_ptr<double>(), beta, G, num_negatives,
-        loss.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_group_loss<scalar_t>(logps64, ref_logps, beta, num_negatives, loss, dlogps);
   });
-  return {loss, logps, lse};
+  return {loss, logps, lse, dlogps};
+}
+
+// The group loss of summed sequence log-probs (the linear op's, csrc/linear.cpp): loss () and
+// dlogps (S,), float64.
+std::tuple<at::Tensor, at::Tensor> sdpo_group_loss_cuda(const at::Tensor& logps,
+                                                        const at::Tensor& ref_logps, double beta,
+                                                        int64_t num_negatives) {
+  check_group_loss(logps, ref_logps, beta, num_negatives);
+  const c10::cuda::CUDAGuard guard(logps.device());
+  const at::Tensor logps64 = logps.to(at::kDouble).contiguous();
+  at::Tensor loss = at::empty({}, logps64.options());
+  at::Tensor dlogps = at::empty({logps.size(0)}, logps64.options());
+  launch_group_loss<double>(logps64, ref_logps, beta, num_negatives, loss, dlogps);
+  return {loss, dlogps};
 }
 
 at::Tensor logits_bwd_cuda(const at::Tensor& coef, const at::Tensor& logits,
@@ -398,7 +467,7 @@ at::Tensor logits_bwd_cuda(const at::Tensor& coef, const at::Tensor& logits,
   check_logits_bwd(coef, logits, labels, lse);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor x = rows_contiguous(logits);
-  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  at::Tensor grad = empty_aligned_like(x);
   launch_backward(coef.to(lse.scalar_type()), x, labels.contiguous(), lse.contiguous(), ignore_index,
                   grad);
   return grad;
@@ -407,6 +476,9 @@ at::Tensor logits_bwd_cuda(const at::Tensor& coef, const at::Tensor& logits,
 void logits_bwd_inplace_cuda(at::Tensor& logits, const at::Tensor& coef, const at::Tensor& labels,
                              const at::Tensor& lse, int64_t ignore_index) {
   check_logits_bwd(coef, logits, labels, lse);
+  // An expanded view (one memory location for several elements) cannot take a gradient that
+  // differs per element, and blocks writing its rows would race.
+  at::assert_no_internal_overlap(logits);
   const c10::cuda::CUDAGuard guard(logits.device());
   if (logits.stride(2) != 1) {  // rows not adjacent: compute aside, then write back
     logits.copy_(logits_bwd_cuda(coef, logits, labels, lse, ignore_index));
@@ -422,6 +494,7 @@ void logits_bwd_inplace_cuda(at::Tensor& logits, const at::Tensor& coef, const a
 TORCH_LIBRARY_IMPL(minisdpo, CUDA, m) {
   m.impl("token_logps_fwd", &minisdpo::token_logps_fwd_cuda);
   m.impl("sdpo_fwd", &minisdpo::sdpo_fwd_cuda);
+  m.impl("sdpo_group_loss", &minisdpo::sdpo_group_loss_cuda);
   m.impl("logits_bwd", &minisdpo::logits_bwd_cuda);
   m.impl("logits_bwd_", &minisdpo::logits_bwd_inplace_cuda);
 }
