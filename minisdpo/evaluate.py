@@ -21,6 +21,7 @@ Prompts and responses are tokenised by ``minisdpo.data`` exactly as in training.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -32,7 +33,7 @@ from minisdpo.data import (Row, TokenizerLike, collate, encode_group, encode_pro
                            response_hidden, truncate_prompt)
 from minisdpo.loss import sequence_logps
 
-__all__ = ["judge", "named_candidate", "generate_answers", "evaluate_generation", "ranking_scores",
+__all__ = ["judge", "named_candidate", "generate_answers", "evaluate_generation", "mcnemar", "ranking_scores",
            "evaluate_ranking", "rank_metrics"]
 
 
@@ -132,14 +133,31 @@ def evaluate_generation(model: Any, tok: TokenizerLike, rows: Sequence[Row], dom
                         batch_size: int = 16, max_new_tokens: int = 20,
                         max_len: int | None = None, progress: bool = True) -> dict[str, Any]:
     """HR@1 and ValidRatio of the answers of ``generate_answers`` (same arguments), judged by
-    the paper's rule (``judge``). Returns {"hr@1", "valid_ratio", "n", "answers"}, ``answers``
-    in the order of ``rows``.
+    the paper's rule (``judge``). Returns {"hr@1", "valid_ratio", "n", "answers", "hits"},
+    ``answers`` and ``hits`` (one bool per row) in the order of ``rows``.
     """
     answers = generate_answers(model, tok, rows, domain, batch_size, max_new_tokens, max_len, progress)
     judged = [judge(a, row.candidates, row.target) for a, row in zip(answers, rows)]
     n = len(rows)
     return {"hr@1": sum(h for _, h in judged) / n, "valid_ratio": sum(v for v, _ in judged) / n,
-            "n": n, "answers": answers}
+            "n": n, "answers": answers, "hits": [h for _, h in judged]}
+
+
+def mcnemar(hits_a: Sequence[bool], hits_b: Sequence[bool]) -> dict[str, float]:
+    """Paired comparison of two models' hits on the same rows: McNemar's exact test.
+
+    Only the rows where the two disagree carry information: ``b`` rows hit by A alone, ``c`` by
+    B alone. Under "equally good" each disagreement is a fair coin, so the two-sided p-value is
+    the binomial probability of a split at least as uneven as (b, c).
+    Returns {"diff": HR(B) - HR(A), "b", "c", "p_value"}.
+    """
+    if len(hits_a) != len(hits_b) or not hits_a:
+        raise ValueError(f"need two equally long, non-empty lists of hits, got {len(hits_a)} and {len(hits_b)}")
+    b = sum(1 for x, y in zip(hits_a, hits_b) if x and not y)
+    c = sum(1 for x, y in zip(hits_a, hits_b) if y and not x)
+    n, k = b + c, min(b, c)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n if n else 1.0
+    return {"diff": (c - b) / len(hits_a), "b": b, "c": c, "p_value": min(1.0, 2 * tail)}
 
 
 def rank_metrics(scores: torch.Tensor, target_index: torch.Tensor) -> dict[str, float]:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from minisdpo import data as D
 from minisdpo import loss as reference
 from minisdpo.checkpoint import from_pretrained, save_pretrained
-from minisdpo.evaluate import evaluate_generation, evaluate_ranking
+from minisdpo.evaluate import evaluate_generation, evaluate_ranking, mcnemar
 from minisdpo.lora import apply_lora, load_adapter, mark_only_lora_as_trainable, merge_and_unload, save_adapter
 from minisdpo.model import Llama, ModelArgs
 from minisdpo.run import STAGES, adapter_dir, default_dtype, model_kind, sft_model_dir
@@ -677,7 +677,7 @@ def run_preference(name: str, k: int, args, tok, splits, domain, env, out, ops) 
 def run_eval(args, tok, splits, domain, env, out, wall_start: float) -> dict:
     rows = splits[args.eval_split]
     progress = not args.no_progress
-    results = {}
+    results, hits = {}, {}
     model = load_sft_model(out, env)
     for name in ("sft", "sdpo", "dpo"):
         path = adapter_dir(out, name) if name != "sft" else sft_model_dir(out)
@@ -689,13 +689,17 @@ def run_eval(args, tok, splits, domain, env, out, wall_start: float) -> dict:
         gen = evaluate_generation(model, tok, rows, domain, batch_size=args.eval_batch_size,
                                   max_len=args.max_len, progress=progress)
         res = {"hr@1": gen["hr@1"], "valid_ratio": gen["valid_ratio"]}
+        hits[name] = gen["hits"]
         if not args.no_ranking:
             res |= {k: v for k, v in evaluate_ranking(model, tok, rows, domain, batch_size=args.rank_batch_size,
                                                        max_len=args.max_len, progress=progress).items()
                     if k != "n"}
         results[name] = res
         atomic_write_json({"answers": gen["answers"]}, out / f"answers_{name}.json")
-    summary = {"models": results, f"{args.eval_split}_rows": len(rows), "wall_s": time.time() - wall_start}
+    # HR@1 of each preference model against SFT's on the same rows, with its noise.
+    paired = {f"{name}_vs_sft": mcnemar(hits["sft"], hits[name]) for name in hits if name != "sft" and "sft" in hits}
+    summary = {"models": results, "paired_hr@1": paired, f"{args.eval_split}_rows": len(rows),
+               "wall_s": time.time() - wall_start}
     atomic_write_json(summary, out / "summary.json")
     if not args.no_plots:
         plot_results(out, summary)
@@ -709,6 +713,9 @@ def print_table(summary: dict) -> None:
     for name, res in summary["models"].items():
         lines.append(f"{name:<6} " + " ".join(f"{res[c]:>12.4f}" if c in res else f"{'-':>12}" for c in cols))
     split = "test" if "test_rows" in summary else "val"
+    for pair, t in summary.get("paired_hr@1", {}).items():
+        lines.append(f"{pair.replace('_vs_', ' vs ')} hr@1: {t['diff']:+.4f} ({t['c']} rows hit only by "
+                     f"{pair.split('_')[0]}, {t['b']} only by sft; McNemar p = {t['p_value']:.3f})")
     lines.append(f"{split} rows: {summary[split + '_rows']}, wall time: {summary['wall_s']:.0f} s")
     print("\n".join(lines), flush=True)
 

@@ -227,3 +227,19 @@ def test_packed_ranking_scores_equal_unpacked_on_tiny_llama(max_len):
     assert packed.shape == (5, 20)
     torch.testing.assert_close(packed, unpacked, rtol=1e-5, atol=1e-5)
     assert packed.std(1).min() > 0.1               # candidates really score differently
+
+
+def test_mcnemar_exact_test_by_hand():
+    from minisdpo.evaluate import mcnemar
+    a = [True, True, False, False, True, False, False, False]
+    b = [True, False, True, True, True, True, False, False]
+    t = mcnemar(a, b)
+    # disagreements: a alone on row 1 (b = 1), b alone on rows 2, 3, 5 (c = 3); n = 4:
+    # P(X <= 1) for Binomial(4, 1/2) = 5/16, two-sided 10/16.
+    assert (t["b"], t["c"]) == (1, 3)
+    assert t["diff"] == pytest.approx(2 / 8)
+    assert t["p_value"] == pytest.approx(10 / 16)
+    assert mcnemar([True] * 5, [True] * 5)["p_value"] == 1.0                 # no disagreement
+    assert mcnemar([False] * 10, [True] * 10)["p_value"] == pytest.approx(2 / 1024)
+    with pytest.raises(ValueError, match="equally long"):
+        mcnemar([True], [True, False])

@@ -68,6 +68,8 @@ def test_all_stages_end_to_end(data_dir, tmp_path):
         assert res["hr@1"] <= res["valid_ratio"]
         assert res["rank_hr@1"] <= res["rank_hr@5"]
     assert json.loads((out / "summary.json").read_text())["models"] == summary["models"]
+    assert set(summary["paired_hr@1"]) == {"sdpo_vs_sft", "dpo_vs_sft"}
+    assert 0.0 <= summary["paired_hr@1"]["sdpo_vs_sft"]["p_value"] <= 1.0
     records = _metrics(out)
     sdpo = [r for r in records if r["stage"] == "sdpo" and "loss" in r]
     assert len(sdpo) == 6  # 48 rows / (4 * 2) per step, one epoch
