@@ -4,7 +4,7 @@ step (``python -m minisdpo.bench --step``).
 Compares the fused op (minisdpo.ops.sdpo_loss) with the plain PyTorch reference
 (minisdpo.loss.sdpo_loss), eager and torch.compile'd, forward alone and forward+backward,
 against the floor of one vectorised exp per logit, ``torch.exp(logits, out=buf)`` over the same
-logits in the same process (DESIGN.md section 7). Times are medians of --repeats runs after
+logits in the same process (docs/design.md section 7). Times are medians of --repeats runs after
 warm-up; ratios are measured side by side. Peak memory of each variant is measured in its own
 process: on the CPU the growth of the peak resident set (VmHWM, or ru_maxrss) over its value
 once the inputs are allocated; on CUDA torch.cuda.max_memory_allocated over the memory allocated by the inputs.
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -39,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -53,8 +55,12 @@ VARIANTS = ("fused", "fused_inplace", "eager", "compiled")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m minisdpo.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES),
-                   help="logits dtypes to run, one table each (default: float32 bfloat16)")
+    p.add_argument("--dtype", nargs="+", default=None, choices=sorted(DTYPES) + ["autocast"],
+                   help="logits dtypes to run, one table each (default: float32 bfloat16); --step: "
+                        "the model's dtype (default float32); --step --model / --generate: the "
+                        "modes to try on each side, the fastest per side reported (float32; "
+                        "bfloat16 = bfloat16 weights, float32 LoRA; autocast = float32 weights "
+                        "under CPU bfloat16 autocast; default: each side's best, MODEL_MODES)")
     p.add_argument("--S", type=int, default=16, help="sequences, G * (1 + K) (default 16)")
     p.add_argument("--T", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--V", type=int, default=32000, help="vocabulary size (default 32000)")
@@ -76,9 +82,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch.set_num_threads for the run and its memory processes (default: torch's)")
     p.add_argument("--groups", type=int, default=None,
                    help="--step: prompts per step (default: 4 for the small model, 1 for the large)")
+    p.add_argument("--model", metavar="DIR",
+                   help="--step: time one S-DPO training step on this Hugging Face Llama directory, "
+                        "ours vs transformers + PEFT (K = --K, --groups default 8, MovieLens rows); "
+                        "--generate: greedy decoding on it")
+    p.add_argument("--hf-micro-batch", type=int, default=2, metavar="N",
+                   help="--step --model: transformers + PEFT runs N prompts ((1 + K) * N sequences) per "
+                        "forward pass, accumulating gradients over the --groups prompts, as its "
+                        "activations for all of them at once outgrow a small machine (~19 GB in "
+                        "bfloat16 for 8 prompts at K=3); 0: all at once (default 2)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, metavar="P",
+                   help="--step --model: LoRA dropout on both sides (default 0, so that both compute "
+                        "the same loss; train.py's default is 0.1)")
+    p.add_argument("--ref-cache", action="store_true",
+                   help="--step --model: also time our step with the reference log-probs cached "
+                        "(minisdpo.step.RefCache, as train.py --fixed-negatives after the first epoch)")
+    p.add_argument("--generate", action="store_true",
+                   help="with --model: time batched greedy decoding (model.generate, KV cache), "
+                        "float32 vs bfloat16")
+    p.add_argument("--batch", type=int, default=16, help="--generate: prompts per batch (default 16)")
+    p.add_argument("--new-tokens", type=int, default=20, help="--generate: tokens per prompt (default 20)")
     # Internal: the child process of peak_memory.
     p.add_argument("--memory-child", metavar="VARIANT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.generate and not args.model:
+        p.error("--generate needs --model DIR")
+    if args.model and not (args.step or args.generate):
+        p.error("--model goes with --step or --generate")
+    if "autocast" in (args.dtype or []) and not args.model:
+        p.error("--dtype autocast only applies to --step --model and --generate")
     if args.threads is not None:
         if args.threads < 1:
             p.error("--threads must be >= 1")
@@ -87,6 +119,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--repeats and --K must be >= 1")
     if min(args.negatives) < 1 or (args.groups is not None and args.groups < 1):
         p.error("--negatives and --groups must be >= 1")
+    if args.model:
+        if args.batch < 1 or args.new_tokens < 1 or args.hf_micro_batch < 0:
+            p.error("--batch and --new-tokens must be >= 1, --hf-micro-batch >= 0")
+        if not 0 <= args.lora_dropout < 1:
+            p.error("--lora-dropout must be in [0, 1)")
+        return args
+    if args.dtype is None:
+        args.dtype = ["float32"] if args.step else ["float32", "bfloat16"]
     if args.step:
         if max(args.negatives) > NUM_CANDIDATES - 1:
             p.error(f"--negatives must be <= {NUM_CANDIDATES - 1} (the non-target candidates)")
@@ -415,17 +455,393 @@ def main_step(args: argparse.Namespace, info: dict) -> dict:
     return results
 
 
+# --------------------------------------------------------------------------------------------
+# --step --model DIR: one S-DPO training step on a real checkpoint, ours vs transformers + PEFT
+
+MODEL_SIDES = ("ours", "hf_peft")
+MODEL_MODES = ("float32", "bfloat16", "autocast")
+# Each side's fastest mode on this project's CPU (AVX512-BF16), from sweeps with
+# --dtype float32 bfloat16 autocast recorded in docs/benchmarks.md; the default run times these.
+# transformers + PEFT runs as fast under autocast as with bfloat16 weights (within 2%, autocast
+# ahead in the cleanest sweep): it gets autocast, the mode a Trainer with bf16=True would use.
+BEST_MODE = {"ours": "bfloat16", "hf_peft": "autocast"}
+MODEL_GROUPS, MODEL_REPEATS = 8, 3
+LORA_R, LORA_ALPHA, BETA, LR = 8, 32.0, 1.0, 1e-4
+DATA_SET = "movielens"
+
+
+def model_tokenizer(model_dir: str, vocab_size: int):
+    """The checkpoint's own tokenizer (minisdpo.tokenizer.Tokenizer.from_dir), or, for a
+    directory without one, the synthetic WordTokenizer over the model's vocabulary: the step's
+    cost depends on the token counts, not on which ids they are."""
+    from minisdpo.tokenizer import Tokenizer
+    try:
+        tok = Tokenizer.from_dir(model_dir)
+    except (FileNotFoundError, ValueError):
+        return WordTokenizer(vocab_size), "WordTokenizer (synthetic: the directory has no tokenizer)"
+    if not hasattr(tok, "prompt_ids"):   # an older Tokenizer: the plain [BOS] + text prompt
+        tok.prompt_ids = lambda text: tok.encode(text, bos=True)
+    return tok, f"{type(tok).__name__}.from_dir ({os.path.basename(getattr(tok, 'path', model_dir))})"
+
+
+def model_batches(model_dir: str, K: int, groups: int, micro: int = 0, seed: int = 0) -> dict:
+    """The first ``groups`` MovieLens training rows with K seeded negatives each, in both
+    layouts: ``packed`` (ours) and ``plain`` (1 + K right-padded full sequences per row), the
+    latter also in micro-batches of ``micro`` prompts (0: one batch)."""
+    from minisdpo.checkpoint import load_config
+    from minisdpo.step import build_batch
+    import random
+    args = load_config(model_dir)
+    tok, tok_name = model_tokenizer(model_dir, args.vocab_size)
+    rows = D.load_dataset(DATA_SET)["train"][:groups]
+    if len(rows) < groups:
+        raise ValueError(f"{DATA_SET} has only {len(rows)} training rows, fewer than --groups {groups}")
+    rng = random.Random(seed)
+    negatives = [D.sample_negatives(row, K, rng) for row in rows]
+    domain = D.default_domain(DATA_SET)
+    packed = build_batch(tok, rows, negatives, MAX_LEN, domain=domain, packing="shared")
+    plain = build_batch(tok, rows, negatives, MAX_LEN, domain=domain, packing="none")
+    # transformers + PEFT's micro-batches: ``micro`` prompts each, padded to their own longest
+    # sequence, as a data loader with gradient accumulation would give them.
+    micro = micro or groups
+    plain_micro = [build_batch(tok, rows[i:i + micro], negatives[i:i + micro], MAX_LEN, domain=domain,
+                               packing="none") for i in range(0, groups, micro)]
+    prompt_lens = [len(D.encode_prompt(tok, row, domain)) for row in rows]
+    return {"packed": packed, "plain": plain, "plain_micro": plain_micro, "tokenizer": tok_name,
+            "prompt_tokens": prompt_lens, "negatives": negatives}
+
+
+def lora_init(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Adapter weights for both sides, under our names: A as LoRA initialises it, B small but
+    non-zero, so that the policy differs from the reference and the loss is not just log(1+K)."""
+    from minisdpo.lora import lora_state_dict
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in sorted(lora_state_dict(model).items()):
+        if ".lora_A." in name:
+            bound = 1.0 / t.shape[1] ** 0.5
+            out[name] = (torch.rand(t.shape, generator=g) * 2 - 1) * bound
+        else:
+            out[name] = torch.randn(t.shape, generator=g) * 0.02
+    return out
+
+
+def _mode_context(mode: str):
+    import contextlib
+    return torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast" else contextlib.nullcontext()
+
+
+def _mode_dtype(mode: str) -> torch.dtype:
+    return torch.bfloat16 if mode == "bfloat16" else torch.float32
+
+
+def build_ours(model_dir: str, mode: str, batches: dict, K: int, lora: dict, dropout: float = 0.0,
+               ref_cached: bool = False):
+    """Our step: minisdpo.model.Llama + LoRA, the packed batch, the reference log-probs once per
+    batch (adapter disabled, no grad), sdpo_linear_loss, backward, AdamW. With ``ref_cached``
+    the reference log-probs come from a minisdpo.step.RefCache (train.py --fixed-negatives from
+    the second epoch on): filled by the first call, read by the later ones. Returns step() -> loss."""
+    from minisdpo.checkpoint import from_pretrained
+    from minisdpo.lora import apply_lora, load_lora_state_dict, mark_only_lora_as_trainable
+    from minisdpo.step import RefCache, sdpo_loss_sum
+    model = from_pretrained(model_dir, dtype=_mode_dtype(mode))
+    apply_lora(model, r=LORA_R, alpha=LORA_ALPHA, dropout=dropout)
+    load_lora_state_dict(model, lora)
+    mark_only_lora_as_trainable(model)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    batch = batches["packed"]
+    groups = batch["labels"].shape[0] // (1 + K)
+    cache = dict(ref_cache=RefCache(), ref_keys=[RefCache.key(i, n) for i, n in
+                                                 enumerate(batches["negatives"])]) if ref_cached else {}
+
+    def step() -> float:
+        with _mode_context(mode):
+            loss, _, _ = sdpo_loss_sum(model, batch, ops, BETA, K, head="linear", **cache)
+            loss = loss / groups
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+    return step
+
+
+def build_hf_peft(model_dir: str, mode: str, batches: dict, K: int, lora: dict, dropout: float = 0.0):
+    """transformers + PEFT the usual way: LlamaForCausalLM + get_peft_model, 1 + K right-padded
+    full sequences per prompt, full-vocabulary logits, log_softmax gathered at the response
+    tokens (minisdpo.loss), the reference under ``disable_adapter()`` and no_grad, the S-DPO
+    loss (minisdpo.loss), backward, AdamW. Returns step() -> loss."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from minisdpo.lora import DEFAULT_TARGETS
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=_mode_dtype(mode))
+    config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=dropout, bias="none",
+                        target_modules=list(DEFAULT_TARGETS), task_type="CAUSAL_LM")
+    with warnings.catch_warnings():        # PEFT calls a deprecated transformers property
+        warnings.simplefilter("ignore", FutureWarning)
+        model = get_peft_model(model, config)   # adapters of a bfloat16 base kept in float32
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in lora.items():
+            params["base_model.model." + name.replace(".weight", ".default.weight")].copy_(t)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    micro_batches = batches["plain_micro"]
+    groups = batches["plain"]["labels"].shape[0] // (1 + K)
+
+    def step() -> float:
+        total = 0.0
+        for batch in micro_batches:         # gradient accumulation: the mean over all groups
+            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+            share = labels.shape[0] / (1 + K) / groups
+            with _mode_context(mode):
+                with model.disable_adapter(), torch.no_grad():
+                    ref_logps = ref.sequence_logps(model(input_ids=ids, attention_mask=mask,
+                                                         use_cache=False).logits, labels)
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (S, T, V)
+                loss, _ = ref.sdpo_loss(logits, labels, ref_logps, beta=BETA, num_negatives=K)
+                del logits
+            (loss * share).backward()
+            total += loss.item() * share
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return total
+    return step
+
+
+MODEL_BUILDERS = {"ours": build_ours, "hf_peft": build_hf_peft,
+                  "ours_ref_cached": lambda *a, **k: build_ours(*a, **k, ref_cached=True)}
+
+
+def _lora_for(model_dir: str) -> dict[str, torch.Tensor]:
+    # The adapter tensors' names and shapes from a meta-device model: no weights read.
+    from minisdpo.checkpoint import load_config
+    from minisdpo.lora import apply_lora
+    from minisdpo.model import Llama
+    with torch.device("meta"):
+        shell = apply_lora(Llama(load_config(model_dir)), r=LORA_R, alpha=LORA_ALPHA)
+    return lora_init(shell)
+
+
+def _clear_peak_rss() -> bool:
+    """Reset VmHWM to the current resident set (Linux: "5" into /proc/self/clear_refs), so the
+    next peak_rss() is the peak of what runs after; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+    except (OSError, StopIteration):
+        return peak_rss()
+
+
+def model_memory_child(args: argparse.Namespace) -> None:
+    """One step of one side in this fresh process: the peak resident set during the step (model,
+    batch, activations, gradients, optimizer), and its growth over what was resident before."""
+    side, mode = args.memory_child, args.dtype[0]
+    batches = model_batches(args.model, args.K, args.groups, args.hf_micro_batch)
+    step = MODEL_BUILDERS[side](args.model, mode, batches, args.K, _lora_for(args.model),
+                                dropout=args.lora_dropout)
+    cleared = _clear_peak_rss()
+    before = _rss() if cleared else peak_rss()
+    step()
+    peak = peak_rss()
+    print(json.dumps({"peak_bytes": peak, "step_bytes": peak - before, "exact": cleared}))
+
+
+def model_peak_memory(side: str, mode: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, "-m", "minisdpo.bench", "--step", "--model", args.model,
+           "--memory-child", side, "--dtype", mode, "--K", str(args.K), "--groups", str(args.groups),
+           "--hf-micro-batch", str(args.hf_micro_batch), "--lora-dropout", str(args.lora_dropout),
+           "--threads", str(torch.get_num_threads())]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main_model_step(args: argparse.Namespace, info: dict) -> dict:
+    K, groups, repeats = args.K, args.groups, args.repeats
+    sides = MODEL_SIDES + (("ours_ref_cached",) if args.ref_cache else ())
+    modes = {side: list(args.dtype) if args.dtype else [BEST_MODE[side.split("_ref")[0]]] for side in sides}
+    batches = model_batches(args.model, K, groups, args.hf_micro_batch)
+    packed, plain = batches["packed"], batches["plain"]
+    print(f"# minisdpo.bench --step --model: one S-DPO training step (reference log-probs, policy "
+          f"forward, loss, backward, AdamW step) on {args.model}")
+    print(f"{DATA_SET} train rows 0..{groups - 1}, K={K} seeded negatives, beta={BETA}, max_len "
+          f"{MAX_LEN}; tokenizer: {batches['tokenizer']}; prompt tokens {min(batches['prompt_tokens'])}-"
+          f"{max(batches['prompt_tokens'])}")
+    print(f"LoRA r={LORA_R} alpha={LORA_ALPHA:g} dropout {args.lora_dropout:g} on q,k,v,o,gate,up,down, "
+          f"the same initial adapter on both sides (B non-zero); AdamW lr {LR:g}"
+          + ("; with dropout the two sides draw different masks, so their losses differ"
+             if args.lora_dropout else ""))
+    print(f"ours: packed {tuple(packed['input_ids'].shape)} ({packed['num_tokens']} real tokens), "
+          f"LM head on {tuple(packed['labels'].shape)} response slots, sdpo_linear_loss")
+    shapes = " + ".join(str(tuple(b["input_ids"].shape)) for b in batches["plain_micro"])
+    print(f"hf_peft: right-padded sequences {shapes}, in {len(batches['plain_micro'])} micro-batch(es) "
+          f"of {args.hf_micro_batch or groups} prompts with gradient accumulation ({plain['num_tokens']} "
+          f"real tokens), full logits (vocabulary {load_vocab(args.model)}), minisdpo.loss.sdpo_loss")
+    print(f"ms = median of {repeats} interleaved runs after 1 warm-up each; loss = the warm-up "
+          f"step's (same batch, same adapter); peak MB = peak RSS (VmHWM) of one step in its own "
+          f"process, step MB = its growth over the model + batch")
+    lora = _lora_for(args.model)
+    # One round per mode, the two sides interleaved within it: both see the same load, and only
+    # two models (and one transformers step's activations, ~10 GB in float32) are alive at once.
+    first_loss, times = {}, {}
+    for r in range(max(len(m) for m in modes.values())):
+        round_ = [(side, modes[side][min(r, len(modes[side]) - 1)]) for side in sides]
+        round_ = [key for key in round_ if key not in times]
+        steps = {}
+        for key in round_:
+            steps[key] = MODEL_BUILDERS[key[0]](args.model, key[1], batches, K, lora,
+                                                dropout=args.lora_dropout)
+            first_loss[key] = steps[key]()                                    # warm-up
+            times[key] = []
+        for _ in range(repeats):
+            for key, step in steps.items():
+                t0 = time.perf_counter()
+                step()
+                times[key].append(time.perf_counter() - t0)
+        del steps
+        gc.collect()
+        print("  round " + ", ".join(f"{side} {mode}: {statistics.median(times[(side, mode)]) * 1e3:.0f} ms"
+                                    for side, mode in round_), flush=True)
+    medians = {key: statistics.median(t) for key, t in times.items()}
+    best = {side: min(modes[side], key=lambda m: medians[(side, m)]) for side in sides}
+    memory = {} if args.no_memory else {side: model_peak_memory(side, best[side], args)
+                                        for side in MODEL_SIDES}
+    print(f"{'side':<15} {'mode':<9} {'ms':>9} {'runs ms':<24} {'loss':>9} {'peak MB':>8} {'step MB':>8}")
+    results: dict = {}
+    for side, mode in ((side, mode) for side in sides for mode in modes[side]):
+        t = times[(side, mode)]
+        chosen = best[side] == mode
+        mem = memory.get(side) if chosen else None
+        peak_mb = mem["peak_bytes"] / 2**20 if mem else None
+        step_mb = mem["step_bytes"] / 2**20 if mem else None
+        runs = " ".join(f"{x * 1e3:.0f}" for x in t)
+        print(f"{side:<15} {mode:<9} {medians[(side, mode)] * 1e3:9.0f} {runs:<24} "
+              f"{first_loss[(side, mode)]:9.5f} "
+              + (f"{peak_mb:8.0f} {step_mb:8.0f}" if mem else f"{'-':>8} {'-':>8}")
+              + ("  <- fastest" if chosen and len(modes[side]) > 1 else ""))
+        entry = {"ms": medians[(side, mode)] * 1e3, "runs_ms": [x * 1e3 for x in t],
+                 "loss": first_loss[(side, mode)], "dtype": mode}
+        results.setdefault("tried", {}).setdefault(side, {})[mode] = entry
+        if chosen:
+            results[side] = {**entry, "peak_mb": peak_mb, "step_mb": step_mb}
+    ours, hf = results["ours"], results["hf_peft"]
+    results["speedup"] = hf["ms"] / ours["ms"]
+    results["memory_ratio"] = (hf["peak_mb"] / ours["peak_mb"]) if memory else None
+    results["loss_diff"] = abs(hf["loss"] - ours["loss"])
+    results["setup"] = {"model": args.model, "K": K, "groups": groups, "repeats": repeats,
+                        "tokenizer": batches["tokenizer"], "threads": torch.get_num_threads(),
+                        "tokens": {"ours": packed["num_tokens"], "hf_peft": plain["num_tokens"]},
+                        "hf_micro_batch": args.hf_micro_batch or groups,
+                        "shapes": {"ours": list(packed["input_ids"].shape),
+                                   "hf_peft": [list(b["input_ids"].shape) for b in batches["plain_micro"]]}}
+    results["machine"] = info
+    print(f"speedup (hf_peft {hf['dtype']} / ours {ours['dtype']}): {results['speedup']:.2f}x"
+          + (f"; peak memory hf_peft / ours: {results['memory_ratio']:.2f}x" if memory else "")
+          + f"; |loss difference| {results['loss_diff']:.2e}")
+    if "ours_ref_cached" in results:
+        results["speedup_ref_cached"] = hf["ms"] / results["ours_ref_cached"]["ms"]
+        print(f"speedup with our reference log-probs cached: {results['speedup_ref_cached']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.json}")
+    return results
+
+
+def load_vocab(model_dir: str) -> int:
+    from minisdpo.checkpoint import load_config
+    return load_config(model_dir).vocab_size
+
+
+# --------------------------------------------------------------------------------------------
+# --generate --model DIR: batched greedy decoding with the KV cache, float32 vs bfloat16
+
+def main_generate(args: argparse.Namespace, info: dict) -> dict:
+    from minisdpo.checkpoint import from_pretrained, load_config
+    modes = list(args.dtype or ["float32", "bfloat16"])
+    if "autocast" in modes:
+        raise SystemExit("--generate: --dtype autocast is not a generation mode (float32, bfloat16)")
+    tok, tok_name = model_tokenizer(args.model, load_config(args.model).vocab_size)
+    rows = D.load_dataset(DATA_SET)["train"][:args.batch]
+    prompts = [D.encode_prompt(tok, row, D.default_domain(DATA_SET)) for row in rows]
+    B, T = len(prompts), max(len(p) for p in prompts)
+    input_ids = torch.full((B, T), D.padding_id(tok), dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    for b, ids in enumerate(prompts):                    # left-padded, as evaluate.py does
+        input_ids[b, T - len(ids):] = torch.tensor(ids)
+        attention_mask[b, T - len(ids):] = 1
+    repeats = args.repeats or MODEL_REPEATS
+    print(f"# minisdpo.bench --generate: greedy decoding of {B} {DATA_SET} prompts "
+          f"({min(map(len, prompts))}-{T} tokens, left-padded to {T}), {args.new_tokens} new tokens "
+          f"each (no early stop at EOS), model.generate with the KV cache, on {args.model}")
+    print(f"tokenizer: {tok_name}; ms = median of {repeats} interleaved runs after 1 warm-up each; "
+          f"prefill ms = the prompt pass alone")
+    models = {m: from_pretrained(args.model, dtype=DTYPES[m]) for m in modes}
+
+    def prefill(model):
+        from minisdpo.model import KVCache
+        cache = KVCache(model.args, B, T + 1, model.cache_dtype(), "cpu")
+        model.prefill(input_ids, attention_mask, cache)
+
+    def generate(model):
+        return model.generate(input_ids, args.new_tokens, None, attention_mask=attention_mask)
+    outputs = {m: generate(model) for m, model in models.items()}      # warm-up
+    for model in models.values():
+        prefill(model)
+    times: dict[str, dict[str, list[float]]] = {m: {"generate": [], "prefill": []} for m in modes}
+    for _ in range(repeats):
+        for m, model in models.items():
+            for what, fn in (("generate", generate), ("prefill", prefill)):
+                t0 = time.perf_counter()
+                fn(model)
+                times[m][what].append(time.perf_counter() - t0)
+    results = {"setup": {"model": args.model, "batch": B, "prompt_tokens": T,
+                         "new_tokens": args.new_tokens, "repeats": repeats, "tokenizer": tok_name,
+                         "threads": torch.get_num_threads()}, "machine": info}
+    print(f"{'dtype':<9} {'gen ms':>8} {'prefill ms':>10} {'decode ms/token':>15} {'new tokens/s':>12} "
+          f"{'same tokens as ' + modes[0]:>24}")
+    for m in modes:
+        gen, pre = (statistics.median(times[m][w]) for w in ("generate", "prefill"))
+        per_token = (gen - pre) / max(args.new_tokens - 1, 1)
+        same = float((outputs[m] == outputs[modes[0]]).float().mean())
+        results[m] = {"ms": gen * 1e3, "prefill_ms": pre * 1e3, "decode_ms_per_token": per_token * 1e3,
+                      "tokens_per_s": B * args.new_tokens / gen, "agreement": same}
+        print(f"{m:<9} {gen * 1e3:8.0f} {pre * 1e3:10.0f} {per_token * 1e3:15.1f} "
+              f"{B * args.new_tokens / gen:12.1f} {same:24.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.json}")
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.model and not args.generate:
+        args.groups = args.groups or MODEL_GROUPS
+        args.repeats = args.repeats or MODEL_REPEATS
     if args.memory_child:
-        (step_memory_child if args.step else memory_child)(args)
+        (model_memory_child if args.model else step_memory_child if args.step else memory_child)(args)
         return {}
-    if args.step:
+    if args.step or args.generate:
         info = machine()
         print("command: python -m minisdpo.bench " + " ".join(sys.argv[1:] if argv is None else argv))
         for k, v in info.items():
             print(f"{k}: {v}")
-        return main_step(args, info)
+        if args.generate:
+            return main_generate(args, info)
+        return main_model_step(args, info) if args.model else main_step(args, info)
     info = machine()
     print("# minisdpo.bench: fused S-DPO loss vs the PyTorch reference")
     print("command: python -m minisdpo.bench " + " ".join(sys.argv[1:] if argv is None else argv))
