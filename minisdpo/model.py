@@ -288,18 +288,6 @@ class Llama(nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None,
-                        device: torch.device | str = "cpu") -> "Llama":
-        """Load a Hugging Face Llama directory; see ``minisdpo.checkpoint.from_pretrained``."""
-        from minisdpo.checkpoint import from_pretrained  # lazy: checkpoint imports this module
-        return from_pretrained(path, dtype=dtype, device=device)
-
-    def save_pretrained(self, path: str, max_shard_size: int | str = "5GB") -> None:
-        """Write a Hugging Face directory; see ``minisdpo.checkpoint.save_pretrained``."""
-        from minisdpo.checkpoint import save_pretrained
-        save_pretrained(self, path, max_shard_size=max_shard_size)
-
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         device = position_ids.device
         if self._inv_freq is None or self._inv_freq.device != device:

@@ -43,7 +43,7 @@ def test_transformers_directory_loads_with_equal_logits(tmp_path, name):
     with torch.no_grad():
         got = ours(ids, attention_mask=mask)
     assert (got[real] - hf_logits(hf, ids, mask)[real]).abs().max() <= 1e-5
-    assert Llama.from_pretrained(tmp_path).args == ours.args
+    assert from_pretrained(tmp_path).args == ours.args
 
 
 @pytest.mark.parametrize("shard", [None, 20_000], ids=["single", "sharded"])

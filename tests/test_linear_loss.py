@@ -11,6 +11,7 @@ its fake kernels' checks), and bad input named in the error.
 """
 import pytest
 import torch
+from conftest import assert_close_nan
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -140,15 +141,6 @@ def test_ignored_sequences_and_rows(device):
     want = run(materialised, hidden.double(), weight.double(), labels, ref_logps, K)
     assert_all_close(got, want, rtol=1e-5, atol=1e-5)
     assert (got[1] == 0).all() and (got[2] == 0).all() and (got[3] == 0).all()
-
-
-def assert_close_nan(got, want, rtol, atol, what):
-    """NaN at the same places; the rest close (infinities equal)."""
-    got, want = got.double().cpu(), want.double().cpu()
-    differ = (got.isnan() != want.isnan()).nonzero().tolist()
-    assert not differ, f"{what}: NaN in one but not the other at {len(differ)} places, first {differ[:3]}"
-    keep = ~want.isnan()
-    torch.testing.assert_close(got[keep], want[keep], rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

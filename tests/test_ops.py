@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_close_nan
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -170,15 +171,6 @@ def nonfinite_inputs(case, dtype, device):
     elif case == "inf_ref_logps":         # z = +inf in group 0: loss +inf
         ref_logps[2] = -inf
     return logits.to(dtype).to(device), labels.to(device), ref_logps.to(device)
-
-
-def assert_close_nan(got, want, rtol, atol, what):
-    """NaN at the same places; the rest close (infinities equal)."""
-    got, want = got.double().cpu(), want.double().cpu()
-    differ = (got.isnan() != want.isnan()).nonzero().tolist()
-    assert not differ, f"{what}: NaN in one but not the other at {len(differ)} places, first {differ[:3]}"
-    keep = ~want.isnan()
-    torch.testing.assert_close(got[keep], want[keep], rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

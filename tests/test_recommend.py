@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import io
 import json
-import random
 from pathlib import Path
 
 import pytest
+from conftest import toy_rows
 
 from minisdpo import recommend as R
 from minisdpo import train
@@ -24,17 +24,7 @@ CANDIDATES = ["Song A5", "Song C2", "Song D7", "Song B0", "Song B9"]
 
 
 def _rows(n: int, seed: int) -> list[dict]:
-    """S-DPO JSON rows: four consecutive titles, then the next one among 20 candidates."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        start = rng.randrange(len(TITLES))
-        history = [TITLES[(start + i) % len(TITLES)] for i in range(4)]
-        target = TITLES[(start + 4) % len(TITLES)]
-        candidates = rng.sample([t for t in TITLES if t != target and t not in history], 19) + [target]
-        rng.shuffle(candidates)
-        rows.append({"historyList": "::".join(history), "itemList": candidates, "trueSelection": target})
-    return rows
+    return toy_rows(n, seed, TITLES)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -15,27 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import toy_rows
 
 from minisdpo import train
-from minisdpo.checkpoint import from_pretrained
+from minisdpo.checkpoint import from_pretrained, save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 TITLES = [f"Song {chr(65 + i // 10)}{i % 10}" for i in range(60)]
 
 
 def _rows(n: int, seed: int) -> list[dict]:
-    """Rows in the S-DPO JSON format whose next item follows a learnable rule (the next title)."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        start = rng.randrange(len(TITLES))
-        history = [TITLES[(start + i) % len(TITLES)] for i in range(4)]
-        target = TITLES[(start + 4) % len(TITLES)]
-        others = rng.sample([t for t in TITLES if t != target and t not in history], 19)
-        candidates = others + [target]
-        rng.shuffle(candidates)
-        rows.append({"historyList": "::".join(history), "itemList": candidates, "trueSelection": target})
-    return rows
+    return toy_rows(n, seed, TITLES)
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +131,8 @@ def test_user_checkpoint_with_lora_sft(data_dir, tmp_path):
     texts = TITLES + [format_prompt(r, "music") for r in load_json_dir(data_dir)["train"]]
     tok = train_tokenizer(texts, 400, base / "tokenizer.model")
     torch.manual_seed(0)
-    Llama(ModelArgs(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
-                    intermediate_size=64)).save_pretrained(str(base))
+    save_pretrained(Llama(ModelArgs(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                                    intermediate_size=64)), str(base))
     out = tmp_path / "run"
     summary = train.main(_flags(data_dir, out, "--model", str(base), "--max-steps", "2", "--no-ranking"))
     assert set(summary["models"]) == {"sft", "sdpo"}
