@@ -26,6 +26,18 @@ groups (synthetic random-word rows: a prompt of ~300 tokens, 20 candidates of 6-
 
 Times are medians of --repeats runs of each variant, interleaved, after one warm-up run each;
 peak memory is measured per variant in its own process, as above, above the model + inputs.
+
+``--step --model DIR`` times one whole S-DPO training step (reference log-probs, policy forward,
+loss, backward, AdamW step) on a Hugging Face Llama directory, on the same batch of MovieLens
+prompts, for ``ours`` (minisdpo.model.Llama + minisdpo.lora, the packed batch, the fused linear
+loss) and ``hf_peft`` (transformers + PEFT the usual way: 1 + K full sequences per prompt,
+full-vocabulary logits, the adapter disabled for the reference), each in the mode it runs
+fastest in on the CPU (``BEST_MODE``; ``--dtype`` sweeps modes), side by side in one process.
+Both start from the same adapter, so their losses must agree (to rounding in float32). Peak
+memory: the peak resident set of one step of each side in its own process.
+
+``--generate --model DIR`` times batched greedy decoding (``Llama.generate`` with the KV cache)
+of MovieLens prompts in float32 and bfloat16.
 """
 from __future__ import annotations
 
