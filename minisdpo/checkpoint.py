@@ -3,7 +3,9 @@
 A directory holds ``config.json`` and the weights as safetensors: one ``model.safetensors``, or
 shards listed by ``model.safetensors.index.json`` (its ``weight_map`` names the shard of each
 tensor). Tensor names are the model's own parameter names (docs/design.md section 4), so loading is
-an identity copy; with tied embeddings the file has no ``lm_head.weight``.
+an identity copy; with tied embeddings the file has no ``lm_head.weight``. ``config.json`` is
+mapped to ``ModelArgs`` and back here (``args_from_hf_config``, ``hf_config``, reading the
+transformers 4.x and 5.x spellings of RoPE), for this module and ``minisdpo.convert`` alike.
 
 Loading builds the model on the meta device and assigns each tensor as it is read
 (``load_state_dict(..., assign=True)``), so a checkpoint is never held twice. Tensors are read
@@ -25,7 +27,8 @@ from safetensors.torch import save_file
 
 from minisdpo.model import Llama, ModelArgs
 
-__all__ = ["from_pretrained", "save_pretrained", "load_config", "read_safetensors_header", "CheckpointError"]
+__all__ = ["from_pretrained", "save_pretrained", "load_config", "args_from_hf_config", "hf_config",
+           "read_safetensors_header", "CheckpointError"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -42,6 +45,77 @@ class CheckpointError(ValueError):
     """A checkpoint directory or file that cannot be loaded as it is."""
 
 
+def args_from_hf_config(config: dict[str, Any]) -> ModelArgs:
+    """ModelArgs from a Hugging Face Llama ``config.json`` dict (transformers 4.x or 5.x)."""
+    architectures = config.get("architectures") or ["LlamaForCausalLM"]
+    if "LlamaForCausalLM" not in architectures:
+        raise ValueError(f"unsupported architecture {architectures}: only LlamaForCausalLM")
+    if config.get("model_type", "llama") != "llama":
+        raise ValueError(f"unsupported model_type {config['model_type']!r}: only 'llama'")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act {config['hidden_act']!r}: only 'silu'")
+    for flag in ("attention_bias", "mlp_bias"):
+        if config.get(flag, False):
+            raise ValueError(f"unsupported {flag}=True: this Llama has no biases")
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        if key not in config:
+            raise ValueError(f"config.json lacks {key!r}")
+    # transformers 5 folds rope_theta and rope_scaling into rope_parameters; 4.x keeps them apart.
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"unsupported rope type {rope_type!r}: only 'default' and 'llama3'")
+    return ModelArgs(
+        vocab_size=config["vocab_size"],
+        dim=config["hidden_size"],
+        n_layers=config["num_hidden_layers"],
+        n_heads=config["num_attention_heads"],
+        n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+        intermediate_size=config["intermediate_size"],
+        head_dim=config.get("head_dim"),
+        norm_eps=config.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=rope if rope_type == "llama3" else None,
+        tie_word_embeddings=config.get("tie_word_embeddings", False),
+        max_seq_len=config.get("max_position_embeddings", 2048),
+        bos_token_id=config.get("bos_token_id"),
+        eos_token_id=config.get("eos_token_id"),
+    )
+
+
+def hf_config(args: ModelArgs, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """The inverse of ``args_from_hf_config``: a ``config.json`` dict for ``LlamaForCausalLM``
+    (with ``torch_dtype`` when dtype is given)."""
+    rope_parameters = {"rope_type": "default", **(args.rope_scaling or {}), "rope_theta": args.rope_theta}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.dim,
+        "intermediate_size": args.intermediate_size,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": args.norm_eps,
+        # Both spellings, so transformers 4.x and 5.x read the same RoPE.
+        "rope_theta": args.rope_theta,
+        "rope_scaling": dict(args.rope_scaling) if args.rope_scaling else None,
+        "rope_parameters": rope_parameters,
+        "tie_word_embeddings": args.tie_word_embeddings,
+        "max_position_embeddings": args.max_seq_len,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": args.bos_token_id,
+        "eos_token_id": args.eos_token_id,
+    }
+    if dtype is not None:
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return config
+
+
 def load_config(path: str) -> ModelArgs:
     """ModelArgs from ``path/config.json``."""
     config_path = os.path.join(path, CONFIG_NAME)
@@ -52,7 +126,7 @@ def load_config(path: str) -> ModelArgs:
             config = json.load(f)
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
-    return ModelArgs.from_hf_config(config)
+    return args_from_hf_config(config)
 
 
 def read_safetensors_header(file: str) -> tuple[dict[str, dict[str, Any]], int]:
@@ -235,4 +309,4 @@ def save_pretrained(model: Llama, path: str, max_shard_size: int | str = "5GB") 
         with open(os.path.join(path, INDEX_NAME), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(model.args.to_hf_config(dtype), f, indent=2)
+        json.dump(hf_config(model.args, dtype), f, indent=2)

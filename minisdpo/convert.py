@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from minisdpo.checkpoint import CONFIG_NAME, WEIGHTS_NAME, hf_config
 from minisdpo.model import Llama, ModelArgs, rope_inv_freq
 
 try:
@@ -57,8 +58,6 @@ except ImportError as e:  # optional dependency: only this module needs it
 __all__ = ["convert_gguf", "smollm2_gguf", "ConvertError", "OutputExistsError", "main"]
 
 GGUF_MAGIC = b"GGUF"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 
@@ -368,12 +367,6 @@ def _write_weights(plan: list[_TensorPlan], file: str, dtype: torch.dtype, progr
             f.write(t.view(torch.uint8).numpy().data)   # little-endian, as safetensors is
 
 
-def _hf_config(args: ModelArgs, dtype: torch.dtype, pad_id: int | None) -> dict[str, Any]:
-    config = args.to_hf_config(dtype)
-    config["pad_token_id"] = pad_id
-    return config
-
-
 # --------------------------------------------------------------------------------------------
 # Tokenizer
 
@@ -558,7 +551,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
         os.chmod(tmp, _default_mode())   # mkdtemp makes it private; the result should not be
         _write_weights(plan, os.path.join(tmp, WEIGHTS_NAME), dtype, progress)
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(_hf_config(args, dtype, pad_id), f, indent=2)
+            json.dump({**hf_config(args, dtype), "pad_token_id": pad_id}, f, indent=2)
         if tok is not None:
             tok.save(os.path.join(tmp, TOKENIZER_NAME))
             with open(os.path.join(tmp, TOKENIZER_CONFIG_NAME), "w") as f:

@@ -26,8 +26,11 @@ __all__ = ["ModelArgs", "RMSNorm", "Attention", "MLP", "Block", "KVCache", "Llam
 
 @dataclass
 class ModelArgs:
+    """A Llama's hyperparameters, checked when built. Reading and writing them as a Hugging Face
+    ``config.json`` is ``minisdpo.checkpoint``'s (``args_from_hf_config``, ``hf_config``)."""
+
     vocab_size: int = 32000
-    dim: int = 4096                      # hidden_size
+    dim: int = 4096                      # the width of the residual stream
     n_layers: int = 32
     n_heads: int = 32
     n_kv_heads: int | None = None        # None: n_heads (multi-head); 1: multi-query
@@ -37,7 +40,7 @@ class ModelArgs:
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None   # None, or {"rope_type": "llama3", ...}
     tie_word_embeddings: bool = False
-    max_seq_len: int = 2048              # max_position_embeddings; informative only
+    max_seq_len: int = 2048              # informative only
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
 
@@ -62,75 +65,6 @@ class ModelArgs:
             for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
                 if key not in self.rope_scaling:
                     raise ValueError(f"rope_scaling of type 'llama3' lacks {key!r}")
-
-    @classmethod
-    def from_hf_config(cls, config: dict[str, Any]) -> "ModelArgs":
-        """ModelArgs from a Hugging Face Llama ``config.json`` dict (transformers 4.x or 5.x)."""
-        architectures = config.get("architectures") or ["LlamaForCausalLM"]
-        if "LlamaForCausalLM" not in architectures:
-            raise ValueError(f"unsupported architecture {architectures}: only LlamaForCausalLM")
-        if config.get("model_type", "llama") != "llama":
-            raise ValueError(f"unsupported model_type {config['model_type']!r}: only 'llama'")
-        if config.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported hidden_act {config['hidden_act']!r}: only 'silu'")
-        for flag in ("attention_bias", "mlp_bias"):
-            if config.get(flag, False):
-                raise ValueError(f"unsupported {flag}=True: this Llama has no biases")
-        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-            if key not in config:
-                raise ValueError(f"config.json lacks {key!r}")
-        # transformers 5 folds rope_theta and rope_scaling into rope_parameters; 4.x keeps them apart.
-        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(f"unsupported rope type {rope_type!r}: only 'default' and 'llama3'")
-        return cls(
-            vocab_size=config["vocab_size"],
-            dim=config["hidden_size"],
-            n_layers=config["num_hidden_layers"],
-            n_heads=config["num_attention_heads"],
-            n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-            intermediate_size=config["intermediate_size"],
-            head_dim=config.get("head_dim"),
-            norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            rope_scaling=rope if rope_type == "llama3" else None,
-            tie_word_embeddings=config.get("tie_word_embeddings", False),
-            max_seq_len=config.get("max_position_embeddings", 2048),
-            bos_token_id=config.get("bos_token_id"),
-            eos_token_id=config.get("eos_token_id"),
-        )
-
-    def to_hf_config(self, dtype: torch.dtype | None = None) -> dict[str, Any]:
-        """The inverse of ``from_hf_config``: a ``config.json`` dict for ``LlamaForCausalLM``."""
-        rope_parameters = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
-        config = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.dim,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.norm_eps,
-            # Both spellings, so transformers 4.x and 5.x read the same RoPE.
-            "rope_theta": self.rope_theta,
-            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
-            "rope_parameters": rope_parameters,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "max_position_embeddings": self.max_seq_len,
-            "attention_bias": False,
-            "mlp_bias": False,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-        }
-        if dtype is not None:
-            config["torch_dtype"] = str(dtype).removeprefix("torch.")
-        return config
 
 
 def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None) -> torch.Tensor:

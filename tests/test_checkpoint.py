@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minisdpo.checkpoint import CheckpointError, from_pretrained, save_pretrained
+from minisdpo.checkpoint import CheckpointError, args_from_hf_config, from_pretrained, hf_config, save_pretrained
 from minisdpo.model import Llama, ModelArgs
 
 pytest.importorskip("hf_utils")
-from hf_utils import CONFIGS, padded_batch, tiny_hf_model  # noqa: E402
+from hf_utils import CONFIGS, LLAMA3_SCALING, padded_batch, tiny_config, tiny_hf_model  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 
@@ -115,6 +115,32 @@ def edit_config(path, **changes):
     config = json.loads((path / "config.json").read_text())
     config.update(changes)
     (path / "config.json").write_text(json.dumps(config))
+
+
+def test_hf_config_round_trip_and_transformers4_layout():
+    cfg = tiny_config(**CONFIGS["llama3_rope"], head_dim=32).to_dict()
+    args = args_from_hf_config(cfg)
+    assert (args.n_heads, args.n_kv_heads, args.head_dim, args.rope_theta) == (4, 4, 32, 500000.0)
+    assert args.rope_scaling["rope_type"] == "llama3"
+    assert args_from_hf_config(hf_config(args)) == args
+    # transformers 4.x: rope_theta and rope_scaling at the top level, no rope_parameters
+    old = {k: v for k, v in cfg.items() if k != "rope_parameters"}
+    old.update(rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING))
+    assert args_from_hf_config(old) == args
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(architectures=["MistralForCausalLM"]), "architecture"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "rope type"),
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(mlp_bias=True), "mlp_bias"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+])
+def test_unsupported_configs_name_the_problem(change, message):
+    cfg = tiny_config().to_dict()
+    cfg.update(change)
+    with pytest.raises(ValueError, match=message):
+        args_from_hf_config(cfg)
 
 
 def test_missing_config(saved):
