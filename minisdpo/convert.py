@@ -18,15 +18,17 @@ It follows llama.cpp's GGUF conventions, read with the ``gguf`` package:
 * No ``output`` tensor means the LM head is tied to the embedding.
 * A ``rope_freqs`` tensor holds Llama 3.1's per-frequency RoPE divisors; they are matched to a
   "llama3" ``rope_scaling`` (the only scaled RoPE ``minisdpo.model`` has).
-* The tokenizer is metadata too (``tokenizer.ggml.*``): tokens, token types, merges, special
-  token ids, and the name of the pre-tokenizer (``tokenizer.ggml.pre``). A byte-level BPE
-  (``tokenizer.ggml.model`` = "gpt2") is rebuilt with the ``tokenizers`` library, splitting
-  text the way llama.cpp does for that name (``_PRE_TOKENIZERS``).
+* The tokenizer is metadata too (``tokenizer.ggml.*``); a byte-level BPE is rebuilt as a
+  ``tokenizer.json`` by ``minisdpo.gguf_tokenizer``.
 
 Everything is checked before anything is written, and the directory is written under a temporary
 name beside OUT_DIR and renamed at the end, so an interrupted or failed conversion leaves nothing
 half-written. Weights are streamed into the safetensors file one tensor at a time, so the peak
 memory is one dequantised tensor, not the model.
+
+This module holds the weights, the config and the command line; opening the file and reading
+its metadata is ``minisdpo.gguf_file`` (where ``ConvertError`` is defined), the tokenizer
+``minisdpo.gguf_tokenizer``.
 """
 from __future__ import annotations
 
@@ -46,18 +48,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from minisdpo.checkpoint import CONFIG_NAME, WEIGHTS_NAME, hf_config
-from minisdpo.model import Llama, ModelArgs, rope_inv_freq
-
 try:
     import gguf
     from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
-except ImportError as e:  # optional dependency: only this module needs it
+except ImportError as e:  # optional dependency: only the conversion needs it
     raise ImportError("minisdpo.convert needs the 'gguf' package: pip install gguf") from e
+
+from minisdpo.checkpoint import CONFIG_NAME, WEIGHTS_NAME, hf_config
+from minisdpo.gguf_file import ConvertError, float32_value, open_gguf, read_field, read_int_field
+from minisdpo.gguf_tokenizer import build_tokenizer
+from minisdpo.model import Llama, ModelArgs, rope_inv_freq
 
 __all__ = ["convert_gguf", "smollm2_gguf", "ConvertError", "OutputExistsError", "main"]
 
-GGUF_MAGIC = b"GGUF"
 TOKENIZER_NAME = "tokenizer.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 
@@ -83,73 +86,9 @@ def smollm2_gguf() -> str | None:
 # torch dtype -> safetensors dtype name, for the dtypes --dtype offers.
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
-# llama.cpp's token types (tokenizer.ggml.token_type).
-_TOKEN_CONTROL = 3
-_TOKEN_USER_DEFINED = 4
-
-
-class ConvertError(ValueError):
-    """A GGUF file that cannot be converted as it is; the message names the file and the problem."""
-
 
 class OutputExistsError(ConvertError, FileExistsError):
     """OUT_DIR exists and is not empty, and overwriting was not asked for."""
-
-
-_MISSING = object()
-
-
-# --------------------------------------------------------------------------------------------
-# Reading the file
-
-
-def _open_gguf(path: str) -> GGUFReader:
-    """A reader over ``path``, after checking that it is a complete GGUF file."""
-    if not os.path.isfile(path):
-        raise ConvertError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise ConvertError(f"{path}: not a GGUF file (its first bytes are {magic!r}, not {GGUF_MAGIC!r})")
-    try:
-        reader = GGUFReader(path)
-    # The reader walks the header with numpy views of a memory map: a cut or corrupt file shows
-    # up as whichever of these the first bad read raises.
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError, struct.error, UnicodeDecodeError) as e:
-        raise ConvertError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
-    if reader.byte_order != "I":
-        # The reader swaps plain arrays, but not the float16 scales inside quantised blocks.
-        raise ConvertError(f"{path}: GGUF file of the other byte order (big-endian) is not supported")
-    size = os.path.getsize(path)
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise ConvertError(f"{path}: truncated GGUF file: tensor {t.name!r} ends at byte {end}, "
-                               f"the file has {size} bytes")
-    return reader
-
-
-def _field(reader: GGUFReader, key: str, path: str, default: Any = _MISSING) -> Any:
-    field = reader.get_field(key)
-    if field is None:
-        if default is _MISSING:
-            raise ConvertError(f"{path}: missing metadata key {key!r}")
-        return default
-    return field.contents()
-
-
-def _int_field(reader: GGUFReader, key: str, path: str, default: Any = _MISSING) -> Any:
-    value = _field(reader, key, path, default)
-    if value is not default and (not isinstance(value, int) or isinstance(value, bool)):
-        # e.g. a per-layer array of head counts, which a plain Llama cannot express
-        raise ConvertError(f"{path}: metadata {key!r} should be one integer, got {value!r:.80}")
-    return value
-
-
-def _float32_value(value: float) -> float:
-    """The shortest decimal that rounds to the same float32: GGUF stores 1e-5 as float32, which
-    reads back as 9.999999747378752e-06; the original config said 1e-05."""
-    return float(str(np.float32(value)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,12 +96,12 @@ def _float32_value(value: float) -> float:
 
 
 def _model_args(reader: GGUFReader, path: str) -> ModelArgs:
-    arch = _field(reader, "general.architecture", path)
+    arch = read_field(reader, "general.architecture", path)
     if arch != "llama":
         raise ConvertError(f"{path}: architecture {arch!r} is not supported: only 'llama'")
 
-    def get_int(key: str, default: Any = _MISSING) -> Any:
-        return _int_field(reader, f"llama.{key}", path, default)
+    def get_int(key: str, *default: Any) -> Any:
+        return read_int_field(reader, f"llama.{key}", path, *default)
 
     dim, n_heads = get_int("embedding_length"), get_int("attention.head_count")
     n_kv_heads = get_int("attention.head_count_kv", n_heads)
@@ -189,8 +128,8 @@ def _model_args(reader: GGUFReader, path: str) -> ModelArgs:
         else:
             raise ConvertError(f"{path}: no llama.vocab_size, tokenizer.ggml.tokens or token_embd.weight "
                                f"gives the vocabulary size")
-    scaling_type = _field(reader, "llama.rope.scaling.type", path, "none")
-    scaling_factor = _field(reader, "llama.rope.scaling.factor", path, 1.0)
+    scaling_type = read_field(reader, "llama.rope.scaling.type", path, "none")
+    scaling_factor = read_field(reader, "llama.rope.scaling.factor", path, 1.0)
     if scaling_type not in ("none", "linear") or (scaling_type == "linear" and scaling_factor != 1.0):
         raise ConvertError(f"{path}: RoPE scaling {scaling_type!r} (factor {scaling_factor}) is not supported; "
                            f"minisdpo.model has plain RoPE and Llama 3.1's 'llama3' scaling")
@@ -203,11 +142,11 @@ def _model_args(reader: GGUFReader, path: str) -> ModelArgs:
             n_kv_heads=n_kv_heads,
             intermediate_size=get_int("feed_forward_length"),
             head_dim=head_dim,
-            norm_eps=_float32_value(_field(reader, "llama.attention.layer_norm_rms_epsilon", path, 1e-5)),
-            rope_theta=_float32_value(_field(reader, "llama.rope.freq_base", path, 10000.0)),
+            norm_eps=float32_value(read_field(reader, "llama.attention.layer_norm_rms_epsilon", path, 1e-5)),
+            rope_theta=float32_value(read_field(reader, "llama.rope.freq_base", path, 10000.0)),
             max_seq_len=get_int("context_length", 2048),
-            bos_token_id=_int_field(reader, "tokenizer.ggml.bos_token_id", path, None),
-            eos_token_id=_int_field(reader, "tokenizer.ggml.eos_token_id", path, None),
+            bos_token_id=read_int_field(reader, "tokenizer.ggml.bos_token_id", path, None),
+            eos_token_id=read_int_field(reader, "tokenizer.ggml.eos_token_id", path, None),
         )
     except ValueError as e:
         raise ConvertError(f"{path}: inconsistent hyperparameters: {e}") from None
@@ -231,7 +170,7 @@ def _llama3_rope_scaling(args: ModelArgs, divisors: np.ndarray, path: str) -> di
                            f"{args.head_dim // 2}")
     if np.all(divisors == 1.0):
         return None
-    scaling = {"rope_type": "llama3", "factor": _float32_value(divisors.max()), **_LLAMA3_SCALING_DEFAULTS}
+    scaling = {"rope_type": "llama3", "factor": float32_value(divisors.max()), **_LLAMA3_SCALING_DEFAULTS}
     plain = rope_inv_freq(args).double()
     args.rope_scaling = scaling
     expected = (plain / rope_inv_freq(args).double()).numpy()
@@ -368,122 +307,6 @@ def _write_weights(plan: list[_TensorPlan], file: str, dtype: torch.dtype, progr
 
 
 # --------------------------------------------------------------------------------------------
-# Tokenizer
-
-# GPT-2's split: contractions, letter runs, digit runs, other runs, each with one leading space.
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-# Llama 3's: letters may take one leading non-letter, digits go in threes, newlines stay apart.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-@dataclass(frozen=True)
-class _PreTokenizer:
-    splits: tuple[str, ...]     # regexes applied in turn, each cutting every piece around its matches
-    gpt2_last: bool             # then GPT-2's split (inside the ByteLevel pre-tokenizer)
-    ignore_merges: bool = False  # a word that is itself a token is not merged up from bytes
-    add_bos: bool = False       # llama.cpp's default when the file has no tokenizer.ggml.add_bos_token
-
-
-_SMOLLM = _PreTokenizer(splits=(r"\p{N}",), gpt2_last=True)   # every digit alone, then GPT-2
-_GPT2 = _PreTokenizer(splits=(), gpt2_last=True)
-_LLAMA3 = _PreTokenizer(splits=(_LLAMA3_SPLIT,), gpt2_last=False, ignore_merges=True, add_bos=True)
-# llama.cpp's fallback for an unnamed pre-tokenizer: punctuation runs, GPT-2, digit runs, threes.
-_DEFAULT = _PreTokenizer(splits=(r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]"),
-                         gpt2_last=False)
-
-# tokenizer.ggml.pre -> how llama.cpp splits text before BPE, for the names that share each rule.
-_PRE_TOKENIZERS = {
-    "smollm": _SMOLLM, "starcoder": _SMOLLM, "refact": _SMOLLM, "command-r": _SMOLLM,
-    "codeshell": _SMOLLM, "exaone": _SMOLLM, "minerva": _SMOLLM,
-    "gpt2": _GPT2, "gpt-2": _GPT2, "mpt": _GPT2, "olmo": _GPT2, "jais": _GPT2,
-    "llama-bpe": _LLAMA3, "llama3": _LLAMA3, "llama-v3": _LLAMA3,
-    "default": _DEFAULT,
-}
-
-
-def _token_at(tokens: list[str], token_id: int | None, key: str, path: str) -> str | None:
-    if token_id is None:
-        return None
-    if not 0 <= token_id < len(tokens):
-        raise ConvertError(f"{path}: tokenizer.ggml.{key} = {token_id} is outside the vocabulary "
-                           f"of {len(tokens)} tokens")
-    return tokens[token_id]
-
-
-def _build_tokenizer(reader: GGUFReader, path: str, max_len: int) -> tuple[Any, dict[str, Any]]:
-    """(``tokenizers.Tokenizer``, tokenizer_config dict) from the ``tokenizer.ggml.*`` metadata."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    kind = _field(reader, "tokenizer.ggml.model", path)
-    if kind == "llama":
-        raise ConvertError(f"{path}: tokenizer.ggml.model 'llama' (a SentencePiece vocabulary) is not "
-                           f"supported yet; convert the weights alone with --no-tokenizer")
-    if kind != "gpt2":
-        raise ConvertError(f"{path}: tokenizer.ggml.model {kind!r} is not supported: only 'gpt2' "
-                           f"(byte-level BPE)")
-    pre_name = _field(reader, "tokenizer.ggml.pre", path, "default")   # llama.cpp's fallback too
-    pre = _PRE_TOKENIZERS.get(pre_name)
-    if pre is None:
-        raise ConvertError(f"{path}: tokenizer.ggml.pre {pre_name!r} is not supported; known: "
-                           f"{', '.join(sorted(_PRE_TOKENIZERS))}")
-    tokens = list(_field(reader, "tokenizer.ggml.tokens", path))
-    types = list(_field(reader, "tokenizer.ggml.token_type", path, [1] * len(tokens)))
-    merges = []
-    for m in _field(reader, "tokenizer.ggml.merges", path):
-        parts = m.split(" ")
-        if len(parts) != 2:
-            raise ConvertError(f"{path}: merge {m!r} is not two tokens separated by one space")
-        merges.append((parts[0], parts[1]))
-
-    vocab: dict[str, int] = {}
-    for i, tok in enumerate(tokens):
-        vocab.setdefault(tok, i)   # a repeated token keeps its first id, as a lookup by text would find
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre.ignore_merges))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.splits]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre.gpt2_last)])
-    tokenizer.decoder = decoders.ByteLevel()
-    # Control tokens (<|im_start|>, ...) and user-defined ones are matched whole in the text before
-    # any splitting, as llama.cpp does; only control tokens are special (skipped when decoding).
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t, ty in zip(tokens, types) if ty == _TOKEN_CONTROL])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
-                          for t, ty in zip(tokens, types) if ty == _TOKEN_USER_DEFINED])
-
-    special = {name: _token_at(tokens, _int_field(reader, f"tokenizer.ggml.{key}", path, None), key, path)
-               for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                                 ("pad_token", "padding_token_id"), ("unk_token", "unknown_token_id"))}
-    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", path, pre.add_bos))
-    add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", path, False))
-    for flag, name in ((add_bos, "bos_token"), (add_eos, "eos_token")):
-        if flag and special[name] is None:
-            raise ConvertError(f"{path}: the tokenizer adds a {name} but the file names none")
-    if add_bos or add_eos:
-        bos = [f"{special['bos_token']}:0"] if add_bos else []
-        eos = [f"{special['eos_token']}:0"] if add_eos else []
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=[*bos, "$A:0", *eos], pair=[*bos, "$A:0", *eos, *bos, "$B:1", *eos],
-            special_tokens=[(special[n], tokenizer.token_to_id(special[n]))
-                            for n, on in (("bos_token", add_bos), ("eos_token", add_eos)) if on])
-    else:
-        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-
-    config: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **{name: tok for name, tok in special.items() if tok is not None},
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
-        "model_max_length": max_len,
-        "clean_up_tokenization_spaces": False,   # decoding gives back the exact text
-    }
-    template = _field(reader, "tokenizer.chat_template", path, None)
-    if template is not None:
-        config["chat_template"] = template
-    return tokenizer, config
-
-
-# --------------------------------------------------------------------------------------------
 # The output directory
 
 
@@ -536,13 +359,13 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     _check_out_dir(out_dir, overwrite)
 
     # Everything that can fail on the file's content fails here, before anything is written.
-    reader = _open_gguf(path)
+    reader = open_gguf(path)
     args = _model_args(reader, path)
     plan, rope_freqs = _plan_tensors(reader, args, path)
     if rope_freqs is not None:
         args.rope_scaling = _llama3_rope_scaling(args, rope_freqs, path)
-    tok, tok_config = _build_tokenizer(reader, path, args.max_seq_len) if tokenizer else (None, None)
-    pad_id = _int_field(reader, "tokenizer.ggml.padding_token_id", path, None)
+    tok, tok_config = build_tokenizer(reader, path, args.max_seq_len) if tokenizer else (None, None)
+    pad_id = read_int_field(reader, "tokenizer.ggml.padding_token_id", path, None)
 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
