@@ -1,7 +1,7 @@
 """The S-DPO loss in plain PyTorch: the readable reference.
 
 This module is the specification of the fused kernel in ``csrc/`` and its test oracle
-(``minisdpo.ops`` has the same two functions with the same signatures). It follows
+(``minisdpo.ops`` has the same two functions with the same signatures: ``LossBackend``, below). It follows
 "On Softmax Direct Preference Optimization for Recommendation" (Chen et al., NeurIPS 2024,
 arXiv 2406.09215), eq. (11)-(12), and its public code: token log-probs are summed, not averaged,
 and the loss is averaged over prompts.
@@ -17,13 +17,25 @@ rejected ones y_1..y_K. ``labels[s, t]`` is the token that ``logits[s, t]`` pred
     loss      = -log sigmoid(-logsumexp_j z_j) = softplus(logsumexp_j z_j)
 
 With K = 1 this is the DPO loss, -log sigmoid(beta * (delta(y_w) - delta(y_1))).
+
+``LossBackend`` is what this module and ``minisdpo.ops`` both are, as module objects:
+``token_logps`` and ``sdpo_loss`` with these signatures (``minisdpo.ops`` adds one optional
+argument of its own, ``inplace_backward``). ``LinearLossBackend`` adds the LM head fused into the
+loss (``linear_token_logps``, ``sdpo_linear_loss``), which only ``minisdpo.ops`` has. Both are
+``runtime_checkable``: ``isinstance(minisdpo.ops, LinearLossBackend)`` is True, and False for this
+module (the check looks at the names only; tests/test_backends.py compares the signatures).
+Code that takes either module annotates it ``LossBackend`` and asks
+``isinstance(backend, LinearLossBackend)`` before using the fused LM head.
 """
 from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["token_logps", "sequence_logps", "preference_loss", "sdpo_loss", "dpo_loss", "metrics"]
+__all__ = ["token_logps", "sequence_logps", "preference_loss", "sdpo_loss", "dpo_loss", "metrics",
+           "LossBackend", "LinearLossBackend"]
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -108,3 +120,54 @@ def metrics(
         "logps/chosen": logps[:, 0].mean().item(),
         "logps/rejected": logps[:, 1:].mean().item(),
     }
+
+
+# ----- the backends: this module and minisdpo.ops, as module objects
+
+
+@runtime_checkable
+class LossBackend(Protocol):
+    """The loss functions a training step needs: this module (the reference) or ``minisdpo.ops``."""
+
+    def token_logps(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        ...
+
+    def sdpo_loss(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        ref_logps: torch.Tensor,
+        beta: float = 1.0,
+        num_negatives: int = 1,
+        ignore_index: int = -100,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ...
+
+
+@runtime_checkable
+class LinearLossBackend(LossBackend, Protocol):
+    """A ``LossBackend`` that also takes the hidden states and the LM head's weight instead of the
+    logits, never forming them whole: ``minisdpo.ops`` (csrc/linear.cpp)."""
+
+    def linear_token_logps(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        ignore_index: int = -100,
+        chunk_rows: int = 0,
+    ) -> torch.Tensor:
+        ...
+
+    def sdpo_linear_loss(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        ref_logps: torch.Tensor,
+        beta: float = 1.0,
+        num_negatives: int = 1,
+        ignore_index: int = -100,
+        chunk_rows: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ...

@@ -3,9 +3,10 @@
 The only Python file that touches ``torch.ops.minisdpo``. It registers the ops' autograd
 formulas (``torch.library.register_autograd``) and fake kernels (``torch.library.register_fake``,
 for torch.compile), and exposes the same two functions as ``minisdpo.loss``, the plain PyTorch
-reference, with the same signatures. The method is S-DPO ("On Softmax Direct Preference
-Optimization for Recommendation", Chen et al., NeurIPS 2024, arXiv 2406.09215); the gradient
-derivation is docs/method.md and docs/design.md, the method:
+reference, with the same signatures plus an optional ``inplace_backward``, and two more with the
+LM head fused in: this module is a ``minisdpo.loss.LinearLossBackend``. The method is S-DPO ("On
+Softmax Direct Preference Optimization for Recommendation", Chen et al., NeurIPS 2024, arXiv
+2406.09215); the gradient derivation is docs/method.md and docs/design.md, the method:
 
     dL/dlogp(y_j) =  beta * sigma(S) * w_j / G     (rejected j; S = logsumexp z, w = softmax z)
     dL/dlogp(y_w) = -beta * sigma(S) / G           (chosen)
