@@ -1,50 +1,6 @@
-"""Data sets, rows, prompts and negatives for S-DPO recommendation.
-
-The task follows LLaRA (Liao et al., SIGIR 2024) and S-DPO (Chen et al., NeurIPS 2024,
-arXiv 2406.09215): a row is a user's history of item titles (oldest first, at most 10), 20
-candidate titles (the true next item and 19 others, shuffled) and the target. The prompt lists
-the history and the candidates and ends in "Answer:"; the response is the target's title.
-
-Data sets (``load_dataset``):
-
-* ``"movielens"`` (built in, domain "movies"): MovieLens-100K, prepared as LLaRA prepares it.
-  Each user's interactions are put in time order (ties keep the file's order); every step with
-  at least ``MIN_HISTORY`` = 3 past items (LLaRA keeps ``len_seq >= 3``) gives a row whose
-  history is the last (up to) ``MAX_HISTORY`` = 10 titles and whose target is the next item.
-  The 19 other candidates are drawn uniformly from the items that are neither in the shown
-  history nor the target (LLaRA's rule), by a ``random.Random`` seeded by (seed, user), so a
-  split is reproducible and does not depend on the order in which users are read.
-  **Split by user, 8:1:1**: the users are shuffled with the seed and cut 80% / 10% / 10%; all
-  the rows of a user go to that user's split. Why: it is how the paper's data was made (the
-  LastFM files of S-DPO hold 976 / 122 / 122 disjoint users, and LLaRA's 95 MovieLens test rows
-  are one per test user of exactly this cut of 943 users), so both built-in data sets measure
-  the same thing: recommending to users never seen in training. (A global time split would
-  avoid training on interactions later than the test ones, but would not match the paper.)
-  Titles are cleaned: "Usual Suspects, The (1995)" -> "The Usual Suspects" (see
-  ``clean_title``); items with the same cleaned title (MovieLens lists a few movies twice) are
-  merged into one item, and the item titled "unknown" is dropped.
-  Sources, in order: ``data_dir`` holding the GroupLens files (``u.data``, ``u.item``) or
-  RecBole's atomic files (``ml-100k.inter``, ``ml-100k.item``); else the copy inside an
-  installed ``recbole`` wheel (found with ``importlib.util.find_spec``, never imported).
-* ``"lastfm"`` (domain "music") and ``"json"``: a directory of files in the S-DPO / LLaRA JSON
-  format (``historyList`` as a "::"-joined string or a list, ``itemList``, ``trueSelection``;
-  ``.json`` or ``.json.gz``), one file per split, named ``*train*``, ``*val*`` or ``*valid*``,
-  ``*test*``. The paper's LastFM (``lastfm-{train,val,test}.json.gz``) reads unchanged.
-
-Prompt and tokens (one function each, used by SFT, S-DPO and evaluation alike):
-
-* ``format_prompt`` writes one title per line (titles may contain ", ", so a comma list would be
-  ambiguous; a title may not contain a newline, which ``Row`` checks).
-* ``encode_prompt`` = ``tok.prompt_ids(prompt text)``: the chat template of an instruct model
-  with the assistant's turn opened, or ``[BOS] + encode(prompt text)``; no EOS.
-* ``encode_response`` = ``encode(title) + [EOS]``, encoded separately from the prompt.
-  A training sequence is ``encode_prompt(...) + encode_response(title)``, so greedy decoding
-  that starts from ``encode_prompt(...)`` sees exactly the context the model was trained on.
-* Too long a sequence is cut on the left of the prompt, keeping its first token (BOS); the
-  response is never cut. In an S-DPO group every sequence gets the same prompt, cut for the
-  longest response of the group.
-
-The batch layouts built from rows are ``minisdpo.batches``.
+"""Data sets, rows, prompts and negatives for S-DPO recommendation. docs/data.md describes the
+data sets, the row format, the prompt rule, the split and why, the sources and the JSON format;
+the batch layouts built from rows are in ``minisdpo.batches``.
 """
 from __future__ import annotations
 
@@ -253,7 +209,7 @@ def _read_atomic(folder: Path) -> tuple[list[tuple[str, str, int]], dict[str, st
 
 def load_movielens(data_dir: str | Path | None = None, seed: int = 0,
                    min_history: int = MIN_HISTORY) -> dict[str, list[Row]]:
-    """MovieLens-100K as rows, split 8:1:1 by user (see the module docstring)."""
+    """MovieLens-100K as rows, split 8:1:1 by user (see docs/data.md)."""
     if min_history < 1:
         raise ValueError(f"min_history must be >= 1, got {min_history}")
     inter, raw_titles = _read_movielens_files(data_dir)
