@@ -376,27 +376,15 @@ def subsample(rows: Sequence[Row], n: int, seed: int = 0) -> list[Row]:
 # Prompts and tokens
 
 _TEMPLATES = {
-    "movies": ("This user has watched the following movies, one title per line, oldest first:\n"
-               "{history}\n"
-               "Which movie will the user watch next? Choose one of these candidate movies, "
-               "one title per line:\n"
-               "{candidates}\n"
-               "Reply with the title of the chosen movie.\n"
-               "Answer:"),
-    "music": ("This user has listened to the following artists, one name per line, oldest first:\n"
-              "{history}\n"
-              "Which artist will the user listen to next? Choose one of these candidate artists, "
-              "one name per line:\n"
-              "{candidates}\n"
-              "Reply with the name of the chosen artist.\n"
-              "Answer:"),
-    "books": ("This user has read the following books, one title per line, oldest first:\n"
-              "{history}\n"
-              "Which book will the user read next? Choose one of these candidate books, "
-              "one title per line:\n"
-              "{candidates}\n"
-              "Reply with the title of the chosen book.\n"
-              "Answer:"),
+    "movies": ("This user has watched the following movies, one title per line, oldest first:\n{history}\n"
+               "Which movie will the user watch next? Choose one of these candidate movies, one title per line:\n"
+               "{candidates}\nReply with the title of the chosen movie.\nAnswer:"),
+    "music": ("This user has listened to the following artists, one name per line, oldest first:\n{history}\n"
+              "Which artist will the user listen to next? Choose one of these candidate artists, one name per line:\n"
+              "{candidates}\nReply with the name of the chosen artist.\nAnswer:"),
+    "books": ("This user has read the following books, one title per line, oldest first:\n{history}\n"
+              "Which book will the user read next? Choose one of these candidate books, one title per line:\n"
+              "{candidates}\nReply with the title of the chosen book.\nAnswer:"),
 }
 
 
