@@ -366,8 +366,8 @@ def step_rows(groups: int, K: int, seed: int = 0) -> tuple[list[D.Row], list[lis
 def step_setup(model_name: str, K: int, groups: int, dtype: torch.dtype):
     """The LoRA model (adapters non-zero, so policy != reference) and both batches."""
     from minisdpo.lora import apply_lora, mark_only_lora_as_trainable
+    from minisdpo.batches import build_batch
     from minisdpo.model import Llama, ModelArgs
-    from minisdpo.step import build_batch
     torch.manual_seed(0)
     margs = ModelArgs(**STEP_MODELS[model_name])
     model = apply_lora(Llama(margs).to(dtype), r=8, alpha=32.0)
@@ -444,7 +444,7 @@ def main_step(args: argparse.Namespace, info: dict) -> dict:
             name = f"{model_name}_K{K}"
             model, batches = step_setup(model_name, K, groups, DTYPES[dtype])
             secs = time_steps(model, batches, K, repeats)
-            tokens = {v: batches[v]["num_tokens"] for v in STEP_VARIANTS}
+            tokens = {v: batches[v].num_tokens for v in STEP_VARIANTS}
             del model, batches
             peak = ({v: None for v in STEP_VARIANTS} if args.no_memory else
                     {v: step_peak_memory(v, model_name, K, groups, args) / 2**20 for v in STEP_VARIANTS})
@@ -500,8 +500,8 @@ def model_batches(model_dir: str, K: int, groups: int, micro: int = 0, seed: int
     """The first ``groups`` MovieLens training rows with K seeded negatives each, in both
     layouts: ``packed`` (ours) and ``plain`` (1 + K right-padded full sequences per row), the
     latter also in micro-batches of ``micro`` prompts (0: one batch)."""
+    from minisdpo.batches import build_batch
     from minisdpo.checkpoint import load_config
-    from minisdpo.step import build_batch
     import random
     args = load_config(model_dir)
     tok, tok_name = model_tokenizer(model_dir, args.vocab_size)
@@ -563,7 +563,7 @@ def build_ours(model_dir: str, mode: str, batches: dict, K: int, lora: dict, dro
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     batch = batches["packed"]
-    groups = batch["labels"].shape[0] // (1 + K)
+    groups = batch.labels.shape[0] // (1 + K)
     cache = dict(ref_cache=RefCache(), ref_keys=[RefCache.key(i, n) for i, n in
                                                  enumerate(batches["negatives"])]) if ref_cached else {}
 
@@ -601,12 +601,12 @@ def build_hf_peft(model_dir: str, mode: str, batches: dict, K: int, lora: dict, 
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     micro_batches = batches["plain_micro"]
-    groups = batches["plain"]["labels"].shape[0] // (1 + K)
+    groups = batches["plain"].labels.shape[0] // (1 + K)
 
     def step() -> float:
         total = 0.0
         for batch in micro_batches:         # gradient accumulation: the mean over all groups
-            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+            ids, mask, labels = batch.input_ids, batch.attention_mask, batch.labels
             share = labels.shape[0] / (1 + K) / groups
             with _mode_context(mode):
                 with model.disable_adapter(), torch.no_grad():
@@ -694,11 +694,11 @@ def main_model_step(args: argparse.Namespace, info: dict) -> dict:
           f"the same initial adapter on both sides (B non-zero); AdamW lr {LR:g}"
           + ("; with dropout the two sides draw different masks, so their losses differ"
              if args.lora_dropout else ""))
-    print(f"ours: packed {tuple(packed['input_ids'].shape)} ({packed['num_tokens']} real tokens), "
-          f"LM head on {tuple(packed['labels'].shape)} response slots, sdpo_linear_loss")
-    shapes = " + ".join(str(tuple(b["input_ids"].shape)) for b in batches["plain_micro"])
+    print(f"ours: packed {tuple(packed.input_ids.shape)} ({packed.num_tokens} real tokens), "
+          f"LM head on {tuple(packed.labels.shape)} response slots, sdpo_linear_loss")
+    shapes = " + ".join(str(tuple(b.input_ids.shape)) for b in batches["plain_micro"])
     print(f"hf_peft: right-padded sequences {shapes}, in {len(batches['plain_micro'])} micro-batch(es) "
-          f"of {args.hf_micro_batch or groups} prompts with gradient accumulation ({plain['num_tokens']} "
+          f"of {args.hf_micro_batch or groups} prompts with gradient accumulation ({plain.num_tokens} "
           f"real tokens), full logits (vocabulary {load_vocab(args.model)}), minisdpo.loss.sdpo_loss")
     print(f"ms = median of {repeats} interleaved runs after 1 warm-up each; loss = the warm-up "
           f"step's (same batch, same adapter); peak MB = peak RSS (VmHWM) of one step in its own "
@@ -753,10 +753,10 @@ def main_model_step(args: argparse.Namespace, info: dict) -> dict:
     results["loss_diff"] = abs(hf["loss"] - ours["loss"])
     results["setup"] = {"model": args.model, "K": K, "groups": groups, "repeats": repeats,
                         "tokenizer": batches["tokenizer"], "threads": torch.get_num_threads(),
-                        "tokens": {"ours": packed["num_tokens"], "hf_peft": plain["num_tokens"]},
+                        "tokens": {"ours": packed.num_tokens, "hf_peft": plain.num_tokens},
                         "hf_micro_batch": args.hf_micro_batch or groups,
-                        "shapes": {"ours": list(packed["input_ids"].shape),
-                                   "hf_peft": [list(b["input_ids"].shape) for b in batches["plain_micro"]]}}
+                        "shapes": {"ours": list(packed.input_ids.shape),
+                                   "hf_peft": [list(b.input_ids.shape) for b in batches["plain_micro"]]}}
     results["machine"] = info
     print(f"speedup (hf_peft {hf['dtype']} / ours {ours['dtype']}): {results['speedup']:.2f}x"
           + (f"; peak memory hf_peft / ours: {results['memory_ratio']:.2f}x" if memory else "")

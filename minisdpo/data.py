@@ -1,72 +1,6 @@
-"""Data sets, prompts, negatives and batches for S-DPO recommendation.
-
-The task follows LLaRA (Liao et al., SIGIR 2024) and S-DPO (Chen et al., NeurIPS 2024,
-arXiv 2406.09215): a row is a user's history of item titles (oldest first, at most 10), 20
-candidate titles (the true next item and 19 others, shuffled) and the target. The prompt lists
-the history and the candidates and ends in "Answer:"; the response is the target's title.
-
-Data sets (``load_dataset``):
-
-* ``"movielens"`` (built in, domain "movies"): MovieLens-100K, prepared as LLaRA prepares it.
-  Each user's interactions are put in time order (ties keep the file's order); every step with
-  at least ``MIN_HISTORY`` = 3 past items (LLaRA keeps ``len_seq >= 3``) gives a row whose
-  history is the last (up to) ``MAX_HISTORY`` = 10 titles and whose target is the next item.
-  The 19 other candidates are drawn uniformly from the items that are neither in the shown
-  history nor the target (LLaRA's rule), by a ``random.Random`` seeded by (seed, user), so a
-  split is reproducible and does not depend on the order in which users are read.
-  **Split by user, 8:1:1**: the users are shuffled with the seed and cut 80% / 10% / 10%; all
-  the rows of a user go to that user's split. Why: it is how the paper's data was made (the
-  LastFM files of S-DPO hold 976 / 122 / 122 disjoint users, and LLaRA's 95 MovieLens test rows
-  are one per test user of exactly this cut of 943 users), so both built-in data sets measure
-  the same thing: recommending to users never seen in training. (A global time split would
-  avoid training on interactions later than the test ones, but would not match the paper.)
-  Titles are cleaned: "Usual Suspects, The (1995)" -> "The Usual Suspects" (see
-  ``clean_title``); items with the same cleaned title (MovieLens lists a few movies twice) are
-  merged into one item, and the item titled "unknown" is dropped.
-  Sources, in order: ``data_dir`` holding the GroupLens files (``u.data``, ``u.item``) or
-  RecBole's atomic files (``ml-100k.inter``, ``ml-100k.item``); else the copy inside an
-  installed ``recbole`` wheel (found with ``importlib.util.find_spec``, never imported).
-* ``"lastfm"`` (domain "music") and ``"json"``: a directory of files in the S-DPO / LLaRA JSON
-  format (``historyList`` as a "::"-joined string or a list, ``itemList``, ``trueSelection``;
-  ``.json`` or ``.json.gz``), one file per split, named ``*train*``, ``*val*`` or ``*valid*``,
-  ``*test*``. The paper's LastFM (``lastfm-{train,val,test}.json.gz``) reads unchanged.
-
-Prompt and tokens (one function each, used by SFT, S-DPO and evaluation alike):
-
-* ``format_prompt`` writes one title per line (titles may contain ", ", so a comma list would be
-  ambiguous; a title may not contain a newline, which ``Row`` checks).
-* ``encode_prompt`` = ``tok.prompt_ids(prompt text)``: the chat template of an instruct model
-  with the assistant's turn opened, or ``[BOS] + encode(prompt text)``; no EOS.
-* ``encode_response`` = ``encode(title) + [EOS]``, encoded separately from the prompt.
-  A training sequence is ``encode_prompt(...) + encode_response(title)``, so greedy decoding
-  that starts from ``encode_prompt(...)`` sees exactly the context the model was trained on.
-* Too long a sequence is cut on the left of the prompt, keeping its first token (BOS); the
-  response is never cut. In an S-DPO group every sequence gets the same prompt, cut for the
-  longest response of the group.
-
-Batches are right-padded with the tokenizer's pad id (its EOS id when it has none) and come
-with **labels already shifted**: ``labels[s, t]`` is the token that ``logits[s, t]`` predicts,
-i.e. ``input_ids[s, t + 1]`` where that token belongs to the response, and -100 elsewhere (the
-prompt, the padding, the last column). So training does ``logits = model(input_ids,
-attention_mask=...)`` and hands ``labels`` straight to ``minisdpo.loss`` / ``minisdpo.ops`` or
-to ``F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)``.
-
-The **packed layout** (``packed_batch``) computes the same log-probs with no repeated work: the
-1+K sequences of a group share their prompt, so the group becomes one sequence
-``[prompt, r_0, r_1, ..., r_n]`` in which the prompt is run once, each response attends to the
-whole prompt and causally to itself (never to another response), and continues the prompt's
-RoPE positions as if it followed the prompt alone. A response's last token (EOS) predicts
-nothing, so it is not fed in. Only the hidden states that predict response tokens are gathered
-(``response_hidden``) and sent through the LM head, instead of the whole (B, T, V) logits::
-
-    h = response_hidden(model, batch)             # (S, R, dim): response positions only
-    logits = model.lm_head(h)                      # (S, R, V)
-    loss, logps = sdpo_loss(logits, batch["labels"], ref_logps, beta, K)
-
-With K = 3, a prompt of ~230 tokens and titles of ~6, that is about 4x fewer transformer tokens
-and about 30x fewer LM-head rows than the concatenated layout. The idea is the "shared prefix"
-packing of multi-response preference training (the prefix sharing of Wang & Hegde, 2024,
-"Accelerating Direct Preference Optimization with Prefix Sharing", arXiv 2410.20305).
+"""Data sets, rows, prompts and negatives for S-DPO recommendation. docs/data.md describes the
+data sets, the row format, the prompt rule, the split and why, the sources and the JSON format;
+the batch layouts built from rows are in ``minisdpo.batches``.
 """
 from __future__ import annotations
 
@@ -82,14 +16,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 
 __all__ = [
-    "Row", "TokenizerLike", "DOMAINS", "MIN_HISTORY", "MAX_HISTORY", "NUM_CANDIDATES", "IGNORE_INDEX",
+    "Row", "TokenizerLike", "DOMAINS", "MIN_HISTORY", "MAX_HISTORY", "NUM_CANDIDATES",
     "clean_title", "load_dataset", "load_movielens", "load_json_dir", "load_json_file",
     "default_domain", "subsample", "format_prompt", "encode_prompt", "encode_response",
-    "truncate_prompt", "encode_group", "padding_id", "collate", "sft_batch", "sdpo_batch",
-    "sdpo_responses", "packed_batch", "response_hidden",
+    "truncate_prompt", "encode_group", "padding_id",
     "sample_negatives", "epoch_negatives", "batches",
 ]
 
@@ -97,7 +29,6 @@ DOMAINS = ("movies", "music", "books")
 MIN_HISTORY = 3        # LLaRA keeps steps with len_seq >= 3
 MAX_HISTORY = 10       # the last 10 items are shown
 NUM_CANDIDATES = 20    # the target and 19 others
-IGNORE_INDEX = -100
 
 
 class TokenizerLike(Protocol):
@@ -278,7 +209,7 @@ def _read_atomic(folder: Path) -> tuple[list[tuple[str, str, int]], dict[str, st
 
 def load_movielens(data_dir: str | Path | None = None, seed: int = 0,
                    min_history: int = MIN_HISTORY) -> dict[str, list[Row]]:
-    """MovieLens-100K as rows, split 8:1:1 by user (see the module docstring)."""
+    """MovieLens-100K as rows, split 8:1:1 by user (see docs/data.md)."""
     if min_history < 1:
         raise ValueError(f"min_history must be >= 1, got {min_history}")
     inter, raw_titles = _read_movielens_files(data_dir)
@@ -445,27 +376,15 @@ def subsample(rows: Sequence[Row], n: int, seed: int = 0) -> list[Row]:
 # Prompts and tokens
 
 _TEMPLATES = {
-    "movies": ("This user has watched the following movies, one title per line, oldest first:\n"
-               "{history}\n"
-               "Which movie will the user watch next? Choose one of these candidate movies, "
-               "one title per line:\n"
-               "{candidates}\n"
-               "Reply with the title of the chosen movie.\n"
-               "Answer:"),
-    "music": ("This user has listened to the following artists, one name per line, oldest first:\n"
-              "{history}\n"
-              "Which artist will the user listen to next? Choose one of these candidate artists, "
-              "one name per line:\n"
-              "{candidates}\n"
-              "Reply with the name of the chosen artist.\n"
-              "Answer:"),
-    "books": ("This user has read the following books, one title per line, oldest first:\n"
-              "{history}\n"
-              "Which book will the user read next? Choose one of these candidate books, "
-              "one title per line:\n"
-              "{candidates}\n"
-              "Reply with the title of the chosen book.\n"
-              "Answer:"),
+    "movies": ("This user has watched the following movies, one title per line, oldest first:\n{history}\n"
+               "Which movie will the user watch next? Choose one of these candidate movies, one title per line:\n"
+               "{candidates}\nReply with the title of the chosen movie.\nAnswer:"),
+    "music": ("This user has listened to the following artists, one name per line, oldest first:\n{history}\n"
+              "Which artist will the user listen to next? Choose one of these candidate artists, one name per line:\n"
+              "{candidates}\nReply with the name of the chosen artist.\nAnswer:"),
+    "books": ("This user has read the following books, one title per line, oldest first:\n{history}\n"
+              "Which book will the user read next? Choose one of these candidate books, one title per line:\n"
+              "{candidates}\nReply with the title of the chosen book.\nAnswer:"),
 }
 
 
@@ -524,170 +443,6 @@ def padding_id(tok: TokenizerLike) -> int:
     # SentencePiece models often have no pad piece (pad_id -1); padded positions are masked
     # and ignored, so any real id serves.
     return tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else tok.eos_id
-
-
-def collate(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded tensors from (prompt ids, response ids) pairs, labels shifted.
-
-    input_ids (B, T) long: prompt + response, then pad_id; attention_mask (B, T) long: 1 on
-    real tokens; labels (B, T) long: labels[s, t] = input_ids[s, t + 1] where that token is
-    part of the response, else -100. T is the longest sequence of the batch.
-    """
-    if not pairs:
-        raise ValueError("pairs is empty")
-    lengths = [len(p) + len(r) for p, r in pairs]
-    B, T = len(pairs), max(lengths)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, T), dtype=torch.long)
-    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    for s, (prompt, response) in enumerate(pairs):
-        if not prompt or not response:
-            raise ValueError(f"pair {s}: the prompt and the response must both be non-empty")
-        n_p, n = len(prompt), lengths[s]
-        input_ids[s, :n] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
-        attention_mask[s, :n] = 1
-        # logits at position t predict token t+1: the response tokens sit at n_p .. n-1,
-        # so they are predicted from positions n_p-1 .. n-2.
-        labels[s, n_p - 1:n - 1] = torch.tensor(list(response), dtype=torch.long)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-
-def _check_max_len(max_len: int) -> None:
-    if not isinstance(max_len, int) or max_len < 2:
-        raise ValueError(f"max_len must be an int >= 2, got {max_len!r}")
-
-
-def sft_batch(tok: TokenizerLike, rows: Sequence[Row], max_len: int, *, domain: str) -> dict[str, torch.Tensor]:
-    """SFT batch: prompt + target response per row; loss only on the response (title + EOS)."""
-    _check_max_len(max_len)
-    pairs = []
-    for row in rows:
-        prompt, (response,) = encode_group(tok, row, [row.target], max_len, domain)
-        pairs.append((prompt, response))
-    return collate(pairs, padding_id(tok))
-
-
-def sdpo_responses(rows: Sequence[Row], negatives: Sequence[Sequence[str]]) -> list[list[str]]:
-    """The responses of each S-DPO group, chosen first: [[target, *negatives], ...].
-
-    Checks that every row has the same K >= 1 distinct non-target candidates as negatives.
-    """
-    if len(negatives) != len(rows):
-        raise ValueError(f"negatives has {len(negatives)} lists for {len(rows)} rows")
-    k = len(negatives[0]) if negatives else 0
-    for g, (row, negs) in enumerate(zip(rows, negatives)):
-        if len(negs) != k or k < 1:
-            raise ValueError(f"negatives[{g}] has {len(negs)} titles; every row needs the same K >= 1 "
-                             f"(negatives[0] has {k})")
-        if len(set(negs)) != k or row.target in negs or not set(negs) <= set(row.candidates):
-            raise ValueError(f"negatives[{g}] must be {k} distinct non-target candidates of rows[{g}], "
-                             f"got {list(negs)}")
-    return [[row.target, *negs] for row, negs in zip(rows, negatives)]
-
-
-def sdpo_batch(tok: TokenizerLike, rows: Sequence[Row], negatives: Sequence[Sequence[str]], max_len: int,
-               *, domain: str) -> dict[str, torch.Tensor]:
-    """S-DPO batch, group-major: B = G * (1 + K); row g*(1+K) is prompt + chosen (the target),
-    rows g*(1+K)+1 .. g*(1+K)+K are the prompt + each of the K rejected titles."""
-    _check_max_len(max_len)
-    pairs = []
-    for row, responses in zip(rows, sdpo_responses(rows, negatives)):
-        prompt, response_ids = encode_group(tok, row, responses, max_len, domain)
-        pairs.extend((prompt, r) for r in response_ids)
-    return collate(pairs, padding_id(tok))
-
-
-# --------------------------------------------------------------------------------------------
-# The packed layout: one sequence per group, the prompt run once
-
-def packed_batch(tok: TokenizerLike, rows: Sequence[Row], responses: Sequence[Sequence[str]], max_len: int,
-                 *, domain: str) -> dict[str, torch.Tensor]:
-    """One packed sequence per row: ``[prompt, r_0, r_1, ...]``, right-padded (see the module
-    docstring). ``responses[g]`` are the titles of row g: [target, *negatives] for S-DPO
-    (``sdpo_responses``), [target] for SFT, the candidates for ranking. Prompts are cut as in
-    ``encode_group`` (on the left, BOS kept, for the longest response of the group), so every
-    response gets exactly the context it has in ``sdpo_batch`` / ``sft_batch``.
-
-    Returns, with G rows, L the longest packed sequence, S = total responses (group-major, in
-    the order given) and R the longest response (title + EOS):
-
-    * ``input_ids`` (G, L) long: the prompt, then each response without its last token (EOS
-      predicts nothing), then the pad id;
-    * ``position_ids`` (G, L) long: the prompt at 0..P-1, every response again from P on;
-    * ``mask`` (G, L, L) bool, True = may attend: causal in the prompt; a response sees the whole
-      prompt and its own earlier tokens; a padding position sees itself only. Pass it as
-      ``model(input_ids, position_ids=..., mask=...)`` with no attention_mask;
-    * ``index`` (S, R) long: flat positions in the (G * L) hidden states that predict each
-      response token: token 0 of every response from the prompt's last position, token j >= 1
-      from the response's own position j - 1; 0 (any valid position) on padding;
-    * ``labels`` (S, R) long: the response tokens, -100 on padding;
-    * ``num_tokens`` () long: the real (unpadded) positions of ``input_ids``, for tokens/s.
-    """
-    _check_max_len(max_len)
-    if len(responses) != len(rows):
-        raise ValueError(f"responses has {len(responses)} lists for {len(rows)} rows")
-    if not rows:
-        raise ValueError("rows is empty")
-    groups = []
-    for g, (row, titles) in enumerate(zip(rows, responses)):
-        if isinstance(titles, str) or not titles:
-            raise ValueError(f"responses[{g}] must be a non-empty list of titles, got {titles!r}")
-        groups.append(encode_group(tok, row, titles, max_len, domain))
-
-    lengths = [len(p) + sum(len(r) - 1 for r in rs) for p, rs in groups]
-    G, L = len(groups), max(lengths)
-    S, R = sum(len(rs) for _, rs in groups), max(len(r) for _, rs in groups for r in rs)
-    input_ids = torch.full((G, L), padding_id(tok), dtype=torch.long)
-    position_ids = torch.zeros((G, L), dtype=torch.long)
-    # segment: 0 on the prompt, 1 + i on response i, -1 on padding
-    segment = torch.full((G, L), -1, dtype=torch.long)
-    index = torch.zeros((S, R), dtype=torch.long)
-    labels = torch.full((S, R), IGNORE_INDEX, dtype=torch.long)
-    s = 0
-    for g, (prompt, response_ids) in enumerate(groups):
-        P = len(prompt)
-        ids, pos, seg = list(prompt), list(range(P)), [0] * P
-        for i, r in enumerate(response_ids):
-            start, n = len(ids), len(r) - 1                   # r[:-1] is fed in, r is predicted
-            ids += r[:-1]
-            pos += range(P, P + n)
-            seg += [1 + i] * n
-            # token 0 from the prompt's last position, token j from the response's position j-1
-            index[s, :len(r)] = g * L + torch.tensor([P - 1, *range(start, start + n)])
-            labels[s, :len(r)] = torch.tensor(r)
-            s += 1
-        input_ids[g, :len(ids)] = torch.tensor(ids)
-        position_ids[g, :len(ids)] = torch.tensor(pos)
-        segment[g, :len(ids)] = torch.tensor(seg)
-
-    q_seg, k_seg = segment[:, :, None], segment[:, None, :]                 # (G, L, 1), (G, 1, L)
-    q_pos, k_pos = torch.arange(L)[:, None], torch.arange(L)[None, :]        # (L, 1), (1, L)
-    sees = (q_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg)) & (k_pos <= q_pos)   # (G, L, L)
-    mask = sees | (k_pos == q_pos)                                           # (G, L, L)
-    return {"input_ids": input_ids, "position_ids": position_ids, "mask": mask, "index": index,
-            "labels": labels, "num_tokens": torch.tensor(sum(lengths))}
-
-
-def response_hidden(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The final hidden states that predict the response tokens of a ``packed_batch``, (S, R, dim).
-
-    ``model`` is called as ``model(input_ids, position_ids=..., mask=..., return_hidden=True)``
-    (minisdpo.model.Llama's signature) and must return (G, L, dim). Apply ``model.lm_head`` to
-    the result to get the logits that ``batch["labels"]`` scores: the LM head then runs on the
-    S * R response rows only.
-    """
-    for key in ("input_ids", "position_ids", "mask", "index"):
-        if key not in batch:
-            raise ValueError(f"batch lacks {key!r}: expected a minisdpo.data.packed_batch")
-    h = model(batch["input_ids"], position_ids=batch["position_ids"], mask=batch["mask"],
-              return_hidden=True)                                            # (G, L, dim)
-    G, L = batch["input_ids"].shape
-    if h.dim() != 3 or h.shape[:2] != (G, L):
-        raise RuntimeError(f"model returned hidden states of shape {tuple(h.shape)}, expected ({G}, {L}, dim)")
-    S, R = batch["index"].shape
-    # index_select: its backward adds the gradients of the prompt's last position, shared by
-    # every response of a group.
-    return h.flatten(0, 1).index_select(0, batch["index"].flatten()).view(S, R, -1)  # (S, R, dim)
 
 
 # --------------------------------------------------------------------------------------------

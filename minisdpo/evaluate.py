@@ -14,8 +14,8 @@ log-probability logp(title + EOS | prompt), the quantity S-DPO trains; the targe
 1 + the number of other candidates scoring at least as high (ties count against the target,
 the pessimistic rule). Reported: rank_hr@1, rank_hr@5 and rank_ndcg@5 (1 / log2(1 + rank) when
 rank <= 5, else 0), averaged over rows. The 20 candidates of a row share one pass over its
-prompt (``minisdpo.data.packed_batch``) and the LM head runs on their tokens only
-(``minisdpo.data.response_hidden``), which scores exactly as 20 separate prompt + title passes.
+prompt (``minisdpo.batches.packed_batch``) and the LM head runs on their tokens only
+(``minisdpo.step.response_logits``), which scores exactly as 20 separate prompt + title passes.
 
 Prompts and responses are tokenised by ``minisdpo.data`` exactly as in training.
 """
@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from minisdpo.data import (Row, TokenizerLike, collate, encode_group, encode_prompt, packed_batch, padding_id,
-                           response_hidden, truncate_prompt)
+from minisdpo.batches import collate, packed_batch
+from minisdpo.data import Row, TokenizerLike, encode_group, encode_prompt, padding_id, truncate_prompt
 from minisdpo.loss import sequence_logps
+from minisdpo.step import response_logits
 
 __all__ = ["judge", "named_candidate", "generate_answers", "evaluate_generation", "mcnemar", "ranking_scores",
            "evaluate_ranking", "rank_metrics"]
@@ -186,7 +187,7 @@ def ranking_scores(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: 
     """logp(title + EOS | prompt) of every candidate, (N, C) float32, candidates in row order.
 
     ``batch_size`` counts rows: each forward pass packs batch_size prompts with all their
-    candidates (``minisdpo.data.packed_batch``, prompts cut as in training); with 20 candidates
+    candidates (``minisdpo.batches.packed_batch``, prompts cut as in training); with 20 candidates
     a packed row holds about 1/14 of the tokens of 20 separate sequences, hence the larger
     default than the unpacked path's 2. ``model`` is called as ``model(input_ids,
     position_ids=..., mask=..., return_hidden=True)`` and must have ``lm_head``
@@ -203,9 +204,9 @@ def ranking_scores(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: 
             idx = order[start:start + batch_size]
             part = [rows[i] for i in idx]
             batch = packed_batch(tok, part, [r.candidates for r in part], max_len, domain=domain)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model.lm_head(response_hidden(model, batch))                 # (B*C, R, V)
-            logps = sequence_logps(logits, batch["labels"])                        # (B*C,)
+            batch = batch.to(device)
+            logits = response_logits(model, batch)                                 # (B*C, R, V)
+            logps = sequence_logps(logits, batch.labels)                           # (B*C,)
             scores[idx] = logps.float().cpu().view(len(idx), n_cands)             # (B, C)
     return scores
 
@@ -214,7 +215,7 @@ def ranking_scores(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: 
 def _ranking_scores_unpacked(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: str,
                              batch_size: int = 2, max_len: int = 512) -> torch.Tensor:
     """``ranking_scores`` the slow way, kept as the tests' oracle and the benchmark's baseline:
-    one full prompt + title sequence per candidate (``minisdpo.data.collate``), logits everywhere."""
+    one full prompt + title sequence per candidate (``minisdpo.batches.collate``), logits everywhere."""
     _check_common(rows, batch_size)
     n_cands = _check_candidates(rows)
     device, pad_id = _device(model), padding_id(tok)
@@ -224,10 +225,9 @@ def _ranking_scores_unpacked(model: Any, tok: TokenizerLike, rows: Sequence[Row]
         for row in rows[start:start + batch_size]:
             prompt, responses = encode_group(tok, row, row.candidates, max_len, domain)
             pairs.extend((prompt, r) for r in responses)
-        batch = collate(pairs, pad_id)
-        logits = model(batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device))          # (B*C, T, V)
-        logps = sequence_logps(logits, batch["labels"].to(device))               # (B*C,)
+        batch = collate(pairs, pad_id).to(device)
+        logits = response_logits(model, batch)                                    # (B*C, T, V)
+        logps = sequence_logps(logits, batch.labels)                              # (B*C,)
         all_scores.append(logps.float().cpu().view(-1, n_cands))                 # (B, C)
     return torch.cat(all_scores)                                                 # (N, C)
 

@@ -1,13 +1,15 @@
 """The loss of one SFT or S-DPO micro-batch: layout, frozen reference, LM head, loss.
 
-Shared by ``minisdpo.train`` and ``minisdpo.bench --step``. Two layouts of the same batch
-(``minisdpo.data``):
+Shared by ``minisdpo.train`` and ``minisdpo.bench --step``; ``response_hidden`` and
+``response_logits``, the model's pass over a batch, also serve ``minisdpo.evaluate``. Two layouts
+of the same batch (``minisdpo.batches``), told apart by their type:
 
-* ``"none"``: one full prompt + response sequence per response, logits at every position, as
-  the public S-DPO code and TRL's DPO do: the prompt runs 1 + K times through the model.
-* ``"shared"`` (default): one packed sequence per prompt, ``[prompt, r_0, ..., r_K]``, whose
-  responses attend to the prompt and to themselves only (a block mask, per-segment positions),
-  and the LM head on the response tokens only.
+* ``"none"`` (a ``PlainBatch``): one full prompt + response sequence per response, logits at
+  every position, as the public S-DPO code and TRL's DPO do: the prompt runs 1 + K times
+  through the model.
+* ``"shared"`` (default, a ``PackedBatch``): one packed sequence per prompt,
+  ``[prompt, r_0, ..., r_K]``, whose responses attend to the prompt and to themselves only (a
+  block mask, per-segment positions), and the LM head on the response tokens only.
 
 and two LM heads (``head=``):
 
@@ -35,34 +37,23 @@ from typing import Any, Hashable, Sequence
 import torch
 from torch import nn
 
-from minisdpo import data as D
+from minisdpo.batches import PackedBatch, PlainBatch
 from minisdpo.lora import disable_lora
 
-__all__ = ["LAYOUTS", "HEADS", "RefCache", "build_batch", "resolve_head", "final_hidden",
-           "response_logits", "sft_loss_sum", "sdpo_loss_sum"]
+__all__ = ["HEADS", "RefCache", "resolve_head", "response_hidden", "final_hidden", "response_logits",
+           "sft_loss_sum", "sdpo_loss_sum"]
 
-LAYOUTS = ("shared", "none")
 HEADS = ("linear", "logits")
 
 
-def build_batch(tok: Any, rows: Sequence[D.Row], negatives: Sequence[Sequence[str]] | None, max_len: int,
-                *, domain: str, packing: str = "shared") -> dict[str, Any]:
-    """An SFT batch (``negatives`` None) or an S-DPO batch (K negatives per row) in a layout.
-
-    Adds ``num_tokens``: the real (unpadded) tokens that go through the model, for tokens/s.
-    """
-    if packing not in LAYOUTS:
-        raise ValueError(f"packing must be one of {LAYOUTS}, got {packing!r}")
-    if packing == "shared":
-        responses = ([[r.target, *n] for r, n in zip(rows, negatives)] if negatives is not None
-                     else [[r.target] for r in rows])
-        batch = D.packed_batch(tok, rows, responses, max_len, domain=domain)
-        batch["num_tokens"] = int(batch["num_tokens"])
-        return batch
-    batch = (D.sdpo_batch(tok, rows, negatives, max_len, domain=domain) if negatives is not None
-             else D.sft_batch(tok, rows, max_len, domain=domain))
-    batch["num_tokens"] = int(batch["attention_mask"].sum())
-    return batch
+def _is_packed(batch: PlainBatch | PackedBatch) -> bool:
+    """True for a PackedBatch, False for a PlainBatch; anything else is a TypeError."""
+    if isinstance(batch, PackedBatch):
+        return True
+    if isinstance(batch, PlainBatch):
+        return False
+    raise TypeError(f"batch must be a minisdpo.batches.PlainBatch or PackedBatch (see build_batch), "
+                    f"got {type(batch).__name__}")
 
 
 def _plain_head(model: Any) -> bool:
@@ -72,12 +63,13 @@ def _plain_head(model: Any) -> bool:
     return type(head) is nn.Linear and head.bias is None
 
 
-def resolve_head(head: str | None, batch: dict[str, Any], ops: ModuleType, model: Any) -> str:
+def resolve_head(head: str | None, batch: PlainBatch | PackedBatch, ops: ModuleType, model: Any) -> str:
     """The LM head to use: ``head`` checked, or the default ("linear" for a packed batch when
     ``ops`` has the linear ops and the model's head is a plain Linear, else "logits")."""
+    packed = _is_packed(batch)
     has_linear = hasattr(ops, "sdpo_linear_loss")
     if head is None:
-        return "linear" if "index" in batch and has_linear and _plain_head(model) else "logits"
+        return "linear" if packed and has_linear and _plain_head(model) else "logits"
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS} or None, got {head!r}")
     if head == "linear" and not has_linear:
@@ -87,29 +79,51 @@ def resolve_head(head: str | None, batch: dict[str, Any], ops: ModuleType, model
     return head
 
 
-def final_hidden(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The final hidden states aligned with ``batch["labels"]``: response rows only for a packed
+def response_hidden(model: Any, batch: PackedBatch) -> torch.Tensor:
+    """The final hidden states that predict the response tokens of a ``packed_batch``, (S, R, dim).
+
+    ``model`` is called as ``model(input_ids, position_ids=..., mask=..., return_hidden=True)``
+    (minisdpo.model.Llama's signature) and must return (G, L, dim). Apply ``model.lm_head`` to
+    the result to get the logits that ``batch.labels`` scores: the LM head then runs on the
+    S * R response rows only.
+    """
+    if not isinstance(batch, PackedBatch):
+        raise TypeError(f"batch must be a minisdpo.batches.PackedBatch (from packed_batch), "
+                        f"got {type(batch).__name__}")
+    h = model(batch.input_ids, position_ids=batch.position_ids, mask=batch.mask,
+              return_hidden=True)                                            # (G, L, dim)
+    G, L = batch.input_ids.shape
+    if h.dim() != 3 or h.shape[:2] != (G, L):
+        raise RuntimeError(f"model returned hidden states of shape {tuple(h.shape)}, expected ({G}, {L}, dim)")
+    S, R = batch.index.shape
+    # index_select: its backward adds the gradients of the prompt's last position, shared by
+    # every response of a group.
+    return h.flatten(0, 1).index_select(0, batch.index.flatten()).view(S, R, -1)  # (S, R, dim)
+
+
+def final_hidden(model: Any, batch: PlainBatch | PackedBatch) -> torch.Tensor:
+    """The final hidden states aligned with ``batch.labels``: response rows only for a packed
     batch, every position for the plain layout."""
-    if "index" in batch:
-        return D.response_hidden(model, batch)                                   # (S, R, dim)
-    return model(batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=True)  # (S, T, dim)
+    if _is_packed(batch):
+        return response_hidden(model, batch)                                     # (S, R, dim)
+    return model(batch.input_ids, attention_mask=batch.attention_mask, return_hidden=True)  # (S, T, dim)
 
 
-def response_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The logits that ``batch["labels"]`` scores: response tokens only for a packed batch (the
+def response_logits(model: Any, batch: PlainBatch | PackedBatch) -> torch.Tensor:
+    """The logits that ``batch.labels`` scores: response tokens only for a packed batch (the
     LM head skips the prompt), every position for the plain layout."""
-    if "index" in batch:
-        return model.lm_head(D.response_hidden(model, batch))                   # (S, R, V)
-    return model(batch["input_ids"], attention_mask=batch["attention_mask"])    # (S, T, V)
+    if _is_packed(batch):
+        return model.lm_head(response_hidden(model, batch))                     # (S, R, V)
+    return model(batch.input_ids, attention_mask=batch.attention_mask)          # (S, T, V)
 
 
-def _token_logps(model: Any, batch: dict[str, torch.Tensor], ops: ModuleType, head: str) -> torch.Tensor:
+def _token_logps(model: Any, batch: PlainBatch | PackedBatch, ops: ModuleType, head: str) -> torch.Tensor:
     if head == "linear":
-        return ops.linear_token_logps(final_hidden(model, batch), model.lm_head.weight, batch["labels"])
-    return ops.token_logps(response_logits(model, batch), batch["labels"])     # (S, R)
+        return ops.linear_token_logps(final_hidden(model, batch), model.lm_head.weight, batch.labels)
+    return ops.token_logps(response_logits(model, batch), batch.labels)       # (S, R)
 
 
-def sft_loss_sum(model: Any, batch: dict[str, torch.Tensor], ops: ModuleType, *,
+def sft_loss_sum(model: Any, batch: PlainBatch | PackedBatch, ops: ModuleType, *,
                  head: str | None = None) -> torch.Tensor:
     """Sum of the response tokens' negative log-likelihoods (the caller divides by their count)."""
     head = resolve_head(head, batch, ops, model)
@@ -160,15 +174,15 @@ class RefCache:
 
 
 def _check_ref_keys(ref_cache: RefCache | None, ref_keys: Sequence[Hashable] | None,
-                    batch: dict[str, torch.Tensor], num_negatives: int) -> None:
+                    batch: PlainBatch | PackedBatch, num_negatives: int) -> None:
     if (ref_cache is None) != (ref_keys is None):
         raise ValueError("ref_cache and ref_keys go together: pass both or neither")
-    groups = batch["labels"].shape[0] // (1 + num_negatives)
+    groups = batch.labels.shape[0] // (1 + num_negatives)
     if ref_keys is not None and len(ref_keys) != groups:
         raise ValueError(f"ref_keys has {len(ref_keys)} keys for a batch of {groups} groups")
 
 
-def sdpo_loss_sum(model: Any, batch: dict[str, torch.Tensor], ops: ModuleType, beta: float,
+def sdpo_loss_sum(model: Any, batch: PlainBatch | PackedBatch, ops: ModuleType, beta: float,
                   num_negatives: int, *, head: str | None = None, ref_cache: RefCache | None = None,
                   ref_keys: Sequence[Hashable] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -180,7 +194,7 @@ def sdpo_loss_sum(model: Any, batch: dict[str, torch.Tensor], ops: ModuleType, b
     """
     head = resolve_head(head, batch, ops, model)
     _check_ref_keys(ref_cache, ref_keys, batch, num_negatives)
-    labels = batch["labels"]
+    labels = batch.labels
     ref_logps = ref_cache.get(ref_keys) if ref_cache is not None else None
     if ref_logps is None:
         with torch.no_grad(), disable_lora(model):

@@ -34,13 +34,14 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from minisdpo import data as D
+from minisdpo.batches import LAYOUTS, build_batch
 from minisdpo import loss as reference
 from minisdpo.checkpoint import from_pretrained, save_pretrained
 from minisdpo.evaluate import evaluate_generation, evaluate_ranking, mcnemar
 from minisdpo.lora import apply_lora, load_adapter, mark_only_lora_as_trainable, merge_and_unload, save_adapter
 from minisdpo.model import Llama, ModelArgs
 from minisdpo.run import STAGES, adapter_dir, default_dtype, model_kind, sft_model_dir
-from minisdpo.step import LAYOUTS, RefCache, build_batch, sdpo_loss_sum, sft_loss_sum
+from minisdpo.step import RefCache, sdpo_loss_sum, sft_loss_sum
 from minisdpo.tokenizer import Tokenizer, train_tokenizer
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -406,7 +407,7 @@ def lr_lambda(step: int, total: int, warmup: float) -> float:
 def make_batch(spec: StageSpec, args, tok, rows: list[D.Row], negatives, domain: str, env: Env):
     batch = build_batch(tok, rows, negatives if spec.negatives else None, args.max_len, domain=domain,
                         packing=args.packing)
-    return {k: v.to(env.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch.to(env.device)
 
 
 def stage_negatives(spec: StageSpec, args, rows: list[D.Row], epoch: int):
@@ -534,7 +535,7 @@ def train_stage(spec: StageSpec, args, model: Llama, tok, splits, domain: str, e
             value, stats = micro_loss(spec, args, model, batch, ops, ref_cache, keys)
             (value / n_terms).backward()
             loss_sum += float(value.detach())
-            tokens += batch["num_tokens"]
+            tokens += batch.num_tokens
             if stats:
                 stats_acc.append((len(part), stats))
         stats = _weighted_mean(stats_acc)

@@ -24,9 +24,11 @@ import time
 import torch
 
 from minisdpo import data as D
+from minisdpo.batches import packed_batch, sdpo_batch, sdpo_responses
 from minisdpo.evaluate import _ranking_scores_unpacked, ranking_scores
 from minisdpo.loss import sdpo_loss
 from minisdpo.model import Llama, ModelArgs
+from minisdpo.step import response_hidden
 from minisdpo.tokenizer import train_tokenizer
 
 
@@ -85,26 +87,26 @@ def main() -> None:
     k, g = 3, 8
     rows = D.subsample(splits["train"], g, seed=1)
     negs = D.epoch_negatives(rows, k, seed=0, epoch=0)
-    pb = D.packed_batch(tok, rows, D.sdpo_responses(rows, negs), 512, domain=domain)
-    cb = D.sdpo_batch(tok, rows, negs, 512, domain=domain)
+    pb = packed_batch(tok, rows, sdpo_responses(rows, negs), 512, domain=domain)
+    cb = sdpo_batch(tok, rows, negs, 512, domain=domain)
     ref_logps = torch.full((g * (1 + k),), -30.0)
 
     def step_packed() -> None:
         model.zero_grad(set_to_none=True)
-        logits = model.lm_head(D.response_hidden(model, pb))                        # (S, R, V)
-        sdpo_loss(logits, pb["labels"], ref_logps, 1.0, k)[0].backward()
+        logits = model.lm_head(response_hidden(model, pb))                          # (S, R, V)
+        sdpo_loss(logits, pb.labels, ref_logps, 1.0, k)[0].backward()
 
     def step_concat() -> None:
         model.zero_grad(set_to_none=True)
-        logits = model(cb["input_ids"], attention_mask=cb["attention_mask"])       # (S, T, V)
-        sdpo_loss(logits, cb["labels"], ref_logps, 1.0, k)[0].backward()
+        logits = model(cb.input_ids, attention_mask=cb.attention_mask)             # (S, T, V)
+        sdpo_loss(logits, cb.labels, ref_logps, 1.0, k)[0].backward()
 
-    counted = int((cb["labels"] != -100).sum())
+    counted = int((cb.labels != -100).sum())
     print(f"\n## S-DPO micro-batch: {g} rows, K={k} ({g * (1 + k)} sequences, {counted} response tokens)")
-    print(f"concatenated: input {tuple(cb['input_ids'].shape)} = {cb['input_ids'].numel()} positions "
-          f"({int(cb['attention_mask'].sum())} real); LM head rows {cb['input_ids'].numel()}")
-    print(f"packed:       input {tuple(pb['input_ids'].shape)} = {pb['input_ids'].numel()} positions "
-          f"({int(pb['num_tokens'])} real); LM head rows {pb['index'].numel()}")
+    print(f"concatenated: input {tuple(cb.input_ids.shape)} = {cb.input_ids.numel()} positions "
+          f"({int(cb.attention_mask.sum())} real); LM head rows {cb.input_ids.numel()}")
+    print(f"packed:       input {tuple(pb.input_ids.shape)} = {pb.input_ids.numel()} positions "
+          f"({pb.num_tokens} real); LM head rows {pb.index.numel()}")
     step_packed(), step_concat()                                                   # warm up
     t_c, t_p = [], []
     for _ in range(max(args.repeats, 5)):                                          # interleaved

@@ -1,5 +1,5 @@
 """Tests of minisdpo.data: loaders (MovieLens, LastFM, JSON), title cleaning, prompts,
-negatives and the batch layout (group-major, labels shifted, -100 on prompt and padding)."""
+negatives and row order (the batch layouts are tests/test_batches.py)."""
 from __future__ import annotations
 
 import gzip
@@ -10,12 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from minisdpo import data
-from minisdpo.data import (Row, batches, clean_title, collate, encode_prompt, encode_response,
-                           epoch_negatives, format_prompt, load_dataset, sample_negatives,
-                           sdpo_batch, sft_batch, truncate_prompt)
+from minisdpo.data import (Row, batches, clean_title, encode_prompt, encode_response, epoch_negatives,
+                           format_prompt, load_dataset, sample_negatives)
 
 LASTFM = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "lastfm"
 HAS_RECBOLE = data._recbole_ml100k_dir() is not None
@@ -359,102 +357,6 @@ def test_batches_cover_each_index_once():
     assert [len(c) for c in batches(10, 4, np.random.default_rng(0), drop_last=True)] == [4, 4]
     with pytest.raises(ValueError, match="batch_size"):
         next(batches(10, 0))
-
-
-# ------------------------------------------------------------------------------------ batches
-
-def check_shifted_labels(batch, pad_id):
-    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
-    assert ids.dtype == labels.dtype == mask.dtype == torch.long and ids.shape == labels.shape == mask.shape
-    counted = labels != -100
-    # labels[s, t] is the next input token wherever it counts; never on the last column.
-    assert not counted[:, -1].any()
-    assert torch.equal(labels[:, :-1][counted[:, :-1]], ids[:, 1:][counted[:, :-1]])
-    # right padding: the mask is a prefix of ones; padded positions hold pad_id and no label
-    lengths = mask.sum(1)
-    assert torch.equal(mask, (torch.arange(ids.shape[1]) < lengths[:, None]).long())
-    assert (ids[mask == 0] == pad_id).all() and not counted[mask == 0].any()
-    return counted
-
-
-def test_sft_batch_layout():
-    rows = [make_row(target_at=1), make_row(target_at=12, history=("Solo", "Duo", "Trio", "Quartet"))]
-    batch = sft_batch(TOK, rows, max_len=512, domain="movies")
-    counted = check_shifted_labels(batch, TOK.pad_id)
-    for s, row in enumerate(rows):
-        prompt = encode_prompt(TOK, row, "movies")
-        response = encode_response(TOK, row.target)
-        n_p = len(prompt)
-        assert batch["input_ids"][s, :n_p].tolist() == prompt
-        # the first counted label sits on the prompt's last token and predicts the title's first
-        assert counted[s].nonzero().flatten().tolist() == list(range(n_p - 1, n_p - 1 + len(response)))
-        assert batch["labels"][s][counted[s]].tolist() == response
-
-
-def test_sdpo_batch_group_major():
-    rows = [make_row(target_at=0), make_row(target_at=5)]
-    negatives = [["Item 3", "Item 17", "Item 10"], ["Item 1", "Item 0", "Item 19"]]
-    batch = sdpo_batch(TOK, rows, negatives, max_len=512, domain="music")
-    K = 3
-    assert batch["input_ids"].shape[0] == len(rows) * (1 + K)
-    counted = check_shifted_labels(batch, TOK.pad_id)
-    for g, row in enumerate(rows):
-        prompt = encode_prompt(TOK, row, "music")
-        expected = [row.target, *negatives[g]]
-        for j in range(1 + K):
-            s = g * (1 + K) + j
-            assert batch["input_ids"][s, :len(prompt)].tolist() == prompt
-            assert TOK.decode(batch["labels"][s][counted[s]].tolist()) == expected[j]
-            assert batch["labels"][s][counted[s]][-1] == TOK.eos_id
-
-
-def test_sdpo_batch_bad_negatives():
-    rows = [make_row(target_at=0)]
-    with pytest.raises(ValueError, match="non-target"):
-        sdpo_batch(TOK, rows, [["Item 0", "Item 1"]], 512, domain="movies")
-    with pytest.raises(ValueError, match="non-target"):
-        sdpo_batch(TOK, rows, [["Item 1", "Item 1"]], 512, domain="movies")
-    with pytest.raises(ValueError, match="non-target"):
-        sdpo_batch(TOK, rows, [["Elsewhere"]], 512, domain="movies")
-    with pytest.raises(ValueError, match="lists for"):
-        sdpo_batch(TOK, rows, [], 512, domain="movies")
-    with pytest.raises(ValueError, match="same K"):
-        sdpo_batch(TOK, rows * 2, [["Item 1"], ["Item 1", "Item 2"]], 512, domain="movies")
-
-
-def test_truncation_cuts_prompt_left_keeps_bos_and_response():
-    row = make_row(history=tuple(f"Old title number {i}" for i in range(10)))
-    row = Row(row.history, row.candidates[:-1] + ("A much longer rejected title",), row.target)
-    rows, negatives = [row], [["Item 1", "A much longer rejected title"]]
-    full = sdpo_batch(TOK, rows, negatives, max_len=10_000, domain="books")
-    cut = sdpo_batch(TOK, rows, negatives, max_len=200, domain="books")
-    assert full["attention_mask"].sum(1).max() > 200 and cut["attention_mask"].sum(1).max() <= 200
-    prompt = encode_prompt(TOK, row, "books")
-    longest = max(len(encode_response(TOK, t)) for t in [row.target, *negatives[0]])
-    kept = 200 - longest
-    for s in range(3):
-        ids = cut["input_ids"][s].tolist()
-        assert ids[0] == TOK.bos_id and ids[1:kept] == prompt[-(kept - 1):]    # same prompt in the group
-    full_counted = full["labels"] != -100
-    cut_counted = cut["labels"] != -100
-    for s in range(3):   # responses whole
-        assert full["labels"][s][full_counted[s]].tolist() == cut["labels"][s][cut_counted[s]].tolist()
-    with pytest.raises(ValueError, match="max_len"):
-        sft_batch(TOK, rows, max_len=8, domain="books")
-    assert truncate_prompt([1, 5, 6, 7, 8], response_len=2, max_len=5) == [1, 7, 8]
-    assert truncate_prompt([1, 5, 6], response_len=2, max_len=5) == [1, 5, 6]
-
-
-def test_collate_pad_and_empty():
-    batch = collate([([1, 5], [6, 2]), ([1], [7, 8, 2])], pad_id=0)
-    assert batch["input_ids"].tolist() == [[1, 5, 6, 2], [1, 7, 8, 2]]
-    assert batch["labels"].tolist() == [[-100, 6, 2, -100], [7, 8, 2, -100]]
-    batch = collate([([1, 5], [2]), ([1, 4, 4], [6, 2])], pad_id=0)
-    assert batch["input_ids"].tolist() == [[1, 5, 2, 0, 0], [1, 4, 4, 6, 2]]
-    assert batch["labels"].tolist() == [[-100, 2, -100, -100, -100], [-100, -100, 6, 2, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
-    with pytest.raises(ValueError, match="pairs"):
-        collate([], 0)
 
 
 def test_row_validation():

@@ -15,7 +15,8 @@ import torch
 from minisdpo import loss as reference
 from minisdpo import ops
 from minisdpo.lora import apply_lora, mark_only_lora_as_trainable
-from minisdpo.step import build_batch, sdpo_loss_sum
+from minisdpo.batches import build_batch
+from minisdpo.step import sdpo_loss_sum
 
 from test_data import TOK
 from test_packing import random_negatives, random_rows, tiny_llama

@@ -1,6 +1,6 @@
-"""Tests of the packed layout (minisdpo.data.packed_batch / response_hidden): the prompt is run
-once per group, the responses attend to it and to themselves, and the LM head runs on response
-positions only. Oracle: the concatenated layout (sdpo_batch / sft_batch, a full forward pass
+"""Tests of the packed layout (minisdpo.batches.packed_batch, minisdpo.step.response_hidden):
+the prompt is run once per group, the responses attend to it and to themselves, and the LM head
+runs on response positions only. Oracle: the concatenated layout (sdpo_batch / sft_batch, a full forward pass
 and minisdpo.loss), which must give the same log-probs, loss and gradients on a tiny random
 float32 Llama (GQA) up to float32 rounding."""
 from __future__ import annotations
@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from minisdpo import data as D
-from minisdpo.data import Row, encode_group, encode_response, packed_batch, response_hidden
+from minisdpo.batches import PackedBatch, PlainBatch, collate, packed_batch, sdpo_batch, sdpo_responses, sft_batch
+from minisdpo.data import Row, encode_group, encode_response
 from minisdpo.loss import sdpo_loss, sequence_logps, token_logps
 from minisdpo.model import Llama, ModelArgs
+from minisdpo.step import response_hidden
 
 from test_data import TOK, ByteTokenizer
 
@@ -53,13 +55,13 @@ def random_negatives(rows: list[Row], k: int, seed: int) -> list[list[str]]:
     return [D.sample_negatives(r, k, rng) for r in rows]
 
 
-def packed_logps(model: Llama, batch: dict) -> torch.Tensor:
-    return sequence_logps(model.lm_head(response_hidden(model, batch)), batch["labels"])   # (S,)
+def packed_logps(model: Llama, batch: PackedBatch) -> torch.Tensor:
+    return sequence_logps(model.lm_head(response_hidden(model, batch)), batch.labels)        # (S,)
 
 
-def concat_logps(model: Llama, batch: dict) -> torch.Tensor:
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])            # (B, T, V)
-    return sequence_logps(logits, batch["labels"])                                         # (B,)
+def concat_logps(model: Llama, batch: PlainBatch) -> torch.Tensor:
+    logits = model(batch.input_ids, attention_mask=batch.attention_mask)                  # (B, T, V)
+    return sequence_logps(logits, batch.labels)                                           # (B,)
 
 
 # ------------------------------------------------------------------------------------ layout
@@ -80,42 +82,42 @@ def test_layout_by_hand():
     rows = [Row(("Blur",), ("Air", "Muse", "Queen"), "Muse"), Row(("A longer history",), ("Air", "Muse"), "Air")]
     responses = [["Muse", "Air", "Queen"], ["Air"]]
     b = packed_batch(TOK, rows, responses, 512, domain="music")
-    G, L = b["input_ids"].shape
-    S, R = b["index"].shape
+    G, L = b.input_ids.shape
+    S, R = b.index.shape
     pieces = [encode_group(TOK, r, t, 512, "music") for r, t in zip(rows, responses)]
     assert (G, S, R) == (2, 4, len("Queen") + 1)
     lengths = [len(p) + sum(len(x) - 1 for x in rs) for p, rs in pieces]
-    assert L == max(lengths) and int(b["num_tokens"]) == sum(lengths)
+    assert L == max(lengths) and b.num_tokens == sum(lengths)
     s = 0
     for g, (prompt, rs) in enumerate(pieces):
         P = len(prompt)
         ids = list(prompt) + [t for r in rs for t in r[:-1]]              # EOS of each response not fed in
-        assert b["input_ids"][g, :len(ids)].tolist() == ids
-        assert (b["input_ids"][g, len(ids):] == TOK.pad_id).all()
+        assert b.input_ids[g, :len(ids)].tolist() == ids
+        assert (b.input_ids[g, len(ids):] == TOK.pad_id).all()
         pos = list(range(P)) + [P + j for r in rs for j in range(len(r) - 1)]
-        assert b["position_ids"][g, :len(ids)].tolist() == pos
+        assert b.position_ids[g, :len(ids)].tolist() == pos
         segment = [0] * P + [1 + i for i, r in enumerate(rs) for _ in r[:-1]] + [-1] * (L - len(ids))
-        assert torch.equal(b["mask"][g], expected_mask(segment, L))
+        assert torch.equal(b.mask[g], expected_mask(segment, L))
         for r in rs:
             n = len(r)
-            assert b["labels"][s, :n].tolist() == r and (b["labels"][s, n:] == -100).all()
+            assert b.labels[s, :n].tolist() == r and (b.labels[s, n:] == -100).all()
             # token 0 is predicted from the last prompt token, token j from the response's token j-1
-            fed = b["input_ids"].flatten()[b["index"][s, :n]].tolist()
+            fed = b.input_ids.flatten()[b.index[s, :n]].tolist()
             assert fed == [prompt[-1]] + r[:-1]
-            assert (b["index"][s, :n] // L == g).all()
-            assert b["position_ids"].flatten()[b["index"][s, :n]].tolist() == list(range(P - 1, P - 1 + n))
-            assert (b["index"][s, n:] == 0).all()
+            assert (b.index[s, :n] // L == g).all()
+            assert b.position_ids.flatten()[b.index[s, :n]].tolist() == list(range(P - 1, P - 1 + n))
+            assert (b.index[s, n:] == 0).all()
             s += 1
 
 
 def test_sdpo_responses_chosen_first_and_checked():
     rows = random_rows(3, seed=1)
     negs = random_negatives(rows, 2, seed=1)
-    assert D.sdpo_responses(rows, negs) == [[r.target, *n] for r, n in zip(rows, negs)]
+    assert sdpo_responses(rows, negs) == [[r.target, *n] for r, n in zip(rows, negs)]
     with pytest.raises(ValueError, match="negatives"):
-        D.sdpo_responses(rows, negs[:2])
+        sdpo_responses(rows, negs[:2])
     with pytest.raises(ValueError, match=r"negatives\[1\]"):
-        D.sdpo_responses(rows, [negs[0], [rows[1].target, negs[1][0]], negs[2]])
+        sdpo_responses(rows, [negs[0], [rows[1].target, negs[1][0]], negs[2]])
 
 
 def test_packed_batch_bad_input():
@@ -132,8 +134,8 @@ def test_packed_batch_bad_input():
         packed_batch(TOK, rows, [[r.target] for r in rows], 1, domain="music")
     with pytest.raises(ValueError, match="domain"):
         packed_batch(TOK, rows, [[r.target] for r in rows], 512, domain="films")
-    with pytest.raises(ValueError, match="packed_batch"):
-        response_hidden(tiny_llama(), D.sft_batch(TOK, rows, 512, domain="music"))
+    with pytest.raises(TypeError, match="packed_batch"):
+        response_hidden(tiny_llama(), sft_batch(TOK, rows, 512, domain="music"))
     batch = packed_batch(TOK, rows, [[r.target] for r in rows], 512, domain="music")
     with pytest.raises(RuntimeError, match="hidden states of shape"):
         response_hidden(lambda ids, **kw: torch.zeros(ids.shape[0], ids.shape[1] + 1, 8), batch)
@@ -145,12 +147,12 @@ def test_packed_batch_bad_input():
 def test_sdpo_logps_loss_and_grads_match_concatenated(k):
     rows = random_rows(3, seed=10 + k)
     negs = random_negatives(rows, k, seed=k)
-    packed = packed_batch(TOK, rows, D.sdpo_responses(rows, negs), 512, domain="music")
-    concat = D.sdpo_batch(TOK, rows, negs, 512, domain="music")
+    packed = packed_batch(TOK, rows, sdpo_responses(rows, negs), 512, domain="music")
+    concat = sdpo_batch(TOK, rows, negs, 512, domain="music")
     # the groups' prompts differ in length, so some packed rows are padded
-    n_real = (packed["mask"].sum(-1) > 1).sum(1) + 1                   # padding (and BOS) see only themselves
-    assert len(set(n_real.tolist())) > 1 and int(n_real.sum()) == int(packed["num_tokens"])
-    assert packed["labels"].shape[0] == concat["labels"].shape[0] == 3 * (1 + k)
+    n_real = (packed.mask.sum(-1) > 1).sum(1) + 1                      # padding (and BOS) see only themselves
+    assert len(set(n_real.tolist())) > 1 and int(n_real.sum()) == packed.num_tokens
+    assert packed.labels.shape[0] == concat.labels.shape[0] == 3 * (1 + k)
 
     ref_logps = -40.0 + torch.linspace(-3, 3, 3 * (1 + k))              # any fixed reference
     results = []
@@ -159,8 +161,8 @@ def test_sdpo_logps_loss_and_grads_match_concatenated(k):
         if batch is packed:
             logits = model.lm_head(response_hidden(model, batch))                       # (S, R, V)
         else:
-            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # (S, T, V)
-        loss, logps = sdpo_loss(logits, batch["labels"], ref_logps, beta=0.7, num_negatives=k)
+            logits = model(batch.input_ids, attention_mask=batch.attention_mask)        # (S, T, V)
+        loss, logps = sdpo_loss(logits, batch.labels, ref_logps, beta=0.7, num_negatives=k)
         loss.backward()
         results.append((logps.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
 
@@ -177,28 +179,28 @@ def test_sdpo_logps_loss_and_grads_match_concatenated(k):
 def test_sft_token_logps_match_concatenated(model):
     rows = random_rows(4, seed=20)
     packed = packed_batch(TOK, rows, [[r.target] for r in rows], 512, domain="movies")
-    concat = D.sft_batch(TOK, rows, 512, domain="movies")
+    concat = sft_batch(TOK, rows, 512, domain="movies")
     with torch.no_grad():
-        tok_p = token_logps(model.lm_head(response_hidden(model, packed)), packed["labels"])   # (S, R)
-        tok_c = token_logps(model(concat["input_ids"], attention_mask=concat["attention_mask"]),
-                            concat["labels"])                                                # (S, T)
+        tok_p = token_logps(model.lm_head(response_hidden(model, packed)), packed.labels)      # (S, R)
+        tok_c = token_logps(model(concat.input_ids, attention_mask=concat.attention_mask),
+                            concat.labels)                                                   # (S, T)
     # the counted tokens in order, per sequence
     for s in range(len(rows)):
-        torch.testing.assert_close(tok_p[s][packed["labels"][s] != -100], tok_c[s][concat["labels"][s] != -100], **TOL)
+        torch.testing.assert_close(tok_p[s][packed.labels[s] != -100], tok_c[s][concat.labels[s] != -100], **TOL)
 
 
 def test_truncated_prompts_match_concatenated(model):
     rows = random_rows(3, seed=30)
     negs = random_negatives(rows, 3, seed=30)
     max_len = 60                                       # far below the ~300-byte prompts
-    packed = packed_batch(TOK, rows, D.sdpo_responses(rows, negs), max_len, domain="music")
-    concat = D.sdpo_batch(TOK, rows, negs, max_len, domain="music")
+    packed = packed_batch(TOK, rows, sdpo_responses(rows, negs), max_len, domain="music")
+    concat = sdpo_batch(TOK, rows, negs, max_len, domain="music")
     # every virtual sequence (prompt + one response) fits max_len, and the longest fills it
     for g in range(3):
-        seq_ends = packed["position_ids"][g].max() + 2      # last fed position + 1 + its EOS
+        seq_ends = packed.position_ids[g].max() + 2         # last fed position + 1 + its EOS
         assert seq_ends == max_len
-        assert packed["input_ids"][g, 0] == TOK.bos_id
-    assert concat["attention_mask"].sum(1).max() == max_len
+        assert packed.input_ids[g, 0] == TOK.bos_id
+    assert concat.attention_mask.sum(1).max() == max_len
     with torch.no_grad():
         torch.testing.assert_close(packed_logps(model, packed), concat_logps(model, concat), **TOL)
 
@@ -210,8 +212,8 @@ def test_ranking_groups_of_different_sizes(model):
     packed = packed_batch(TOK, rows, responses, 512, domain="books")
     pairs = [(p, r) for row, ts in zip(rows, responses) for p, rs in [encode_group(TOK, row, ts, 512, "books")]
              for r in rs]
-    concat = D.collate(pairs, D.padding_id(TOK))
-    assert packed["labels"].shape[0] == 15
+    concat = collate(pairs, D.padding_id(TOK))
+    assert packed.labels.shape[0] == 15
     with torch.no_grad():
         torch.testing.assert_close(packed_logps(model, packed), concat_logps(model, concat), **TOL)
 
@@ -229,8 +231,8 @@ def test_one_token_response(model):
     assert encode_response(tok, "~") == [tok.eos_id]
     responses = [["~", "Muse", "Queen of the Stone Age"]]
     packed = packed_batch(tok, [row], responses, 512, domain="music")
-    assert packed["labels"][0].tolist()[:2] == [tok.eos_id, -100]
-    concat = D.sdpo_batch(tok, [row], [["Muse", "Queen of the Stone Age"]], 512, domain="music")
+    assert packed.labels[0].tolist()[:2] == [tok.eos_id, -100]
+    concat = sdpo_batch(tok, [row], [["Muse", "Queen of the Stone Age"]], 512, domain="music")
     with torch.no_grad():
         torch.testing.assert_close(packed_logps(model, packed), concat_logps(model, concat), **TOL)
 
@@ -238,8 +240,8 @@ def test_one_token_response(model):
 def test_packed_layout_feeds_fewer_tokens():
     rows = random_rows(8, seed=50, n_cands=20)
     negs = random_negatives(rows, 3, seed=50)
-    packed = packed_batch(TOK, rows, D.sdpo_responses(rows, negs), 512, domain="music")
-    concat = D.sdpo_batch(TOK, rows, negs, 512, domain="music")
+    packed = packed_batch(TOK, rows, sdpo_responses(rows, negs), 512, domain="music")
+    concat = sdpo_batch(TOK, rows, negs, 512, domain="music")
     # each prompt once instead of 1+K times: close to 4x fewer real tokens for K = 3
-    assert int(packed["num_tokens"]) * 3 < int(concat["attention_mask"].sum())
-    assert packed["index"].numel() * 10 < concat["input_ids"].numel()
+    assert packed.num_tokens * 3 < int(concat.attention_mask.sum())
+    assert packed.index.numel() * 10 < concat.input_ids.numel()

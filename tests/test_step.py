@@ -4,7 +4,7 @@ the oracle, the plain layout with materialised logits and the PyTorch reference 
 A tiny random float32 Llama with LoRA on every projection, its B matrices non-zero so that the
 policy differs from the reference (adapter disabled); loss, policy and reference log-probs and
 the gradients of every parameter (LM head included) must agree within 1e-5. Also the reference
-cache (RefCache) and the choice of head.
+cache (RefCache), the choice of head and the batch types step accepts.
 """
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import torch
 
 from minisdpo import loss as reference
 from minisdpo import ops
+from minisdpo.batches import build_batch
 from minisdpo.lora import apply_lora
-from minisdpo.step import RefCache, build_batch, resolve_head, sdpo_loss_sum, sft_loss_sum
+from minisdpo.step import (RefCache, final_hidden, resolve_head, response_hidden, response_logits, sdpo_loss_sum,
+                           sft_loss_sum)
 
 from test_data import TOK
 from test_packing import random_negatives, random_rows, tiny_llama
@@ -103,6 +105,21 @@ def test_default_head(model):
         resolve_head("linear", packed, ops, lora_head)
 
 
+def test_unknown_batch_type_rejected(model):
+    # A batch is a minisdpo.batches.PlainBatch or PackedBatch; anything else (such as the dict of
+    # tensors batches used to be) is a TypeError that names both, never a guess at the layout.
+    rows = random_rows(2, seed=35)
+    plain = build_batch(TOK, rows, None, 512, domain="music", packing="none")
+    as_dict = {"input_ids": plain.input_ids, "attention_mask": plain.attention_mask, "labels": plain.labels}
+    for call in (lambda b: resolve_head(None, b, ops, model), lambda b: resolve_head("logits", b, ops, model),
+                 lambda b: final_hidden(model, b), lambda b: response_logits(model, b),
+                 lambda b: sft_loss_sum(model, b, ops), lambda b: sdpo_loss_sum(model, b, ops, 1.0, 1)):
+        with pytest.raises(TypeError, match="PlainBatch or PackedBatch.*got dict"):
+            call(as_dict)
+    with pytest.raises(TypeError, match="PackedBatch.*got PlainBatch"):
+        response_hidden(model, plain)
+
+
 def test_ref_cache(model):
     k = 3
     rows = random_rows(4, seed=40)
@@ -143,7 +160,7 @@ def test_bench_step(tmp_path):
     from minisdpo import bench
 
     model, batches = bench.step_setup("small", 3, 2, torch.float32)
-    assert batches["efficient"]["num_tokens"] * 2 < batches["naive"]["num_tokens"]
+    assert batches["efficient"].num_tokens * 2 < batches["naive"].num_tokens
     losses = [bench.step_once(model, batches[v], v, 3) for v in bench.STEP_VARIANTS]
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
     path = tmp_path / "step.json"
