@@ -10,11 +10,15 @@ A run directory ``OUT`` holds ``config.json`` (every flag that can change result
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 
-__all__ = ["STAGES", "sft_model_dir", "adapter_dir", "model_kind", "cpu_has_bf16", "default_dtype"]
+__all__ = ["STAGES", "sft_model_dir", "adapter_dir", "model_kind", "cpu_has_bf16", "default_dtype",
+           "atomic_save", "atomic_write_json", "atomic_dir", "append_jsonl", "truncate_metrics"]
 
 STAGES = ("sft", "sdpo", "dpo")
 
@@ -51,3 +55,45 @@ def default_dtype(dtype: str | None, device: torch.device, model: str) -> torch.
     if device.type == "cuda" or (model_kind(model) == "pretrained" and cpu_has_bf16()):
         return torch.bfloat16
     return torch.float32
+
+
+# Files of a run: written atomically, so an interruption never leaves half a file.
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: an interruption never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def atomic_dir(write, path: Path) -> None:
+    """Write a directory through ``write(tmp_dir)`` and rename it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def truncate_metrics(path: Path, stage: str, step: int) -> None:
+    """On resume, drop the records an interrupted run wrote after its last checkpoint."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line and not ((r := json.loads(line))["stage"] == stage and r["step"] > step)]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)

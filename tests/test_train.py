@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import toy_rows
 
-from minisdpo import train
+from minisdpo import train, trainer
 from minisdpo.checkpoint import from_pretrained, save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_all_stages_end_to_end(data_dir, tmp_path):
     assert again["models"] == summary["models"]
 
 
-@pytest.mark.parametrize("variant", [("--loss", "reference"), ("--packing", "none")])
+@pytest.mark.parametrize("variant", [("--loss", "pytorch"), ("--packing", "none")])
 def test_fused_packed_step_trains_like_the_plain_reference(data_dir, tmp_path, variant):
     """The default step (fused kernel, shared-prompt packing, response-only LM head) against its
     slow twins: the PyTorch reference loss, and one full sequence per response."""
@@ -224,22 +224,22 @@ def test_a_run_that_cannot_start_leaves_nothing(data_dir, tmp_path, capsys, case
 def test_a_diverging_run_stops_and_resumes_from_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     flags = _flags(data_dir, out, "--stage", "sft", "--max-steps", "5", "--ckpt-every", "2", "--no-plots")
-    original = train.micro_loss
+    original = trainer.micro_loss
     calls = []
 
-    def diverging(spec, *a, **kw):  # step 3's first micro-batch gives NaN (2 micro-batches a step)
-        value, stats = original(spec, *a, **kw)
+    def diverging(*a, **kw):  # step 3's first micro-batch gives NaN (2 micro-batches a step)
+        value, stats = original(*a, **kw)
         calls.append(1)
         return (value * float("nan") if len(calls) == 5 else value), stats
 
-    monkeypatch.setattr(train, "micro_loss", diverging)
+    monkeypatch.setattr(trainer, "micro_loss", diverging)
     with pytest.raises(SystemExit, match=r"\[sft\] step 3: .*not finite.*step 2.*--resume"):
         train.main(flags)
     state = torch.load(out / "sft" / "state.pt", weights_only=False)
     assert state["step"] == 2                                         # the last good checkpoint
     assert all(math.isfinite(v.abs().sum()) for v in state["params"].values())
     assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2]  # no record of the bad step
-    monkeypatch.setattr(train, "micro_loss", original)
+    monkeypatch.setattr(trainer, "micro_loss", original)
     train.main(flags + ["--resume"])
     assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2, 3, 4, 5]
 

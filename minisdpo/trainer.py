@@ -1,0 +1,305 @@
+"""The training loop shared by the SFT, S-DPO and DPO stages of ``python -m minisdpo.train``.
+
+``train_stage(model, spec, cfg, data, env=..., out=..., backend=...)`` trains the model's
+trainable parameters (a LoRA adapter, or every weight of a small model from scratch) in place:
+
+* the rows of an optimizer step are ``cfg.batch_size * cfg.grad_accum * env.world``, in an order
+  shuffled per epoch by (seed, stage, epoch); each process takes every ``world``-th of them in
+  micro-batches of ``cfg.batch_size``, and the loss of each micro-batch is divided by the terms
+  of the whole step (response tokens for SFT, groups for S-DPO), so accumulation and data
+  parallelism give the gradient of one big batch;
+* AdamW (betas 0.9/0.95), linear warm-up then cosine decay, gradient clipping;
+* S-DPO negatives drawn anew every epoch, or once with ``cfg.fixed_negatives`` (then the frozen
+  reference model's log-probs of a group are computed once, ``minisdpo.step.RefCache``);
+* the validation loss (fixed negatives) every ``cfg.eval_every`` steps and at the end keeps the
+  best parameters, which are restored when the stage ends: model selection on the validation
+  split only;
+* every ``cfg.ckpt_every`` steps an atomic ``OUT/<stage>/state.pt`` (parameters, optimizer,
+  schedule, step, best, RNG) from which a resumed run continues with the same results;
+* a non-finite loss or gradient norm stops the stage before the update, naming the step.
+
+Per-step records go to ``OUT/metrics.jsonl``. ``train.py`` keeps the command line, the stages'
+order and the report.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from minisdpo import data as D
+from minisdpo.loss import metrics as preference_metrics
+from minisdpo.run import append_jsonl, atomic_save, truncate_metrics
+from minisdpo.batches import build_batch
+from minisdpo.step import RefCache, sdpo_loss_sum, sft_loss_sum
+
+__all__ = ["Env", "TrainConfig", "StageSpec", "StageData", "barrier", "log", "lr_lambda", "sft_terms",
+           "micro_loss", "validation_loss", "train_stage"]
+
+
+@dataclass
+class Env:
+    """This process: its rank among ``world`` data-parallel processes, device and compute dtype."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The settings of the loop, the same for every stage (``train.py`` fills them from its flags)."""
+
+    batch_size: int = 8          # rows per forward pass in each process
+    grad_accum: int = 2          # forward passes per optimizer step
+    max_len: int = 512           # tokens of prompt + response
+    packing: str = "shared"      # batch layout (minisdpo.batches.LAYOUTS)
+    beta: float = 1.0            # S-DPO temperature
+    warmup: float = 0.05         # fraction of steps of linear warm-up
+    clip: float = 0.3            # max global gradient norm (0: off)
+    weight_decay: float = 0.0
+    max_steps: int = 0           # cap on optimizer steps per stage (0: none)
+    eval_every: int = 0          # validation every N steps (0: at the end only)
+    ckpt_every: int = 20         # resumable checkpoint every N steps
+    fixed_negatives: bool = False
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str                 # "sft", "sdpo" or "dpo"
+    lr: float
+    epochs: float
+    negatives: int = 0        # K negatives per prompt; 0 for SFT
+
+
+@dataclass(frozen=True)
+class StageData:
+    """The rows a stage trains and validates on, and how they become tokens."""
+
+    tok: Any                  # minisdpo.data.TokenizerLike
+    domain: str
+    train: Sequence[D.Row]
+    val: Sequence[D.Row]
+
+
+def barrier(env: Env) -> None:
+    if env.world > 1:
+        dist.barrier()
+
+
+def log(env: Env, msg: str) -> None:
+    if env.main:
+        tqdm.write(msg)
+
+
+def lr_lambda(step: int, total: int, warmup: float) -> float:
+    """Linear warm-up, then cosine decay to 0 (the schedule of the public scripts)."""
+    warm = max(1, int(round(warmup * total)))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def sft_terms(tok: Any, rows: Sequence[D.Row]) -> int:
+    """Response tokens (title + EOS) of the rows: the SFT loss is their mean."""
+    return sum(len(D.encode_response(tok, r.target)) for r in rows)
+
+
+def _batch(cfg: TrainConfig, data: StageData, rows: Sequence[D.Row], negatives, device: torch.device):
+    return build_batch(data.tok, rows, negatives, cfg.max_len, domain=data.domain, packing=cfg.packing).to(device)
+
+
+def micro_loss(model: torch.nn.Module, batch, spec: StageSpec, cfg: TrainConfig, backend,
+               ref_cache: RefCache | None = None, ref_keys=None) -> tuple[torch.Tensor, dict]:
+    """(sum of the loss terms, stats) of one micro-batch; the caller divides by the terms of the
+    whole step. With a ``ref_cache`` the reference model's log-probs of a (row, negatives) come
+    from it after their first computation."""
+    if not spec.negatives:
+        return sft_loss_sum(model, batch, backend), {}
+    loss_sum, logps, ref_logps = sdpo_loss_sum(model, batch, backend, cfg.beta, spec.negatives,
+                                               ref_cache=ref_cache, ref_keys=ref_keys)
+    return loss_sum, preference_metrics(logps.detach(), ref_logps, cfg.beta, spec.negatives)
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data: StageData, env: Env,
+                    backend, ref_cache: RefCache | None = None) -> float:
+    """Mean loss on the validation rows (fixed negatives), for choosing the best checkpoint."""
+    model.eval()
+    rows = data.val
+    negatives = D.epoch_negatives(rows, spec.negatives, cfg.seed, 0, fixed=True) if spec.negatives else None
+    total, terms = 0.0, 0
+    for start in range(0, len(rows), cfg.batch_size):
+        part = rows[start:start + cfg.batch_size]
+        negs = negatives[start:start + cfg.batch_size] if negatives else None
+        batch = _batch(cfg, data, part, negs, env.device)
+        keys = [RefCache.key(("val", start + i), n) for i, n in enumerate(negs)] if negs else None
+        value, _ = micro_loss(model, batch, spec, cfg, backend, ref_cache, keys)
+        total += float(value)
+        terms += len(part) if spec.negatives else sft_terms(data.tok, part)
+    model.train()
+    return total / terms
+
+
+def _weighted_mean(items: list[tuple[int, dict]]) -> dict:
+    if not items:
+        return {}
+    n = sum(w for w, _ in items)
+    return {k: sum(w * s[k] for w, s in items) / n for k in items[0][1]}
+
+
+def _all_reduce_floats(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data: StageData, *, env: Env,
+                out: Path, backend) -> dict:
+    """Train ``model``'s trainable parameters in place; returns the stage's summary
+    (steps, best_step, best_val_loss, train_s). Resumes from OUT/<stage>/state.pt when it exists."""
+    stage_dir = out / spec.name
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    rows = data.train
+    global_batch = cfg.batch_size * cfg.grad_accum * env.world
+    steps_per_epoch = math.ceil(len(rows) / global_batch)
+    total = max(1, int(math.ceil(spec.epochs * steps_per_epoch)))
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([p for _, p in params], lr=spec.lr, weight_decay=cfg.weight_decay,
+                            betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total, cfg.warmup))
+    state_path, best_path = stage_dir / "state.pt", stage_dir / "best.pt"
+    metrics_path = out / "metrics.jsonl"
+
+    step, best = 0, {"val_loss": math.inf, "step": -1}
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        with torch.no_grad():
+            for (n, p) in params:
+                p.copy_(state["params"][n])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, best = state["step"], state["best"]
+        torch.set_rng_state(state["rng"])
+        log(env, f"[{spec.name}] resuming at step {step}/{total}")
+        if env.main:
+            truncate_metrics(metrics_path, spec.name, step)
+
+    saved_step = step   # the step of the checkpoint on disk (0: none)
+
+    def checkpoint(step: int) -> None:
+        nonlocal saved_step
+        saved_step = step
+        if env.main:
+            atomic_save({"params": {n: p.detach().cpu() for n, p in params}, "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "step": step, "best": best,
+                         "rng": torch.get_rng_state()}, state_path)
+        barrier(env)
+
+    def maybe_validate(step: int) -> None:
+        nonlocal best
+        val = validation_loss(model, spec, cfg, data, env, backend, val_cache)
+        record = {"stage": spec.name, "step": step, "val_loss": val}
+        if val < best["val_loss"]:
+            best = {"val_loss": val, "step": step}
+            if env.main:
+                atomic_save({n: p.detach().cpu() for n, p in params}, best_path)
+        if env.main:
+            append_jsonl(metrics_path, record)
+        log(env, f"[{spec.name}] step {step}: validation loss {val:.4f} (best {best['val_loss']:.4f} "
+                 f"at step {best['step']})")
+
+    # The validation negatives are always fixed; the training ones when cfg.fixed_negatives.
+    val_cache = RefCache() if spec.negatives else None
+    ref_cache = RefCache() if spec.negatives and cfg.fixed_negatives else None
+    model.train()
+    bar = tqdm(total=total, initial=step, desc=spec.name, disable=not cfg.progress or not env.main,
+               dynamic_ncols=True)
+    negatives_epoch, negatives = -1, None
+    t_start = time.time()
+    while step < total:
+        epoch, index = divmod(step, steps_per_epoch)
+        if epoch != negatives_epoch:
+            negatives_epoch = epoch
+            negatives = (D.epoch_negatives(rows, spec.negatives, cfg.seed, epoch, fixed=cfg.fixed_negatives)
+                         if spec.negatives else None)
+            order = list(range(len(rows)))
+            random.Random(f"order:{cfg.seed}:{spec.name}:{epoch}").shuffle(order)
+        chosen = order[index * global_batch:(index + 1) * global_batch]
+        n_terms = len(chosen) if spec.negatives else sft_terms(data.tok, [rows[i] for i in chosen])
+        mine = chosen[env.rank::env.world]
+        t0 = time.time()
+        loss_sum, stats_acc, tokens = 0.0, [], 0
+        for m in range(0, len(mine), cfg.batch_size):
+            part = mine[m:m + cfg.batch_size]
+            batch = _batch(cfg, data, [rows[i] for i in part],
+                           [negatives[i] for i in part] if negatives else None, env.device)
+            keys = [RefCache.key(i, negatives[i]) for i in part] if ref_cache is not None else None
+            value, stats = micro_loss(model, batch, spec, cfg, backend, ref_cache, keys)
+            (value / n_terms).backward()
+            loss_sum += float(value.detach())
+            tokens += batch.num_tokens
+            if stats:
+                stats_acc.append((len(part), stats))
+        stats = _weighted_mean(stats_acc)
+        if env.world > 1:
+            for _, p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+            loss_sum, tokens = _all_reduce_floats([loss_sum, float(tokens)])
+            stats = dict(zip(stats, _all_reduce_floats([v / env.world for v in stats.values()])))
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.clip or float("inf"))
+        loss = loss_sum / n_terms
+        if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+            bar.close()
+            raise SystemExit(
+                f"error: [{spec.name}] step {step + 1}: the loss ({loss}) or the gradient norm "
+                f"({float(grad_norm)}) is not finite: the run diverged and stopped before this update. "
+                f"The last checkpoint ({state_path if state_path.exists() else 'none yet'}, step {saved_step}) "
+                f"is untouched; --resume continues from it")
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        record = {"stage": spec.name, "step": step, "epoch": epoch, "loss": loss, "lr": lr,
+                  "grad_norm": float(grad_norm), "tokens_per_s": tokens / max(1e-9, time.time() - t0), **stats}
+        if env.main:
+            append_jsonl(metrics_path, record)
+        postfix = {"loss": f"{loss:.4f}"}
+        if "rewards/accuracies" in stats:
+            postfix["acc"] = f"{stats['rewards/accuracies']:.2f}"
+        bar.set_postfix(postfix)
+        bar.update(1)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+            maybe_validate(step)
+        if step % cfg.ckpt_every == 0 or step == total:
+            if step == total:
+                maybe_validate(step)
+            checkpoint(step)
+    bar.close()
+    if best_path.exists() and best["step"] != step:
+        log(env, f"[{spec.name}] restoring the best checkpoint (step {best['step']})")
+        saved = torch.load(best_path)
+        with torch.no_grad():
+            for n, p in params:
+                p.copy_(saved[n])
+    return {"steps": total, "best_step": best["step"], "best_val_loss": best["val_loss"],
+            "train_s": time.time() - t_start}
