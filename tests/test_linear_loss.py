@@ -1,5 +1,5 @@
 """Tests of the fused linear S-DPO ops (minisdpo.ops.sdpo_linear_loss / linear_token_logps,
-csrc/linear.cpp) against the PyTorch reference on materialised logits,
+csrc/linear.cpp) against the PyTorch twin on materialised logits,
 ``minisdpo.loss.sdpo_loss(hidden @ weight.T, ...)``.
 
 Values and gradients of hidden and weight through both outputs (loss and logps), float32 within
@@ -15,7 +15,7 @@ from conftest import assert_close_nan
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minisdpo import loss as ref
+from minisdpo import loss as torch_loss
 from minisdpo import ops
 
 
@@ -40,7 +40,7 @@ def make_inputs(S, R, D, V, K=1, dtype=torch.float32, seed=0, device="cpu"):
     labels = torch.randint(0, V, (S, R), generator=g)
     length = torch.randint(1, R + 1, (S,), generator=g)
     labels[torch.arange(R) >= length[:, None]] = -100                       # (S, R)
-    ref_logps = ref.sequence_logps(hidden @ weight.T, labels) + torch.randn(S, generator=g, dtype=torch.float64)
+    ref_logps = torch_loss.sequence_logps(hidden @ weight.T, labels) + torch.randn(S, generator=g, dtype=torch.float64)
     return (hidden.to(dtype).to(device), weight.to(dtype).to(device), labels.to(device),
             ref_logps.float().to(device))
 
@@ -60,7 +60,7 @@ def linear(h, w, labels, ref_logps, beta, K, **kw):
 
 
 def materialised(h, w, labels, ref_logps, beta, K):
-    return ref.sdpo_loss(h @ w.T, labels, ref_logps, beta=beta, num_negatives=K)
+    return torch_loss.sdpo_loss(h @ w.T, labels, ref_logps, beta=beta, num_negatives=K)
 
 
 def assert_all_close(got, want, rtol, atol):
@@ -113,7 +113,7 @@ def test_linear_token_logps_matches_reference(device, dtype, tol):
     mix = torch.randn(5, 6, dtype=torch.float64, device=device)
     grads = []
     for fn, up in ((lambda h, w: ops.linear_token_logps(h, w, labels, chunk_rows=4), dtype),
-                   (lambda h, w: ref.token_logps(h @ w.T, labels), torch.float64)):
+                   (lambda h, w: torch_loss.token_logps(h @ w.T, labels), torch.float64)):
         h = hidden.detach().to(up).requires_grad_()
         w = weight.detach().to(up).requires_grad_()
         tok = fn(h, w)
@@ -175,7 +175,7 @@ def test_nan_and_inf_match_reference(device, dtype, case):
     assert_close_nan(got[0], want[0], tol, tol, "loss")
     assert_close_nan(got[1], want[1], tol, tol, "logps")
     tok = ops.linear_token_logps(hidden, weight, labels, chunk_rows=5)
-    assert_close_nan(tok, ref.token_logps(hidden.to(up) @ weight.to(up).T, labels), tol, tol, "token_logps")
+    assert_close_nan(tok, torch_loss.token_logps(hidden.to(up) @ weight.to(up).T, labels), tol, tol, "token_logps")
     if case == "nan_ignored_hidden":
         # The reference forms and differentiates the ignored row's logits (0 * NaN = NaN in its
         # backward); the fused op never forms them.

@@ -1,4 +1,4 @@
-"""Tests of the fused S-DPO ops (minisdpo.ops) against the PyTorch reference (minisdpo.loss).
+"""Tests of the fused S-DPO ops (minisdpo.ops) against the PyTorch twin (minisdpo.loss).
 
 The reference is the specification (docs/design.md, the op contract): values and logits
 gradients through both outputs (loss and logps), every logits dtype, awkward shapes (odd V, V
@@ -9,7 +9,6 @@ kernels' checks), the in-place backward, each CPU code path and the thread count
 draws fresh random inputs. An independent oracle, F.cross_entropy over the implicit rewards,
 checks the group loss of both the reference and the kernels.
 """
-import math
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from conftest import assert_close_nan
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from minisdpo import loss as ref
+from minisdpo import loss as torch_loss
 from minisdpo import ops
 
 DEVICES = [
@@ -38,7 +37,7 @@ def make_inputs(S, T, V, K=1, dtype=torch.float32, device="cpu", seed=0, scale=2
     labels = torch.randint(0, V, (S, T), generator=g)
     prompt = torch.randint(0, max(T // 2, 1), (S,), generator=g)
     labels[torch.arange(T) < prompt[:, None]] = -100                         # (S, T)
-    ref_logps = ref.sequence_logps(logits.double(), labels) + torch.randn(S, generator=g, dtype=torch.float64)
+    ref_logps = torch_loss.sequence_logps(logits.double(), labels) + torch.randn(S, generator=g, dtype=torch.float64)
     return logits.to(device), labels.to(device), ref_logps.float().to(device)
 
 
@@ -61,7 +60,7 @@ def check_against_reference(logits, labels, ref_logps, K, beta=1.0, tol=None, fn
     got = loss_and_grad(fn, logits, labels, ref_logps, K, beta)
     # Low precision: the reference in float32 on the upcast inputs; float32: in float64.
     up = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
-    want = loss_and_grad(ref.sdpo_loss, logits.to(up), labels, ref_logps, K, beta)
+    want = loss_and_grad(torch_loss.sdpo_loss, logits.to(up), labels, ref_logps, K, beta)
     rtol, atol = tol or tolerances(dtype)
     torch.testing.assert_close(got[0].double(), want[0].double(), rtol=rtol, atol=atol)
     torch.testing.assert_close(got[1].double(), want[1].double(), rtol=max(rtol, 1e-5), atol=atol)
@@ -94,7 +93,7 @@ def test_token_logps_matches_reference(device, dtype):
     x1 = logits.detach().clone().requires_grad_()
     up = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
     x2 = logits.detach().to(up).requires_grad_()
-    got, want = ops.token_logps(x1, labels), ref.token_logps(x2, labels)
+    got, want = ops.token_logps(x1, labels), torch_loss.token_logps(x2, labels)
     w = torch.randn(got.shape, dtype=got.dtype, device=device)
     (w * got).sum().backward()
     (w.to(up) * want).sum().backward()
@@ -125,7 +124,7 @@ def test_extreme_logits(device, dtype):
     logits[2, :, 9:30] = -float("inf")
     labels[2][labels[2].ge(9) & labels[2].lt(30)] = 3  # a -inf label logit would give -inf
     logits[3, 0, :] = -1e4
-    ref_logps = ref.sequence_logps(logits.double(), labels).float() + 0.5
+    ref_logps = torch_loss.sequence_logps(logits.double(), labels).float() + 0.5
     logits = logits.to(dtype)
     loss, logps, grad = loss_and_grad(ops.sdpo_loss, logits, labels, ref_logps, 1)
     assert torch.isfinite(loss) and torch.isfinite(logps).all() and torch.isfinite(grad).all()
@@ -180,14 +179,14 @@ def test_nan_and_inf_match_reference(device, dtype, case):
     logits, labels, ref_logps = nonfinite_inputs(case, dtype, device)
     up = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
     got = loss_and_grad(ops.sdpo_loss, logits, labels, ref_logps, 3)
-    want = loss_and_grad(ref.sdpo_loss, logits.to(up), labels, ref_logps, 3)
+    want = loss_and_grad(torch_loss.sdpo_loss, logits.to(up), labels, ref_logps, 3)
     rtol, atol = tolerances(dtype)
     if case not in ("nan_ref_logps", "inf_ref_logps"):
         assert not torch.isfinite(got[0]) or case in ("neginf_logits", "nan_ignored_row")
     assert_close_nan(got[0], want[0], rtol, atol, "loss")
     assert_close_nan(got[1], want[1], max(rtol, 1e-5), atol, "logps")
     tok = ops.token_logps(logits, labels)
-    assert_close_nan(tok, ref.token_logps(logits.to(up), labels), max(rtol, 1e-5), atol, "token_logps")
+    assert_close_nan(tok, torch_loss.token_logps(logits.to(up), labels), max(rtol, 1e-5), atol, "token_logps")
     if case == "nan_ignored_row":
         # The reference's log_softmax runs over the ignored row too, and its backward turns the
         # row's NaN into a NaN gradient (0 * NaN); the kernels never read the row: zeros.
@@ -209,7 +208,7 @@ def test_nan_and_inf_every_cpu_path(monkeypatch, capability, case):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         logits, labels, ref_logps = nonfinite_inputs(case, dtype, "cpu")
         got = loss_and_grad(ops.sdpo_loss, logits, labels, ref_logps, 3)
-        want = loss_and_grad(ref.sdpo_loss, logits.float(), labels, ref_logps, 3)
+        want = loss_and_grad(torch_loss.sdpo_loss, logits.float(), labels, ref_logps, 3)
         for a, b, what in zip(got, want, ("loss", "logps", "grad")):
             assert torch.equal(a.isnan(), b.isnan()), f"{dtype} {what}"
 
@@ -227,7 +226,7 @@ def test_non_contiguous_logits(device, view):
         logits = torch.randn(S, V, T, generator=g).to(device).transpose(1, 2)
     assert not logits.is_contiguous() and logits.shape == (S, T, V)
     labels = torch.randint(0, V, (S, T), generator=g).to(device)
-    ref_logps = ref.sequence_logps(logits.double(), labels).float() + 1.0
+    ref_logps = torch_loss.sequence_logps(logits.double(), labels).float() + 1.0
     check_against_reference(logits, labels, ref_logps, K)
 
 
@@ -263,7 +262,7 @@ def test_large_vocab_layouts(device, dtype, V, layout):
     labels = torch.randint(0, V, (S, T), generator=g)
     labels[:, 0] = -100
     labels = labels.to(device)
-    ref_logps = (ref.sequence_logps(logits.double(), labels) + 0.5).float()
+    ref_logps = (torch_loss.sequence_logps(logits.double(), labels) + 0.5).float()
     fn = inplace_sdpo_loss if layout == "inplace" else ops.sdpo_loss
     check_against_reference(logits, labels, ref_logps, K, fn=fn)
 
@@ -302,7 +301,7 @@ def test_opcheck(device):
 def test_one_negative_is_dpo(device):
     logits, labels, ref_logps = make_inputs(6, 4, 50, 1, device=device, seed=9)
     loss, logps = ops.sdpo_loss(logits, labels, ref_logps, beta=0.3, num_negatives=1)
-    dpo = ref.dpo_loss(logps[0::2], logps[1::2], ref_logps[0::2], ref_logps[1::2], beta=0.3)
+    dpo = torch_loss.dpo_loss(logps[0::2], logps[1::2], ref_logps[0::2], ref_logps[1::2], beta=0.3)
     torch.testing.assert_close(loss, dpo, rtol=1e-5, atol=1e-6)
 
 
@@ -320,7 +319,7 @@ def test_group_loss_is_cross_entropy_over_rewards(device, K):
     p = logps.clone().requires_grad_()
     oracle = F.cross_entropy((beta * (p - ref_logps)).view(G, 1 + K), chosen, reduction="none")
     oracle.mean().backward()
-    torch.testing.assert_close(ref.preference_loss(logps, ref_logps, beta, K), oracle.detach())
+    torch.testing.assert_close(torch_loss.preference_loss(logps, ref_logps, beta, K), oracle.detach())
     loss, dlogps = torch.ops.minisdpo.sdpo_group_loss(logps, ref_logps, beta, K)
     torch.testing.assert_close(loss, oracle.detach().mean())
     torch.testing.assert_close(dlogps, p.grad)
@@ -471,7 +470,7 @@ def test_inplace_backward_rejects_overlapping_logits(device):
         torch.ops.minisdpo.logits_bwd_(base.detach().clone().expand(4, 5, 70), coef, labels, lse, -100)
     ops.sdpo_loss(base.expand(4, 5, 70), labels, ref_logps)[0].backward()
     want = base.detach().double().requires_grad_()
-    ref.sdpo_loss(want.expand(4, 5, 70), labels, ref_logps)[0].backward()
+    torch_loss.sdpo_loss(want.expand(4, 5, 70), labels, ref_logps)[0].backward()
     torch.testing.assert_close(base.grad.double(), want.grad, rtol=1e-5, atol=1e-6)
 
 

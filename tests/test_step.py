@@ -1,5 +1,5 @@
 """Tests of minisdpo.step: every (layout, LM head) of the S-DPO and SFT micro-batch loss against
-the oracle, the plain layout with materialised logits and the PyTorch reference (minisdpo.loss).
+the oracle, the plain layout with materialised logits and the PyTorch twin (minisdpo.loss).
 
 A tiny random float32 Llama with LoRA on every projection, its B matrices non-zero so that the
 policy differs from the reference (adapter disabled); loss, policy and reference log-probs and
@@ -158,10 +158,11 @@ def test_bench_step(tmp_path):
     import json
 
     from minisdpo import bench
+    from minisdpo.bench import synthetic_step
 
-    model, batches = bench.step_setup("small", 3, 2, torch.float32)
+    model, batches = synthetic_step.step_setup("small", 3, 2, torch.float32)
     assert batches["efficient"].num_tokens * 2 < batches["naive"].num_tokens
-    losses = [bench.step_once(model, batches[v], v, 3) for v in bench.STEP_VARIANTS]
+    losses = [synthetic_step.step_once(model, batches[v], v, 3) for v in synthetic_step.STEP_VARIANTS]
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
     path = tmp_path / "step.json"
     bench.main(["--step", "--models", "small", "--negatives", "1", "--groups", "1", "--repeats", "1",

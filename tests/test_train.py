@@ -84,7 +84,7 @@ def test_all_stages_end_to_end(data_dir, tmp_path):
 @pytest.mark.parametrize("variant", [("--loss", "pytorch"), ("--packing", "none")])
 def test_fused_packed_step_trains_like_the_plain_reference(data_dir, tmp_path, variant):
     """The default step (fused kernel, shared-prompt packing, response-only LM head) against its
-    slow twins: the PyTorch reference loss, and one full sequence per response."""
+    slow twins: the PyTorch twin of the loss, and one full sequence per response."""
     runs = {}
     for name, extra in (("default", ()), ("variant", variant)):
         out = tmp_path / name

@@ -1,0 +1,3 @@
+from minisdpo.bench import main
+
+main()

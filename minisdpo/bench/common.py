@@ -1,0 +1,114 @@
+"""What the benchmarks share: dtypes, timing by medians, peak memory, the machine, a synthetic
+tokenizer, writing the JSON results."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from minisdpo import ops
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def median_seconds(fn: Callable[[], None], repeats: int, device: str, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_rss() -> int:
+    """Peak resident set of this process in bytes: VmHWM on Linux (ru_maxrss would carry the
+    parent's peak over into a child started by fork + exec), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def clear_peak_rss() -> bool:
+    """Reset VmHWM to the current resident set (Linux: "5" into /proc/self/clear_refs), so the
+    next peak_rss() is the peak of what runs after; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+    except (OSError, StopIteration):
+        return peak_rss()
+
+
+def machine() -> dict[str, str]:
+    info = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": str(torch.get_num_threads()),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_capability": ops.cpu_capability(),
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+class WordTokenizer:
+    """A synthetic tokenizer: one token per whitespace-separated word, its id a hash of the word
+    (ids 0 pad, 1 bos, 2 eos). Enough for timing: the token counts are what matter."""
+
+    pad_id, bos_id, eos_id = 0, 1, 2
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        import zlib
+        ids = [3 + zlib.crc32(w.encode()) % (self.vocab_size - 3) for w in text.split()]
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError("WordTokenizer only encodes")
+
+    def prompt_ids(self, text: str) -> list[int]:
+        return self.encode(text, bos=True)
+
+
+def write_json(results: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {path}")

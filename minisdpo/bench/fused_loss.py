@@ -1,0 +1,168 @@
+"""``python -m minisdpo.bench``: the fused S-DPO loss against its plain PyTorch twin.
+
+Compares the fused op (minisdpo.ops.sdpo_loss) with the plain PyTorch twin
+(minisdpo.loss.sdpo_loss), eager and torch.compile'd, forward alone and forward+backward,
+against the floor of one vectorised exp per logit, ``torch.exp(logits, out=buf)`` over the same
+logits in the same process (docs/design.md section 7). Times are medians of --repeats runs after
+warm-up; ratios are measured side by side. Peak memory of each variant is measured in its own
+process: on the CPU the growth of the peak resident set (VmHWM, or ru_maxrss) over its value
+once the inputs are allocated; on CUDA torch.cuda.max_memory_allocated over the memory allocated by the inputs.
+On CUDA the run also measures the device-to-device copy bandwidth over the logits.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from typing import Callable
+
+import torch
+
+from minisdpo import loss as torch_loss
+from minisdpo import ops
+from minisdpo.bench.common import DTYPES, median_seconds, peak_rss
+
+VARIANTS = ("fused", "fused_inplace", "eager", "compiled")
+
+
+def make_inputs(args: argparse.Namespace, dtype: torch.dtype):
+    """Logits of unit scale, labels with the first quarter of each sequence ignored (a prompt),
+    reference log-probs near the policy's."""
+    g = torch.Generator(device=args.device).manual_seed(0)
+    # normal_ in place: no float32 temporary, so the memory baseline is the logits themselves.
+    logits = torch.empty(args.S, args.T, args.V, device=args.device, dtype=dtype).normal_(generator=g)
+    labels = torch.randint(0, args.V, (args.S, args.T), generator=g, device=args.device)
+    labels[:, : args.T // 4] = -100
+    ref_logps = torch.full((args.S,), -10.4 * (args.T - args.T // 4), device=args.device)
+    ref_logps += torch.randn(args.S, generator=g, device=args.device)
+    return logits, labels, ref_logps
+
+
+def loss_fn(variant: str) -> Callable:
+    if variant == "fused":
+        return ops.sdpo_loss
+    if variant == "fused_inplace":
+        return lambda *a, **k: ops.sdpo_loss(*a, inplace_backward=True, **k)
+    if variant == "eager":
+        return torch_loss.sdpo_loss
+    if variant == "compiled":
+        return torch.compile(torch_loss.sdpo_loss)
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def run_once(fn: Callable, inputs, K: int, backward: bool) -> None:
+    logits, labels, ref_logps = inputs
+    if not backward:
+        with torch.no_grad():
+            fn(logits, labels, ref_logps, beta=1.0, num_negatives=K)
+        return
+    # A fresh leaf on the same storage each run; autograd.grad returns the gradient as the op
+    # made it (no accumulation into .grad, which would copy an aliasing in-place gradient).
+    # fused_inplace overwrites the logits with their gradient: later runs see gradient values,
+    # which cost the same.
+    x = logits.detach().requires_grad_()
+    loss, _ = fn(x, labels, ref_logps, beta=1.0, num_negatives=K)
+    torch.autograd.grad(loss, x)
+
+
+def time_loss(variant: str, inputs, args: argparse.Namespace) -> dict[str, float]:
+    fn = loss_fn(variant)
+    out = {}
+    for mode, backward in (("fwd", False), ("fwd+bwd", True)):
+        if variant == "fused_inplace" and not backward:
+            continue  # the same forward as "fused"
+        out[mode] = median_seconds(lambda: run_once(fn, inputs, args.K, backward), args.repeats, args.device)
+    return out
+
+
+def time_floor(logits: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
+    """torch.exp(logits, out=buf): one vectorised exp per logit, read and written once. On CUDA
+    also dst.copy_(src), whose bandwidth (bytes read + written per second) bounds the kernels."""
+    buf = torch.empty_like(logits)
+    out = {"exp": median_seconds(lambda: torch.exp(logits, out=buf), args.repeats, args.device)}
+    if args.device == "cuda":
+        out["copy"] = median_seconds(lambda: buf.copy_(logits), args.repeats, args.device)
+        out["copy_GBps"] = 2 * logits.numel() * logits.element_size() / out["copy"] / 1e9
+    return out
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    """Run one forward+backward of one variant and print its peak memory above the inputs."""
+    inputs = make_inputs(args, DTYPES[args.dtype[0]])
+    fn = loss_fn(args.memory_child)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run_once(fn, inputs, args.K, backward=True)
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+    else:
+        base = peak_rss()
+        run_once(fn, inputs, args.K, backward=True)
+        extra = peak_rss() - base
+    print(json.dumps({"extra_bytes": extra}))
+
+
+def peak_memory(variant: str, dtype: str, args: argparse.Namespace) -> int:
+    """Bytes above the inputs at the peak of one forward+backward, in a fresh process."""
+    cmd = [sys.executable, "-m", "minisdpo.bench", "--memory-child", variant, "--dtype", dtype,
+           "--S", str(args.S), "--T", str(args.T), "--V", str(args.V), "--K", str(args.K),
+           "--device", args.device]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["extra_bytes"]
+
+
+def report(dtype: str, logits: torch.Tensor, times: dict, floor: dict, memory: dict) -> None:
+    mb = logits.numel() * logits.element_size() / 2**20
+    print(f"\n## {dtype}: logits {tuple(logits.shape)} = {mb:.0f} MiB")
+    floor_line = f"floor torch.exp(logits, out=buf): {floor['exp'] * 1e3:.1f} ms"
+    if "copy" in floor:
+        floor_line += f"; copy_: {floor['copy'] * 1e3:.2f} ms = {floor['copy_GBps']:.0f} GB/s"
+    print(floor_line)
+    eager = times["eager"]
+    print(f"{'variant':<14} {'fwd ms':>9} {'fwd/floor':>9} {'eager/fwd':>9} "
+          f"{'f+b ms':>9} {'f+b/floor':>9} {'eager/f+b':>9} {'peak+ MiB':>10} {'(L+peak+)/2L':>12}")
+    for variant, t in times.items():
+        fwd = t.get("fwd")
+        fb = t["fwd+bwd"]
+        cols = [
+            f"{fwd * 1e3:9.1f}" if fwd else f"{'-':>9}",
+            f"{fwd / floor['exp']:9.2f}" if fwd else f"{'-':>9}",
+            f"{eager['fwd'] / fwd:9.2f}" if fwd else f"{'-':>9}",
+            f"{fb * 1e3:9.1f}", f"{fb / floor['exp']:9.2f}", f"{eager['fwd+bwd'] / fb:9.2f}",
+        ]
+        if variant in memory:
+            extra = memory[variant] / 2**20
+            cols += [f"{extra:10.0f}", f"{(mb + extra) / (2 * mb):12.2f}"]
+        print(f"{variant:<14} " + " ".join(cols))
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The tables of ``python -m minisdpo.bench``: one per logits dtype."""
+    print("# minisdpo.bench: fused S-DPO loss vs its PyTorch twin")
+    print(f"S={args.S} T={args.T} V={args.V} K={args.K} device={args.device}; "
+          f"median of {args.repeats} runs after 2 warm-up runs; the first quarter of each "
+          f"sequence is ignored (prompt)")
+    print("peak+ = memory above the inputs at the peak of one fwd+bwd, each variant in its own "
+          "process (CPU: growth of the peak RSS, VmHWM; CUDA: max_memory_allocated); L = logits bytes; "
+          "(L+peak+)/2L <= 1.05 means no more than the logits and their gradient, +5%")
+    variants = [v for v in VARIANTS if not (v == "compiled" and args.no_compile)]
+    results = {"config": {k: v for k, v in vars(args).items() if k != "memory_child"}, "results": {}}
+    for dtype in args.dtype:
+        inputs = make_inputs(args, DTYPES[dtype])
+        floor = time_floor(inputs[0], args)
+        times = {v: time_loss(v, inputs, args) for v in variants}
+        del inputs
+        memory = {} if args.no_memory else {v: peak_memory(v, dtype, args) for v in variants}
+        report(dtype, _shape_only(args, dtype), times, floor, memory)
+        results["results"][dtype] = {"floor_s": floor, "times_s": times, "peak_extra_bytes": memory}
+    return results
+
+
+def _shape_only(args: argparse.Namespace, dtype: str) -> torch.Tensor:
+    # report() needs the logits' shape and element size, not their values.
+    return torch.empty((args.S, args.T, args.V), dtype=DTYPES[dtype], device="meta")
+
+
