@@ -54,6 +54,7 @@ __all__ = ["IGNORE_INDEX", "LAYOUTS", "PlainBatch", "PackedBatch", "collate", "s
 IGNORE_INDEX = -100
 LAYOUTS = ("shared", "none")
 
+
 def _to(batch: Any, device: torch.device | str) -> Any:
     moved = {f.name: getattr(batch, f.name).to(device) for f in fields(batch)
              if isinstance(getattr(batch, f.name), torch.Tensor)}

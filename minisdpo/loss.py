@@ -1,4 +1,4 @@
-"""The S-DPO loss in plain PyTorch: the readable reference.
+"""The S-DPO loss in plain PyTorch: the readable specification of the fused kernels.
 
 This module is the specification of the fused kernel in ``csrc/`` and its test oracle
 (``minisdpo.ops`` has the same two functions with the same signatures: ``LossBackend``, below). It follows
@@ -39,7 +39,7 @@ __all__ = ["token_logps", "sequence_logps", "preference_loss", "sdpo_loss", "dpo
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float32 whatever the input precision; float64 stays float64 (for gradcheck). The reference's
+    # float32 whatever the input precision; float64 stays float64 (for gradcheck). This module's
     # own rule, kept independent of the kernels' (acc_dtype in csrc/sdpo_math.h, which
     # minisdpo.ops reads from the extension).
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -127,7 +127,7 @@ def metrics(
 
 @runtime_checkable
 class LossBackend(Protocol):
-    """The loss functions a training step needs: this module (the reference) or ``minisdpo.ops``."""
+    """The loss functions a training step needs: this module (plain PyTorch) or ``minisdpo.ops``."""
 
     def token_logps(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         ...

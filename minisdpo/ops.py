@@ -2,8 +2,8 @@
 
 The only Python file that touches ``torch.ops.minisdpo``. It registers the ops' autograd
 formulas (``torch.library.register_autograd``) and fake kernels (``torch.library.register_fake``,
-for torch.compile), and exposes the same two functions as ``minisdpo.loss``, the plain PyTorch
-reference, with the same signatures plus an optional ``inplace_backward``, and two more with the
+for torch.compile), and exposes the same two functions as ``minisdpo.loss``, their plain PyTorch
+twin, with the same signatures plus an optional ``inplace_backward``, and two more with the
 LM head fused in: this module is a ``minisdpo.loss.LinearLossBackend``. The method is S-DPO ("On
 Softmax Direct Preference Optimization for Recommendation", Chen et al., NeurIPS 2024, arXiv
 2406.09215); the gradient derivation is docs/method.md and docs/design.md, the method:
@@ -43,7 +43,7 @@ _FLOATING = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # The accumulation dtype of each input dtype (float32, float64 for float64), as the kernels
 # choose it (acc_dtype in csrc/sdpo_math.h): the dtype of the lse the CPU kernel returns for one
 # ignored token, read once. The fake kernels cannot disagree with the kernels, and the rule is
-# written nowhere in Python but in the reference, which keeps its own. The backward formulas
+# written nowhere in Python but in minisdpo.loss, which keeps its own. The backward formulas
 # take it from the saved lse.
 _ACC_DTYPE = {
     dtype: _ops.token_logps_fwd(torch.zeros(1, 1, 1, dtype=dtype, device="cpu"),
@@ -369,7 +369,7 @@ def sdpo_loss(
 
     logits (S, T, V) float32/bfloat16/float16/float64, any strides, S = G * (1 + K), sequences
     group-major (chosen first); labels (S, T) int64, ignore_index where a token does not count;
-    ref_logps (S,) the frozen reference's log-probs (no gradient). Returns (loss (), logps (S,))
+    ref_logps (S,) the frozen reference model's log-probs (no gradient). Returns (loss (), logps (S,))
     in float32 (float64 for float64 logits); both are differentiable w.r.t. logits.
     inplace_backward=True writes the logits' gradient into the logits' own storage (saves one
     logits-sized buffer; the logits must not be used after the loss, and must not be an
@@ -407,7 +407,7 @@ def sdpo_linear_loss(
 
     hidden (S, R, D) float32/bfloat16/float16/float64, S = G * (1 + K), sequences group-major;
     weight (V, D) the LM head's weight, same dtype; labels (S, R) int64, ignore_index where a
-    token does not count (those rows cost nothing); ref_logps (S,) the reference's log-probs (no
+    token does not count (those rows cost nothing); ref_logps (S,) the reference model's log-probs (no
     gradient). Returns (loss (), logps (S,)) in float32 (float64 for float64 input), both
     differentiable w.r.t. hidden and weight. The logits are formed ``chunk_rows`` counted tokens
     at a time (0: as many as fit in 64 MiB, counting a float32 copy for half dtypes), and again

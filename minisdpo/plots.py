@@ -8,6 +8,7 @@ Both do nothing when matplotlib is not installed.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from minisdpo.run import STAGES
@@ -38,14 +39,21 @@ def _pyplot():
 
 def write_plots(out: Path) -> None:
     """PNG plots of the training curves from metrics.jsonl (skipped when matplotlib is absent):
-    per stage, each curve raw (faint) behind its moving average, and the validation loss points."""
+    per stage, each curve raw (faint) behind its moving average, and the validation loss points;
+    for S-DPO and DPO the validation curve starts at step 0 from ln(1 + K), where the adapter
+    starts, and dashed lines mark that loss and the chance accuracy 1 / (1 + K)."""
     path = out / "metrics.jsonl"
     plt = _pyplot()
     if not path.exists() or plt is None:
         return
     records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
     (out / "plots").mkdir(exist_ok=True)
     for stage in STAGES:
+        # A preference adapter starts as the identity (LoRA B = 0): the policy is the reference
+        # model, every reward is 0, the loss is ln(1 + K) and 1 / (1 + K) is the chance accuracy.
+        k = 1 if stage == "dpo" else config.get("negatives")
+        start = {"loss": math.log(1 + k), "rewards/accuracies": 1 / (1 + k)} if stage != "sft" and k else {}
         train = [r for r in records if r["stage"] == stage and "loss" in r]
         val = [r for r in records if r["stage"] == stage and "val_loss" in r]
         if not train:
@@ -58,8 +66,13 @@ def write_plots(out: Path) -> None:
             line, = ax.plot(steps, values, alpha=0.25, linewidth=1)
             ax.plot(steps, _moving_average(values, window), color=line.get_color(),
                     label=f"train (mean of {window})")
+            if key in start:
+                ax.axhline(start[key], color="gray", linestyle="--", linewidth=1,
+                           label="policy = reference" if key == "loss" else "chance")
             if key == "loss" and val:
-                ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+                first = [(0, start["loss"])] if "loss" in start else []
+                points = first + [(r["step"], r["val_loss"]) for r in val]
+                ax.plot(*zip(*points), "o-", label="validation")
             ax.legend()
             ax.set_xlabel("step")
             ax.set_title(f"{stage}: {key}")

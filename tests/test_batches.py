@@ -12,7 +12,7 @@ from minisdpo.batches import (LAYOUTS, PackedBatch, PlainBatch, build_batch, col
                               sft_batch)
 from minisdpo.data import Row, encode_prompt, encode_response, truncate_prompt
 
-from test_data import TOK, make_row
+from conftest import TOK, make_row
 
 
 def check_shifted_labels(batch, pad_id):

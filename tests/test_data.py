@@ -15,32 +15,10 @@ from minisdpo import data
 from minisdpo.data import (Row, batches, clean_title, encode_prompt, encode_response, epoch_negatives,
                            format_prompt, load_dataset, sample_negatives)
 
+from conftest import TOK, make_row
+
 LASTFM = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "lastfm"
 HAS_RECBOLE = data._recbole_ml100k_dir() is not None
-
-
-class ByteTokenizer:
-    """UTF-8 bytes shifted by 3: exact round trip, ids 0 pad, 1 bos, 2 eos (vocab 259)."""
-
-    bos_id, eos_id, pad_id = 1, 2, 0
-    vocab_size = 259
-
-    def encode(self, text, bos=False, eos=False):
-        return [self.bos_id] * bos + [b + 3 for b in text.encode("utf-8")] + [self.eos_id] * eos
-
-    def decode(self, ids):
-        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
-
-    def prompt_ids(self, text):
-        return self.encode(text, bos=True)
-
-
-TOK = ByteTokenizer()
-
-
-def make_row(n_cands=20, target_at=3, history=("Alpha", "Beta, The Band", "Gamma")):
-    cands = tuple(f"Item {i}" for i in range(n_cands))
-    return Row(tuple(history), cands, cands[target_at])
 
 
 # ------------------------------------------------------------------------------------ titles

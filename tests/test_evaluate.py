@@ -12,7 +12,7 @@ from minisdpo.data import Row, encode_prompt, encode_response, format_prompt
 from minisdpo.evaluate import (_ranking_scores_unpacked, evaluate_generation, evaluate_ranking, judge,
                                rank_metrics, ranking_scores)
 
-from test_data import TOK, ByteTokenizer
+from conftest import TOK, ByteTokenizer
 
 
 # ------------------------------------------------------------------------------------ judge

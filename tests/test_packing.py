@@ -5,7 +5,6 @@ and minisdpo.loss), which must give the same log-probs, loss and gradients on a 
 float32 Llama (GQA) up to float32 rounding."""
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
@@ -14,45 +13,18 @@ from minisdpo import data as D
 from minisdpo.batches import PackedBatch, PlainBatch, collate, packed_batch, sdpo_batch, sdpo_responses, sft_batch
 from minisdpo.data import Row, encode_group, encode_response
 from minisdpo.loss import sdpo_loss, sequence_logps, token_logps
-from minisdpo.model import Llama, ModelArgs
+from minisdpo.model import Llama
 from minisdpo.step import response_hidden
 
-from test_data import TOK, ByteTokenizer
+from conftest import TOK, ByteTokenizer, random_negatives, random_rows, tiny_llama
 
 # float32: the packed and the concatenated passes sum the same terms in another order
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def tiny_llama(seed: int = 0) -> Llama:
-    torch.manual_seed(seed)
-    args = ModelArgs(vocab_size=ByteTokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                     intermediate_size=128)
-    return Llama(args).float()
-
-
 @pytest.fixture(scope="module")
 def model() -> Llama:
     return tiny_llama()
-
-
-def random_rows(n: int, seed: int, n_cands: int = 10) -> list[Row]:
-    """Rows with histories of different lengths (prompts need padding) and candidate titles of
-    1 to 12 characters (responses of different lengths)."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        history = tuple(f"Song {'h' * rng.randint(0, 30)}" for _ in range(rng.randint(1, 4)))
-        cands = set()
-        while len(cands) < n_cands:
-            cands.add("".join(rng.choice("abcdefgh XYZ") for _ in range(rng.randint(1, 12))).strip() or "q")
-        cands = tuple(sorted(cands))
-        rows.append(Row(history, cands, rng.choice(cands)))
-    return rows
-
-
-def random_negatives(rows: list[Row], k: int, seed: int) -> list[list[str]]:
-    rng = random.Random(seed)
-    return [D.sample_negatives(r, k, rng) for r in rows]
 
 
 def packed_logps(model: Llama, batch: PackedBatch) -> torch.Tensor:
