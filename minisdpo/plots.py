@@ -52,8 +52,9 @@ def write_plots(out: Path) -> None:
     for stage in STAGES:
         # A preference adapter starts as the identity (LoRA B = 0): the policy is the reference
         # model, every reward is 0, the loss is ln(1 + K) and 1 / (1 + K) is the chance accuracy.
-        k = 1 if stage == "dpo" else config.get("negatives")
-        start = {"loss": math.log(1 + k), "rewards/accuracies": 1 / (1 + k)} if stage != "sft" and k else {}
+        negatives = 1 if stage == "dpo" else config.get("negatives")
+        start = ({"loss": math.log(1 + negatives), "rewards/accuracies": 1 / (1 + negatives)}
+                 if stage != "sft" and negatives else {})
         train = [r for r in records if r["stage"] == stage and "loss" in r]
         val = [r for r in records if r["stage"] == stage and "val_loss" in r]
         if not train:
