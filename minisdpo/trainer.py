@@ -171,7 +171,7 @@ def _all_reduce_floats(values: list[float]) -> list[float]:
 def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data: StageData, *, env: Env,
                 out: Path, backend) -> dict:
     """Train ``model``'s trainable parameters in place; returns the stage's summary
-    (steps, best_step, best_val_loss, train_s). Resumes from OUT/<stage>/state.pt when it exists."""
+    (steps, best_step, best_val_loss, train_s, and start_val_loss for a preference stage). Resumes from OUT/<stage>/state.pt when it exists."""
     stage_dir = out / spec.name
     stage_dir.mkdir(parents=True, exist_ok=True)
     rows = data.train
@@ -301,5 +301,14 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data:
         with torch.no_grad():
             for n, p in params:
                 p.copy_(saved[n])
-    return {"steps": total, "best_step": best["step"], "best_val_loss": best["val_loss"],
+    info = {"steps": total, "best_step": best["step"], "best_val_loss": best["val_loss"],
             "train_s": time.time() - t_start}
+    if spec.negatives:
+        # A preference stage starts with its adapter at zero (policy = reference), where the
+        # loss of every group is exactly ln(1 + K): the bar its validation loss must get under.
+        info["start_val_loss"] = math.log1p(spec.negatives)
+        if math.isfinite(best["val_loss"]) and best["val_loss"] > info["start_val_loss"]:
+            log(env, f"[{spec.name}] warning: the best validation loss ({best['val_loss']:.4f}, step "
+                     f"{best['step']}) is above the start's ln(1+K) = {info['start_val_loss']:.4f}: on the "
+                     f"validation rows this stage made the SFT model's preferences worse, not better")
+    return info

@@ -270,3 +270,18 @@ def test_fixed_negatives_reuse_reference_logps_with_the_same_results(data_dir, t
             assert any(hits)  # the second epoch reads the first one's reference log-probs
     assert len(curves["cached"]) == 12
     assert curves["cached"] == pytest.approx(curves["uncached"], rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("val_loss, warned", [(1.5, True), (1.3, False)])
+def test_a_preference_stage_worse_than_its_start_on_validation_is_reported(data_dir, tmp_path, monkeypatch,
+                                                                           capsys, val_loss, warned):
+    # K = 3: the stage starts at ln(4) = 1.386 on every group (policy = reference).
+    base = tmp_path / "base"
+    train.main(_flags(data_dir, base, "--stage", "sft", "--max-steps", "1", "--no-plots"))
+    monkeypatch.setattr(trainer, "validation_loss", lambda model, spec, *a, **kw: val_loss if spec.negatives else 1.0)
+    train.main(_flags(data_dir, base, "--stage", "sdpo", "--max-steps", "2", "--negatives", "3", "--no-plots"))
+    done = json.loads((base / "sdpo" / "done.json").read_text())
+    assert done["start_val_loss"] == pytest.approx(math.log(4))
+    assert done["best_val_loss"] == val_loss
+    message = "[sdpo] warning: the best validation loss (1.5000, step 2) is above the start's ln(1+K) = 1.3863"
+    assert (message in capsys.readouterr().out) == warned
