@@ -29,12 +29,13 @@ Code that takes either module annotates it ``LossBackend`` and asks
 """
 from __future__ import annotations
 
+import math
 from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["token_logps", "sequence_logps", "preference_loss", "sdpo_loss", "dpo_loss", "metrics",
+__all__ = ["token_logps", "sequence_logps", "preference_loss", "sdpo_loss", "dpo_loss", "metrics", "start_loss",
            "LossBackend", "LinearLossBackend"]
 
 
@@ -104,6 +105,11 @@ def dpo_loss(
 
 
 @torch.no_grad()
+def start_loss(num_negatives: int) -> float:
+    """The S-DPO loss when every reward is 0 (a fresh adapter: policy = reference): ln(1 + K)."""
+    return math.log1p(num_negatives)
+
+
 def metrics(
     policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float = 1.0, num_negatives: int = 1
 ) -> dict[str, float]:

@@ -8,9 +8,9 @@ Both do nothing when matplotlib is not installed.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
+from minisdpo.loss import start_loss
 from minisdpo.run import STAGES
 
 __all__ = ["write_plots", "plot_results"]
@@ -53,7 +53,7 @@ def write_plots(out: Path) -> None:
         # A preference adapter starts as the identity (LoRA B = 0): the policy is the reference
         # model, every reward is 0, the loss is ln(1 + K) and 1 / (1 + K) is the chance accuracy.
         negatives = 1 if stage == "dpo" else config.get("negatives")
-        start = ({"loss": math.log(1 + negatives), "rewards/accuracies": 1 / (1 + negatives)}
+        start = ({"loss": start_loss(negatives), "rewards/accuracies": 1 / (1 + negatives)}
                  if stage != "sft" and negatives else {})
         train = [r for r in records if r["stage"] == stage and "loss" in r]
         val = [r for r in records if r["stage"] == stage and "val_loss" in r]

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from minisdpo import data as D
-from minisdpo.loss import metrics as preference_metrics
+from minisdpo.loss import metrics as preference_metrics, start_loss
 from minisdpo.run import append_jsonl, atomic_save, truncate_metrics
 from minisdpo.batches import build_batch
 from minisdpo.step import RefCache, sdpo_loss_sum, sft_loss_sum
@@ -170,8 +170,9 @@ def _all_reduce_floats(values: list[float]) -> list[float]:
 
 def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data: StageData, *, env: Env,
                 out: Path, backend) -> dict:
-    """Train ``model``'s trainable parameters in place; returns the stage's summary
-    (steps, best_step, best_val_loss, train_s, and start_val_loss for a preference stage). Resumes from OUT/<stage>/state.pt when it exists."""
+    """Train ``model``'s trainable parameters in place; returns the stage's summary (steps,
+    best_step, best_val_loss, train_s, and start_val_loss for a preference stage). Resumes from
+    OUT/<stage>/state.pt when it exists."""
     stage_dir = out / spec.name
     stage_dir.mkdir(parents=True, exist_ok=True)
     rows = data.train
@@ -306,7 +307,7 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data:
     if spec.negatives:
         # A preference stage starts with its adapter at zero (policy = reference), where the
         # loss of every group is exactly ln(1 + K): the bar its validation loss must get under.
-        info["start_val_loss"] = math.log1p(spec.negatives)
+        info["start_val_loss"] = start_loss(spec.negatives)
         if math.isfinite(best["val_loss"]) and best["val_loss"] > info["start_val_loss"]:
             log(env, f"[{spec.name}] warning: the best validation loss ({best['val_loss']:.4f}, step "
                      f"{best['step']}) is above the start's ln(1+K) = {info['start_val_loss']:.4f}: on the "

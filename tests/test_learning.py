@@ -18,8 +18,7 @@ from minisdpo.lora import apply_lora, mark_only_lora_as_trainable
 from minisdpo.batches import build_batch
 from minisdpo.step import sdpo_loss_sum
 
-from conftest import TOK
-from conftest import random_negatives, random_rows, tiny_llama
+from conftest import TOK, random_negatives, random_rows, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

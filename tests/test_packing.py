@@ -5,7 +5,6 @@ and minisdpo.loss), which must give the same log-probs, loss and gradients on a 
 float32 Llama (GQA) up to float32 rounding."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -18,8 +18,7 @@ from minisdpo.lora import apply_lora
 from minisdpo.step import (RefCache, final_hidden, resolve_head, response_hidden, response_logits, sdpo_loss_sum,
                            sft_loss_sum)
 
-from conftest import TOK
-from conftest import random_negatives, random_rows, tiny_llama
+from conftest import TOK, random_negatives, random_rows, tiny_llama
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 COMBOS = [("shared", "linear"), ("shared", "logits"), ("none", "linear"), ("none", "logits")]
