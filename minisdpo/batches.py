@@ -49,7 +49,7 @@ import torch
 from minisdpo.data import Row, TokenizerLike, encode_group, padding_id
 
 __all__ = ["IGNORE_INDEX", "LAYOUTS", "PlainBatch", "PackedBatch", "collate", "sft_batch", "sdpo_responses",
-           "sdpo_batch", "packed_batch", "build_batch"]
+           "sdpo_batch", "packed_batch", "group_responses", "build_batch"]
 
 IGNORE_INDEX = -100
 LAYOUTS = ("shared", "none")
@@ -87,6 +87,10 @@ class PackedBatch:
     index: torch.Tensor            # (S, R) long: flat positions that predict each response token
     labels: torch.Tensor           # (S, R) long: the response tokens, -100 on padding
     num_tokens: int                # real (unpadded) positions of input_ids
+    # From the frozen-prefix cache (minisdpo.prefix.PrefixCache.batch): the residual stream
+    # entering layer boundary_layer at every position, (G, L, dim); None: run the whole model.
+    boundary: torch.Tensor | None = None
+    boundary_layer: int = 0
 
     def to(self, device: torch.device | str) -> PackedBatch:
         """A new batch with every tensor on ``device``."""
@@ -176,7 +180,7 @@ def packed_batch(tok: TokenizerLike, rows: Sequence[Row], responses: Sequence[Se
     """One packed sequence per row: ``[prompt, r_0, r_1, ...]``, right-padded (see the module
     docstring). ``responses[g]`` are the titles of row g: [target, *negatives] for S-DPO
     (``sdpo_responses``), [target] for SFT, the candidates for ranking. Prompts are cut as in
-    ``encode_group`` (on the left, BOS kept, for the longest response of the group), so every
+    ``encode_group`` (on the left, BOS kept, for the longest candidate of the row), so every
     response gets exactly the context it has in ``sdpo_batch`` / ``sft_batch``.
 
     Returns a ``PackedBatch``, with G rows, L the longest packed sequence, S = total responses (group-major, in
@@ -242,6 +246,13 @@ def packed_batch(tok: TokenizerLike, rows: Sequence[Row], responses: Sequence[Se
 # --------------------------------------------------------------------------------------------
 # Either layout by name
 
+def group_responses(rows: Sequence[Row], negatives: Sequence[Sequence[str]] | None) -> list[list[str]]:
+    """The responses of each row: [target, *negatives] for S-DPO, [target] for SFT (None)."""
+    if negatives is None:
+        return [[r.target] for r in rows]
+    return [[r.target, *n] for r, n in zip(rows, negatives)]
+
+
 def build_batch(tok: Any, rows: Sequence[Row], negatives: Sequence[Sequence[str]] | None, max_len: int,
                 *, domain: str, packing: str = "shared") -> PlainBatch | PackedBatch:
     """An SFT batch (``negatives`` None) or an S-DPO batch (K negatives per row) in a layout:
@@ -249,8 +260,6 @@ def build_batch(tok: Any, rows: Sequence[Row], negatives: Sequence[Sequence[str]
     if packing not in LAYOUTS:
         raise ValueError(f"packing must be one of {LAYOUTS}, got {packing!r}")
     if packing == "shared":
-        responses = ([[r.target, *n] for r, n in zip(rows, negatives)] if negatives is not None
-                     else [[r.target] for r in rows])
-        return packed_batch(tok, rows, responses, max_len, domain=domain)
+        return packed_batch(tok, rows, group_responses(rows, negatives), max_len, domain=domain)
     return (sdpo_batch(tok, rows, negatives, max_len, domain=domain) if negatives is not None
             else sft_batch(tok, rows, max_len, domain=domain))

@@ -428,14 +428,16 @@ def encode_group(tok: TokenizerLike, row: Row, responses: Sequence[str], max_len
                  domain: str) -> tuple[list[int], list[list[int]]]:
     """The pieces of one prompt and its responses: (prompt ids, [response ids, ...]).
 
-    The prompt is cut once, for the longest response, so it is identical across the group
-    (a packed layout can then store it once).
+    The prompt is cut once, for the longest of the row's candidates (and responses), so it is
+    the same in every use of the row, whichever responses go with it: a packed layout stores it
+    once, and the frozen-prefix cache (``minisdpo.prefix``) serves every subset of candidates.
     """
     if not responses:
         raise ValueError("responses is empty")
     response_ids = [encode_response(tok, title) for title in responses]
-    prompt_ids = truncate_prompt(encode_prompt(tok, row, domain),
-                                 max(len(r) for r in response_ids), max_len)
+    others = [len(encode_response(tok, t)) for t in row.candidates if t not in responses]
+    longest = max([len(r) for r in response_ids] + others)
+    prompt_ids = truncate_prompt(encode_prompt(tok, row, domain), longest, max_len)
     return prompt_ids, response_ids
 
 

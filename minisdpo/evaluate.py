@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from minisdpo.batches import collate, packed_batch
 from minisdpo.data import Row, TokenizerLike, encode_group, encode_prompt, padding_id, truncate_prompt
 from minisdpo.loss import sequence_logps
+from minisdpo.prefix import PrefixCache
 from minisdpo.step import response_logits
 
 __all__ = ["judge", "named_candidate", "generate_answers", "evaluate_generation", "mcnemar", "ranking_scores",
@@ -183,7 +184,8 @@ def _check_candidates(rows: Sequence[Row]) -> int:
 
 @torch.no_grad()
 def ranking_scores(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: str,
-                   batch_size: int = 8, max_len: int = 512, progress: bool = True) -> torch.Tensor:
+                   batch_size: int = 8, max_len: int = 512, progress: bool = True,
+                   prefix: PrefixCache | None = None) -> torch.Tensor:
     """logp(title + EOS | prompt) of every candidate, (N, C) float32, candidates in row order.
 
     ``batch_size`` counts rows: each forward pass packs batch_size prompts with all their
@@ -192,10 +194,14 @@ def ranking_scores(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: 
     default than the unpacked path's 2. ``model`` is called as ``model(input_ids,
     position_ids=..., mask=..., return_hidden=True)`` and must have ``lm_head``
     (minisdpo.model.Llama has both). Rows are batched by prompt length to save padding. As in
-    ``generate_answers``, only ``row.history`` and ``row.candidates`` are read.
+    ``generate_answers``, only ``row.history`` and ``row.candidates`` are read. With ``prefix``,
+    a frozen-prefix cache of exactly these rows (``minisdpo.prefix``), the model runs only the
+    layers above its boundary; its layers below must be the ones that built the cache.
     """
     _check_common(rows, batch_size)
     n_cands = _check_candidates(rows)
+    if prefix is not None and (len(prefix.rows) != len(rows) or any(a != b for a, b in zip(prefix.rows, rows))):
+        raise ValueError("prefix must be a PrefixCache of exactly these rows, in this order")
     device = _device(model)
     order = sorted(range(len(rows)), key=lambda i: len(encode_prompt(tok, rows[i], domain)))
     scores = torch.empty(len(rows), n_cands)
@@ -203,7 +209,8 @@ def ranking_scores(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: 
         for start in tqdm(range(0, len(order), batch_size), desc="rank", disable=not progress):
             idx = order[start:start + batch_size]
             part = [rows[i] for i in idx]
-            batch = packed_batch(tok, part, [r.candidates for r in part], max_len, domain=domain)
+            batch = (prefix.batch(idx, [r.candidates for r in part]) if prefix is not None
+                     else packed_batch(tok, part, [r.candidates for r in part], max_len, domain=domain))
             batch = batch.to(device)
             logits = response_logits(model, batch)                                 # (B*C, R, V)
             logps = sequence_logps(logits, batch.labels)                           # (B*C,)
@@ -233,11 +240,12 @@ def _ranking_scores_unpacked(model: Any, tok: TokenizerLike, rows: Sequence[Row]
 
 
 def evaluate_ranking(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: str,
-                     batch_size: int = 8, max_len: int = 512, progress: bool = True) -> dict[str, float]:
+                     batch_size: int = 8, max_len: int = 512, progress: bool = True,
+                     prefix: PrefixCache | None = None) -> dict[str, float]:
     """Ranking metrics from the summed log-prob of each candidate's response (title + EOS),
     scored by ``ranking_scores`` (same arguments).
     Returns {"rank_hr@1", "rank_hr@5", "rank_ndcg@5", "n"}.
     """
-    scores = ranking_scores(model, tok, rows, domain, batch_size, max_len, progress)     # (N, C)
+    scores = ranking_scores(model, tok, rows, domain, batch_size, max_len, progress, prefix)  # (N, C)
     target_index = torch.tensor([row.candidates.index(row.target) for row in rows])
     return {**rank_metrics(scores, target_index), "n": len(rows)}

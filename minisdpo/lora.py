@@ -5,7 +5,9 @@ h = W0 x + (alpha / r) * B A x, with A (r x in) kaiming-uniform (a = sqrt(5)) an
 zero, so training starts from the base model. Written in the manner of loralib and litgpt (a
 ``merged`` flag, ``mark_only_lora_as_trainable``); files match Hugging Face PEFT:
 ``adapter_model.safetensors`` with ``base_model.model.<module>.lora_A.weight`` /
-``.lora_B.weight``, beside ``adapter_config.json``.
+``.lora_B.weight``, beside ``adapter_config.json``. LoRA on some layers only (``layers=``) is
+PEFT's ``layers_to_transform``: with the layers below the lowest adapted one frozen, their
+output is a fixed function of the input (the frozen-prefix cache, ``minisdpo.prefix``).
 
 The wrapped layer keeps the base ``weight`` (and ``bias``) under the same names, so the model's
 own tensor names do not change. Merging is explicit (``merge_lora``), never a side effect of
@@ -29,12 +31,13 @@ from safetensors.torch import load_file, save_file
 
 __all__ = ["LoRALinear", "apply_lora", "mark_only_lora_as_trainable", "merge_lora", "unmerge_lora",
            "disable_lora", "merge_and_unload", "lora_state_dict", "load_lora_state_dict", "save_adapter", "load_adapter",
-           "DEFAULT_TARGETS"]
+           "adapted_layers", "top_layers", "DEFAULT_TARGETS"]
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")   # PEFT's default layers_pattern for a Llama
 
 
 class LoRALinear(nn.Module):
@@ -118,6 +121,26 @@ def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def _layer_of(name: str) -> int | None:
+    """The block index in a module name (``model.layers.3.self_attn.q_proj`` -> 3), or None."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def adapted_layers(model: nn.Module) -> list[int]:
+    """The block indices that hold LoRA layers, sorted (empty without LoRA)."""
+    return sorted({i for name in _lora_layers(model) if (i := _layer_of(name)) is not None})
+
+
+def top_layers(n_layers: int, n: int | None) -> list[int] | None:
+    """The indices of the top ``n`` of ``n_layers`` blocks, or None (every layer) when n is None."""
+    if n is None:
+        return None
+    if not isinstance(n, int) or not 1 <= n <= n_layers:
+        raise ValueError(f"the number of LoRA layers must be an int in [1, {n_layers}], got {n!r}")
+    return list(range(n_layers - n, n_layers))
+
+
 def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
     # PEFT's rule: a string is a regular expression on the full module name; a list names the
     # last component(s) of the name.
@@ -127,13 +150,27 @@ def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-               target_modules: str | Sequence[str] = DEFAULT_TARGETS) -> nn.Module:
-    """Replace each matching ``nn.Linear`` of ``model`` with a ``LoRALinear`` (in place); returns model."""
+               target_modules: str | Sequence[str] = DEFAULT_TARGETS,
+               layers: Sequence[int] | None = None) -> nn.Module:
+    """Replace each matching ``nn.Linear`` of ``model`` with a ``LoRALinear`` (in place); returns model.
+
+    ``layers``: adapt only the modules of these blocks (``model.layers.<i>.``), PEFT's
+    ``layers_to_transform``; None adapts every matching module.
+    """
     if _lora_layers(model):
         raise ValueError("the model already has LoRA layers")
     targets = [name for name, m in model.named_modules() if name and _matches(name, target_modules)]
+    if layers is not None:
+        if isinstance(layers, int) or not layers:
+            raise ValueError(f"layers must be a non-empty sequence of block indices or None, got {layers!r}")
+        blocks = {_layer_of(name) for name, _ in model.named_modules()} - {None}
+        unknown = sorted(set(layers) - blocks)
+        if unknown:
+            raise ValueError(f"layers {unknown} are not blocks of the model (it has {len(blocks)})")
+        targets = [name for name in targets if _layer_of(name) in set(layers)]
     if not targets:
-        raise ValueError(f"target_modules {target_modules!r} match no module of the model")
+        raise ValueError(f"target_modules {target_modules!r} match no module of the model"
+                         + (f" in layers {list(layers)}" if layers is not None else ""))
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -231,6 +268,9 @@ def save_adapter(model: nn.Module, directory: str) -> None:
     if len(ranks) != 1:
         raise ValueError(f"layers differ in (r, alpha, dropout): {sorted(ranks)}; PEFT's file needs one")
     r, alpha, dropout = ranks.pop()
+    blocks = {_layer_of(name) for name, _ in model.named_modules()} - {None}
+    adapted = adapted_layers(model)
+    transform = None if set(adapted) == blocks else adapted
     os.makedirs(directory, exist_ok=True)
     tensors = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
     save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -238,7 +278,8 @@ def save_adapter(model: nn.Module, directory: str) -> None:
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
         "target_modules": sorted({name.rpartition(".")[2] for name in layers}), "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
-        "use_dora": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "use_dora": False, "modules_to_save": None, "layers_to_transform": transform,
+        "layers_pattern": None if transform is None else "layers",
         "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": None, "revision": None,
     }
     with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
@@ -265,9 +306,15 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
     for key, ok in unsupported.items():
         if config.get(key, ok) not in (ok, None):
             raise ValueError(f"unsupported adapter_config {key}={config[key]!r} (supported: {ok!r})")
+    layers = config.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+    if config.get("layers_pattern") not in (None, "layers", ["layers"]):
+        raise ValueError(f"unsupported adapter_config layers_pattern={config['layers_pattern']!r} "
+                         f"(supported: 'layers')")
     if not _lora_layers(model):
         apply_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                   target_modules=config["target_modules"])
+                   target_modules=config["target_modules"], layers=layers)
     for name, layer in _lora_layers(model).items():
         if (layer.r, layer.scaling) != (config["r"], config["lora_alpha"] / config["r"]):
             raise ValueError(f"layer {name!r} has r={layer.r}, alpha={layer.alpha}; the adapter has "

@@ -231,16 +231,20 @@ class Llama(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def _hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)                         # (B, T, dim)
+                cache: KVCache | None = None, start: int = 0, *, first_layer: int = 0,
+                stop_layer: int | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        # The residual stream enters layer first_layer as `hidden` (the embedding when first_layer
+        # is 0); with stop_layer it is returned as it enters that layer, before the final norm.
+        x = self.model.embed_tokens(input_ids) if hidden is None else hidden   # (B, T, dim)
         cos, sin = self._rope(position_ids, x.dtype)
-        for block in self.model.layers:
+        for block in self.model.layers[first_layer:stop_layer]:
             x = block(x, cos, sin, mask, cache, start)
-        return self.model.norm(x)
+        return x if stop_layer is not None else self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, *, stop_layer: int | None = None, first_layer: int = 0,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V), or final hidden states (B, T, dim) if return_hidden.
 
         attention_mask (B, T): 1 for real tokens, 0 for padding (left or right).
@@ -249,6 +253,12 @@ class Llama(nn.Module):
         mask (T, T), (B, T, T) or (B, 1, T, T) bool, True = may attend: replaces the causal mask
             (for example a block mask: a shared prompt, responses that see the prompt and
             themselves only). It is combined with attention_mask when both are given.
+
+        The model split at a layer b (the frozen-prefix cache, docs/design.md): ``stop_layer=b``
+        returns the residual stream as it enters layer b, (B, T, dim), before any final norm;
+        ``first_layer=b, hidden=h`` starts from such states and runs layers b.. only (the
+        embedding and the layers below b are skipped; input_ids still give the shape). Run with
+        the same positions and mask, the two halves equal the whole forward pass.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
@@ -264,6 +274,17 @@ class Llama(nn.Module):
         if position_ids.shape not in ((T,), (B, T)):
             raise ValueError(f"position_ids must have shape {(B, T)} or {(T,)}, got {tuple(position_ids.shape)}")
         position_ids = position_ids.expand(B, T)
+        n = self.args.n_layers
+        if stop_layer is not None and not (isinstance(stop_layer, int) and 0 <= stop_layer <= n):
+            raise ValueError(f"stop_layer must be an int in [0, {n}], got {stop_layer!r}")
+        if not (isinstance(first_layer, int) and 0 <= first_layer <= n):
+            raise ValueError(f"first_layer must be an int in [0, {n}], got {first_layer!r}")
+        if (hidden is None) != (first_layer == 0):
+            raise ValueError("hidden (the residual stream entering first_layer) is given exactly when "
+                             f"first_layer > 0; got first_layer={first_layer} and hidden "
+                             f"{'given' if hidden is not None else 'None'}")
+        if hidden is not None and hidden.shape != (B, T, self.args.dim):
+            raise ValueError(f"hidden must have shape {(B, T, self.args.dim)}, got {tuple(hidden.shape)}")
 
         allowed = None                                                  # None: plain causal
         if mask is not None:
@@ -279,8 +300,9 @@ class Llama(nn.Module):
             allowed = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
         if allowed is not None:
             allowed = allowed | torch.eye(T, dtype=torch.bool, device=device)
-        h = self._hidden(input_ids, position_ids, allowed)
-        return h if return_hidden else self.lm_head(h)
+        h = self._hidden(input_ids, position_ids, allowed, first_layer=first_layer, stop_layer=stop_layer,
+                         hidden=hidden)
+        return h if return_hidden or stop_layer is not None else self.lm_head(h)
 
     def cache_dtype(self) -> torch.dtype:
         """The KV cache's dtype for ``generate``: the parameters', except float32 for a half-precision

@@ -41,7 +41,7 @@ from minisdpo.loss import LinearLossBackend, LossBackend
 from minisdpo.lora import disable_lora
 
 __all__ = ["HEADS", "RefCache", "resolve_head", "response_hidden", "final_hidden", "response_logits",
-           "sft_loss_sum", "sdpo_loss_sum"]
+           "sft_loss_sum", "reference_logps", "sdpo_loss_sum"]
 
 HEADS = ("linear", "logits")
 
@@ -91,8 +91,11 @@ def response_hidden(model: Any, batch: PackedBatch) -> torch.Tensor:
     if not isinstance(batch, PackedBatch):
         raise TypeError(f"batch must be a minisdpo.batches.PackedBatch (from packed_batch), "
                         f"got {type(batch).__name__}")
+    # A batch of the frozen-prefix cache (minisdpo.prefix) carries the residual stream entering
+    # its boundary layer: the model runs from there.
+    split = {} if batch.boundary is None else {"first_layer": batch.boundary_layer, "hidden": batch.boundary}
     h = model(batch.input_ids, position_ids=batch.position_ids, mask=batch.mask,
-              return_hidden=True)                                            # (G, L, dim)
+              return_hidden=True, **split)                                   # (G, L, dim)
     G, L = batch.input_ids.shape
     if h.dim() != 3 or h.shape[:2] != (G, L):
         raise RuntimeError(f"model returned hidden states of shape {tuple(h.shape)}, expected ({G}, {L}, dim)")
@@ -132,46 +135,67 @@ def sft_loss_sum(model: Any, batch: PlainBatch | PackedBatch, backend: LossBacke
 
 
 class RefCache:
-    """The frozen reference's log-probs of each group, computed once per (row, negatives).
+    """The frozen reference's log-prob of each (row, response), computed once.
 
-    With fixed negatives (the public S-DPO code draws them once) the reference log-probs of a
-    row never change: the reference model is frozen (LoRA disabled, no dropout in its path), so
-    from the second epoch on its forward pass is wasted work. Key a group by
-    ``RefCache.key(row, negatives)``, ``row`` any hashable id unique across the rows that share
-    the cache (a row index, or ("val", index) when splits share one cache); the cache holds
-    the (1 + K,) log-probs of each key and is only valid while the base weights, the tokenizer
-    and max_len stay the same.
+    The reference model is frozen (LoRA disabled, no dropout in its path) and a row's prompt is
+    the same whichever responses go with it (``minisdpo.data.encode_group``), so the log-prob of
+    a response never changes: with fixed negatives (the public S-DPO code draws them once) from
+    the second epoch on, and with the frozen-prefix cache always (the trainer fills in all of a
+    row's candidates at once), the reference pass is wasted work. Key a group by
+    ``RefCache.key(row, responses)``, ``row`` any hashable id unique across the rows that share
+    the cache (a row index, or ("val", index) when splits share one cache) and ``responses`` the
+    group's titles in order ([target, *negatives]). The cache is only valid while the base
+    weights, the tokenizer and max_len stay the same.
     """
 
     def __init__(self) -> None:
-        self._logps: dict[Hashable, torch.Tensor] = {}
+        self._logps: dict[tuple[Hashable, str], float] = {}
+        self._dtype = torch.float32
         self.hits = 0
         self.misses = 0
 
     @staticmethod
-    def key(row: Hashable, negatives: Sequence[str]) -> tuple[Hashable, tuple[str, ...]]:
-        if isinstance(negatives, str):
-            raise TypeError(f"negatives must be a sequence of titles, got the string {negatives!r}")
-        return row, tuple(negatives)
+    def key(row: Hashable, responses: Sequence[str]) -> tuple[Hashable, tuple[str, ...]]:
+        if isinstance(responses, str):
+            raise TypeError(f"responses must be a sequence of titles, got the string {responses!r}")
+        return row, tuple(responses)
 
     def __len__(self) -> int:
+        """The number of (row, response) log-probs held."""
         return len(self._logps)
 
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether every response of the group ``key`` (a ``RefCache.key``) is held."""
+        row, titles = key
+        return all((row, t) in self._logps for t in titles)
+
     def get(self, keys: Sequence[Hashable]) -> torch.Tensor | None:
-        """The cached (S,) log-probs of these groups, in order, or None if any is missing."""
-        if not keys or any(k not in self._logps for k in keys):
+        """The cached (S,) log-probs of these groups' responses, in order, or None if any is missing."""
+        wanted = [(row, title) for row, titles in keys for title in titles]
+        if not keys or any(w not in self._logps for w in wanted):
             self.misses += 1
             return None
         self.hits += 1
-        return torch.cat([self._logps[k] for k in keys])                 # (S,)
+        return torch.tensor([self._logps[w] for w in wanted], dtype=self._dtype)  # (S,)
 
     def put(self, keys: Sequence[Hashable], ref_logps: torch.Tensor) -> None:
-        """Store the (S,) log-probs of ``len(keys)`` groups laid out group-major."""
-        if not keys or ref_logps.dim() != 1 or ref_logps.numel() % len(keys) != 0:
-            raise ValueError(f"ref_logps of shape {tuple(ref_logps.shape)} does not split into "
-                             f"{len(keys)} groups")
-        for k, group in zip(keys, ref_logps.detach().view(len(keys), -1)):  # (G, 1+K)
-            self._logps[k] = group.clone()
+        """Store the (S,) log-probs of the responses of ``keys``' groups, laid out group-major."""
+        wanted = [(row, title) for row, titles in keys for title in titles]
+        if not keys or ref_logps.dim() != 1 or ref_logps.numel() != len(wanted):
+            raise ValueError(f"ref_logps of shape {tuple(ref_logps.shape)} does not match the "
+                             f"{len(wanted)} responses of {len(keys)} groups")
+        self._dtype = ref_logps.dtype
+        self._logps.update(zip(wanted, ref_logps.detach().cpu().tolist()))
+
+
+@torch.no_grad()
+def reference_logps(model: Any, batch: PlainBatch | PackedBatch, backend: LossBackend, *,
+                    head: str | None = None) -> torch.Tensor:
+    """The frozen reference's summed log-prob of each response of the batch, (S,): the model
+    with its LoRA adapter disabled, without gradients."""
+    head = resolve_head(head, batch, backend, model)
+    with disable_lora(model):
+        return _token_logps(model, batch, backend, head).sum(-1)                 # (S,)
 
 
 def _check_ref_keys(ref_cache: RefCache | None, ref_keys: Sequence[Hashable] | None,
@@ -181,6 +205,8 @@ def _check_ref_keys(ref_cache: RefCache | None, ref_keys: Sequence[Hashable] | N
     groups = batch.labels.shape[0] // (1 + num_negatives)
     if ref_keys is not None and len(ref_keys) != groups:
         raise ValueError(f"ref_keys has {len(ref_keys)} keys for a batch of {groups} groups")
+    if ref_keys is not None and any(len(titles) != 1 + num_negatives for _, titles in ref_keys):
+        raise ValueError(f"every ref_keys entry must name the group's 1 + K = {1 + num_negatives} responses")
 
 
 def sdpo_loss_sum(model: Any, batch: PlainBatch | PackedBatch, backend: LossBackend, beta: float,
@@ -198,8 +224,7 @@ def sdpo_loss_sum(model: Any, batch: PlainBatch | PackedBatch, backend: LossBack
     labels = batch.labels
     ref_logps = ref_cache.get(ref_keys) if ref_cache is not None else None
     if ref_logps is None:
-        with torch.no_grad(), disable_lora(model):
-            ref_logps = _token_logps(model, batch, backend, head).sum(-1)           # (S,)
+        ref_logps = reference_logps(model, batch, backend, head=head)               # (S,)
         if ref_cache is not None:
             ref_cache.put(ref_keys, ref_logps)
     ref_logps = ref_logps.to(labels.device)

@@ -33,12 +33,13 @@ import torch
 import torch.distributed as dist
 
 from minisdpo import data as D
-from minisdpo.checkpoint import from_pretrained, save_pretrained
+from minisdpo.checkpoint import from_pretrained, load_config, save_pretrained
 from minisdpo.evaluate import evaluate_generation, evaluate_ranking, mcnemar
 from minisdpo.lora import (DEFAULT_TARGETS, apply_lora, load_adapter, mark_only_lora_as_trainable, merge_and_unload,
-                           save_adapter)
+                           save_adapter, top_layers)
 from minisdpo.model import Llama, ModelArgs
 from minisdpo.plots import plot_results, write_plots
+from minisdpo.prefix import PrefixCache
 from minisdpo.run import (adapter_dir, atomic_dir, atomic_write_json, default_dtype, model_kind, sft_model_dir,
                           truncate_metrics)
 from minisdpo.batches import LAYOUTS
@@ -65,6 +66,18 @@ def _dflt(name: str) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Command line
+
+def _layers_flag(value: str) -> str | int:
+    if value == "all":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of layers or 'all', got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"the number of layers must be >= 1, got {n}")
+    return n
+
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Each flag's default at the end of its help, unless the help states it already."""
@@ -120,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lora-alpha", type=float, default=32.0, help="LoRA alpha (scaling alpha / r)")
     a("--lora-dropout", type=float, default=0.1, help="LoRA dropout")
     a("--lora-targets", default=",".join(DEFAULT_TARGETS), help="comma-separated module names that get LoRA")
+    a("--lora-layers", type=_layers_flag, default="all",
+      help="LoRA on the top N layers only, or 'all'. With N, the layers below run once per row into a "
+           "frozen-prefix cache (OUT/cache) that every stage, its reference model and the ranking evaluation "
+           "reuse, so each step runs N layers (a pretrained model only)")
+    a("--sft-lora-layers", type=_layers_flag, default=None,
+      help="LoRA layers of the SFT stage, N or 'all' (default: --lora-layers)")
     # optimisation
     a("--sft-lr", type=float, default=None, help="SFT learning rate (of the LoRA adapter of a pretrained model, "
                                                  "of all weights from scratch)" + _dflt("sft_lr"))
@@ -190,6 +209,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.negatives > D.NUM_CANDIDATES - 1:
         raise SystemExit(f"error: --negatives {args.negatives} exceeds the {D.NUM_CANDIDATES - 1} "
                          f"non-target candidates of a row")
+    if args.sft_lora_layers is None:
+        args.sft_lora_layers = args.lora_layers
+    if args.packing != "shared" and (args.lora_layers, args.sft_lora_layers) != ("all", "all"):
+        raise SystemExit("error: --lora-layers N (the frozen-prefix cache) needs --packing shared")
     if args.model not in (DEFAULT_MODEL, "scratch") and not (
             os.path.isdir(args.model) or (os.path.isfile(args.model) and args.model.endswith(".gguf"))):
         raise SystemExit(f"error: --model {args.model!r} is neither '{DEFAULT_MODEL}', 'scratch', a directory "
@@ -330,12 +353,67 @@ def scratch_model(args: argparse.Namespace, tok: Tokenizer) -> Llama:
     return model
 
 
-def add_lora(model: Llama, args: argparse.Namespace, seed: int) -> Llama:
+def lora_boundary(model_args: ModelArgs, n: str | int, flag: str) -> int:
+    """The first layer with LoRA for ``--lora-layers``-style ``n`` (0 for 'all')."""
+    if n == "all":
+        return 0
+    if n > model_args.n_layers:
+        raise SystemExit(f"error: {flag} {n} exceeds the model's {model_args.n_layers} layers")
+    return model_args.n_layers - n
+
+
+def add_lora(model: Llama, args: argparse.Namespace, seed: int, n: str | int, flag: str) -> Llama:
+    """A LoRA adapter on the model's top ``n`` layers (every layer for 'all')."""
+    lora_boundary(model.args, n, flag)
+    layers = None if n == "all" else top_layers(model.args.n_layers, n)
     torch.manual_seed(seed)
     apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-               target_modules=[t.strip() for t in args.lora_targets.split(",") if t.strip()])
+               target_modules=[t.strip() for t in args.lora_targets.split(",") if t.strip()], layers=layers)
     mark_only_lora_as_trainable(model)
     return model
+
+
+def sft_boundary(args: argparse.Namespace, model_args: ModelArgs) -> int:
+    """The lowest layer the SFT stage changes: the layers below it are the base model's."""
+    if args.model == "scratch":
+        return 0
+    return lora_boundary(model_args, args.sft_lora_layers, "--sft-lora-layers")
+
+
+def prefix_cache(model: Llama, rows: list[D.Row], split: str, layer: int, args: argparse.Namespace,
+                 data: StageData, env: Env, out: Path, stats: dict) -> PrefixCache:
+    """The frozen-prefix cache of ``rows`` at ``layer`` for ``model``, built once and kept under
+    the run directory: OUT/cache when the layers below ``layer`` are the base model's (every
+    stage shares it), OUT/sft/cache when SFT changed them (rebuilt with the SFT model).
+    ``stats`` gathers its size and build time for the stage's summary."""
+    base = layer <= sft_boundary(args, model.args)
+    where = (out / "cache" if base else out / "sft" / "cache") / f"{split}-layer{layer}"
+    t0 = time.time()
+    for turn in ("main", "others") if env.world > 1 else ("main",):   # the main process writes it
+        if (turn == "main") == env.main:
+            cache = PrefixCache.build(model, data.tok, rows, data.domain, args.max_len, layer,
+                                      batch_size=args.rank_batch_size, path=where, source="base" if base else "sft",
+                                      progress=not args.no_progress and env.main, desc=f"prefix cache {split}")
+        barrier(env)
+    seconds = time.time() - t0
+    mb = cache.nbytes / 2**20
+    log(env, f"[cache] {split}: {len(rows)} rows, layers 0..{layer - 1} frozen, {mb:.0f} MiB, "
+             f"{'read back' if cache.reused else 'built'} in {seconds:.1f} s ({where})")
+    stats["cache_mb"] = stats.get("cache_mb", 0.0) + mb
+    stats["cache_build_s"] = stats.get("cache_build_s", 0.0) + seconds
+    return cache
+
+
+def stage_data(model: Llama, data: StageData, n: str | int, flag: str, args: argparse.Namespace, env: Env,
+               out: Path, stats: dict) -> StageData:
+    """``data`` with the frozen-prefix caches of its splits when LoRA is on the top ``n`` layers."""
+    layer = lora_boundary(model.args, n, flag)
+    stats |= {"lora_layers": n, "cache_mb": 0.0, "cache_build_s": 0.0}
+    if not layer:
+        return data
+    caches = {split: prefix_cache(model, rows, split, layer, args, data, env, out, stats)
+              for split, rows in (("train", data.train), ("val", data.val))}
+    return dataclasses.replace(data, train_prefix=caches["train"], val_prefix=caches["val"])
 
 
 def load_sft_model(out: Path, env: Env) -> Llama:
@@ -369,13 +447,16 @@ def run_sft(args: argparse.Namespace, data: StageData, env: Env, out: Path, back
     if done.exists():
         log(env, f"[sft] already done: {sft_model_dir(out)}")
         return
+    stats: dict = {}
     if model_dir:
         model = from_pretrained(model_dir, dtype=env.dtype, device=env.device)
-        add_lora(model, args, args.seed)
+        add_lora(model, args, args.seed, args.sft_lora_layers, "--sft-lora-layers")
+        data = stage_data(model, data, args.sft_lora_layers, "--sft-lora-layers", args, env, out, stats)
     else:
         model = scratch_model(args, data.tok).to(device=env.device, dtype=env.dtype)
+        stats |= {"lora_layers": None, "cache_mb": 0.0, "cache_build_s": 0.0}
     info = train_stage(model, StageSpec("sft", args.sft_lr, args.sft_epochs), train_config(args), data,
-                       env=env, out=out, backend=backend)
+                       env=env, out=out, backend=backend) | stats | {"negatives": 0}
     if env.main:
         if model_dir:
             save_adapter(model, str(adapter_dir(out, "sft")))
@@ -402,9 +483,11 @@ def run_preference(name: str, k: int, args: argparse.Namespace, data: StageData,
         log(env, f"[{name}] already done: {adapter_dir(out, name)}")
         return
     model = load_sft_model(out, env)
-    add_lora(model, args, args.seed + 1)
+    add_lora(model, args, args.seed + 1, args.lora_layers, "--lora-layers")
+    stats: dict = {}
+    data = stage_data(model, data, args.lora_layers, "--lora-layers", args, env, out, stats)
     info = train_stage(model, StageSpec(name, args.sdpo_lr, args.sdpo_epochs, negatives=k), train_config(args),
-                       data, env=env, out=out, backend=backend)
+                       data, env=env, out=out, backend=backend) | stats | {"negatives": k}
     if env.main:
         atomic_dir(lambda path: save_adapter(model, path), adapter_dir(out, name))
         atomic_write_json(info, done)
@@ -417,6 +500,12 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
     progress = not args.no_progress
     results, hits = {}, {}
     model = load_sft_model(out, env)
+    # The ranking runs on the preference adapters' top layers from a frozen-prefix cache of the
+    # rows (with --lora-layers N), the same for the SFT model and every adapter.
+    layer = lora_boundary(model.args, args.lora_layers, "--lora-layers")
+    data = StageData(tok, domain, splits["train"], splits["val"])
+    prefix = (prefix_cache(model, rows, args.eval_split, layer, args, data, env, out, {})
+              if layer and not args.no_ranking else None)
     for name in ("sft", "sdpo", "dpo"):
         path = adapter_dir(out, name) if name != "sft" else sft_model_dir(out)
         if not path.exists():
@@ -430,14 +519,22 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
         hits[name] = gen["hits"]
         if not args.no_ranking:
             res |= {k: v for k, v in evaluate_ranking(model, tok, rows, domain, batch_size=args.rank_batch_size,
-                                                       max_len=args.max_len, progress=progress).items()
-                    if k != "n"}
+                                                       max_len=args.max_len, progress=progress,
+                                                       prefix=prefix).items() if k != "n"}
         results[name] = res
         atomic_write_json({"answers": gen["answers"]}, out / f"answers_{name}.json")
     # HR@1 of each preference model against SFT's on the same rows, with its noise.
     paired = {f"{name}_vs_sft": mcnemar(hits["sft"], hits[name]) for name in hits if name != "sft" and "sft" in hits}
+    stages = {}
+    for name in ("sft", "sdpo", "dpo"):
+        if (out / name / "done.json").exists():
+            info = json.loads((out / name / "done.json").read_text())
+            stages[name] = {"examples_seen": info.get("examples_seen"), "steps": info.get("steps"),
+                            "seconds": info.get("train_s"), "lora_layers": info.get("lora_layers"),
+                            "negatives": info.get("negatives"), "cache_mb": info.get("cache_mb"),
+                            "cache_build_s": info.get("cache_build_s")}
     summary = {"models": results, "paired_hr@1": paired, f"{args.eval_split}_rows": len(rows),
-               "wall_s": time.time() - wall_start}
+               "stages": stages, "wall_s": time.time() - wall_start}
     atomic_write_json(summary, out / "summary.json")
     if not args.no_plots:
         plot_results(out, summary)
@@ -472,6 +569,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     splits, domain, titles = load_rows(args)
     model_dir = resolve_model(args, env)
     tok = load_model_tokenizer(args, model_dir) if model_dir else None
+    n_layers = load_config(model_dir).n_layers if model_dir else args.layers
+    for flag in ("--lora-layers", "--sft-lora-layers"):
+        n = getattr(args, flag[2:].replace("-", "_"))
+        if n != "all" and n > n_layers:
+            raise SystemExit(f"error: {flag} {n} exceeds the model's {n_layers} layers")
     out = prepare_out(args, env)
     log(env, f"data {args.data}: {len(splits['train'])} train / {len(splits['val'])} val / "
              f"{len(splits['test'])} test rows, domain {domain}; out {out}")

@@ -11,6 +11,10 @@ trainable parameters (a LoRA adapter, or every weight of a small model from scra
 * AdamW (betas 0.9/0.95), linear warm-up then cosine decay, gradient clipping;
 * S-DPO negatives drawn anew every epoch, or once with ``cfg.fixed_negatives`` (then the frozen
   reference model's log-probs of a group are computed once, ``minisdpo.step.RefCache``);
+* with a frozen-prefix cache of the split (``StageData.train_prefix`` / ``val_prefix``,
+  ``minisdpo.prefix``) every batch runs only the layers above the cache's boundary, and the
+  reference log-probs of all of a row's candidates are computed once, when the row is first
+  met, whatever its negatives;
 * the validation loss (fixed negatives) every ``cfg.eval_every`` steps and at the end keeps the
   best parameters, which are restored when the stage ends: model selection on the validation
   split only;
@@ -37,8 +41,9 @@ from tqdm.auto import tqdm
 from minisdpo import data as D
 from minisdpo.loss import metrics as preference_metrics, start_loss
 from minisdpo.run import append_jsonl, atomic_save, truncate_metrics
-from minisdpo.batches import build_batch
-from minisdpo.step import RefCache, sdpo_loss_sum, sft_loss_sum
+from minisdpo.batches import build_batch, group_responses
+from minisdpo.prefix import PrefixCache
+from minisdpo.step import RefCache, reference_logps, sdpo_loss_sum, sft_loss_sum
 
 __all__ = ["Env", "TrainConfig", "StageSpec", "StageData", "barrier", "log", "lr_lambda", "sft_terms",
            "micro_loss", "validation_loss", "train_stage"]
@@ -94,6 +99,10 @@ class StageData:
     domain: str
     train: Sequence[D.Row]
     val: Sequence[D.Row]
+    # Frozen-prefix caches of exactly these rows at the boundary of the model's LoRA layers
+    # (None: the whole model runs on every batch).
+    train_prefix: PrefixCache | None = None
+    val_prefix: PrefixCache | None = None
 
 
 def barrier(env: Env) -> None:
@@ -119,8 +128,25 @@ def sft_terms(tok: Any, rows: Sequence[D.Row]) -> int:
     return sum(len(D.encode_response(tok, r.target)) for r in rows)
 
 
-def _batch(cfg: TrainConfig, data: StageData, rows: Sequence[D.Row], negatives, device: torch.device):
-    return build_batch(data.tok, rows, negatives, cfg.max_len, domain=data.domain, packing=cfg.packing).to(device)
+def _batch(cfg: TrainConfig, data: StageData, prefix: PrefixCache | None, rows: Sequence[D.Row],
+           ids: Sequence[int], negatives, device: torch.device):
+    """The batch of rows[i] for i in ids (negatives: one list per id, or None for SFT)."""
+    part = [rows[i] for i in ids]
+    if prefix is not None:
+        return prefix.batch(ids, group_responses(part, negatives)).to(device)
+    return build_batch(data.tok, part, negatives, cfg.max_len, domain=data.domain, packing=cfg.packing).to(device)
+
+
+def _fill_reference(model: torch.nn.Module, prefix: PrefixCache, ids: Sequence[int], key, ref_cache: RefCache,
+                    cfg: TrainConfig, env: Env, backend) -> None:
+    """Put the reference log-probs of every candidate of rows ``ids`` not yet in ``ref_cache``
+    (rows keyed by ``key(i)``): one pass of the top layers per row, for any negatives later."""
+    need = [i for i in ids if RefCache.key(key(i), prefix.rows[i].candidates) not in ref_cache]
+    for start in range(0, len(need), cfg.batch_size):
+        part = need[start:start + cfg.batch_size]
+        batch = prefix.batch(part, [prefix.rows[i].candidates for i in part]).to(env.device)
+        ref_cache.put([RefCache.key(key(i), prefix.rows[i].candidates) for i in part],
+                      reference_logps(model, batch, backend))
 
 
 def micro_loss(model: torch.nn.Module, batch, spec: StageSpec, cfg: TrainConfig, backend,
@@ -144,10 +170,13 @@ def validation_loss(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, d
     negatives = D.epoch_negatives(rows, spec.negatives, cfg.seed, 0, fixed=True) if spec.negatives else None
     total, terms = 0.0, 0
     for start in range(0, len(rows), cfg.batch_size):
-        part = rows[start:start + cfg.batch_size]
-        negs = negatives[start:start + cfg.batch_size] if negatives else None
-        batch = _batch(cfg, data, part, negs, env.device)
-        keys = [RefCache.key(("val", start + i), n) for i, n in enumerate(negs)] if negs else None
+        ids = range(start, min(start + cfg.batch_size, len(rows)))
+        part = [rows[i] for i in ids]
+        negs = [negatives[i] for i in ids] if negatives else None
+        if negs and data.val_prefix is not None:
+            _fill_reference(model, data.val_prefix, ids, lambda i: ("val", i), ref_cache, cfg, env, backend)
+        batch = _batch(cfg, data, data.val_prefix, rows, ids, negs, env.device)
+        keys = [RefCache.key(("val", i), [rows[i].target, *negatives[i]]) for i in ids] if negs else None
         value, _ = micro_loss(model, batch, spec, cfg, backend, ref_cache, keys)
         total += float(value)
         terms += len(part) if spec.negatives else sft_terms(data.tok, part)
@@ -171,7 +200,7 @@ def _all_reduce_floats(values: list[float]) -> list[float]:
 def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data: StageData, *, env: Env,
                 out: Path, backend) -> dict:
     """Train ``model``'s trainable parameters in place; returns the stage's summary (steps,
-    best_step, best_val_loss, train_s, and start_val_loss for a preference stage). Resumes from
+    examples_seen, best_step, best_val_loss, train_s, and start_val_loss for a preference stage). Resumes from
     OUT/<stage>/state.pt when it exists."""
     stage_dir = out / spec.name
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -226,9 +255,11 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data:
         log(env, f"[{spec.name}] step {step}: validation loss {val:.4f} (best {best['val_loss']:.4f} "
                  f"at step {best['step']})")
 
-    # The validation negatives are always fixed; the training ones when cfg.fixed_negatives.
+    # The validation negatives are always fixed; the training ones when cfg.fixed_negatives, or
+    # any with a prefix cache, which computes the reference log-probs of all candidates at once.
+    prefix = data.train_prefix
     val_cache = RefCache() if spec.negatives else None
-    ref_cache = RefCache() if spec.negatives and cfg.fixed_negatives else None
+    ref_cache = RefCache() if spec.negatives and (cfg.fixed_negatives or prefix is not None) else None
     model.train()
     bar = tqdm(total=total, initial=step, desc=spec.name, disable=not cfg.progress or not env.main,
                dynamic_ncols=True)
@@ -249,9 +280,12 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data:
         loss_sum, stats_acc, tokens = 0.0, [], 0
         for m in range(0, len(mine), cfg.batch_size):
             part = mine[m:m + cfg.batch_size]
-            batch = _batch(cfg, data, [rows[i] for i in part],
-                           [negatives[i] for i in part] if negatives else None, env.device)
-            keys = [RefCache.key(i, negatives[i]) for i in part] if ref_cache is not None else None
+            if ref_cache is not None and prefix is not None:
+                _fill_reference(model, prefix, part, lambda i: i, ref_cache, cfg, env, backend)
+            batch = _batch(cfg, data, prefix, rows, part, [negatives[i] for i in part] if negatives else None,
+                           env.device)
+            keys = ([RefCache.key(i, [rows[i].target, *negatives[i]]) for i in part] if ref_cache is not None
+                    else None)
             value, stats = micro_loss(model, batch, spec, cfg, backend, ref_cache, keys)
             (value / n_terms).backward()
             loss_sum += float(value.detach())
@@ -302,7 +336,8 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data:
         with torch.no_grad():
             for n, p in params:
                 p.copy_(saved[n])
-    info = {"steps": total, "best_step": best["step"], "best_val_loss": best["val_loss"],
+    seen = sum(min(global_batch, len(rows) - (s % steps_per_epoch) * global_batch) for s in range(total))
+    info = {"steps": total, "examples_seen": seen, "best_step": best["step"], "best_val_loss": best["val_loss"],
             "train_s": time.time() - t_start}
     if spec.negatives:
         # A preference stage starts with its adapter at zero (policy = reference), where the

@@ -119,13 +119,17 @@ def test_to_keeps_every_field():
     packed = packed_batch(TOK, rows, [[r.target, *n] for r, n in zip(rows, negatives)], 512, domain="music")
     assert [f.name for f in dataclasses.fields(PlainBatch)] == ["input_ids", "attention_mask", "labels", "num_tokens"]
     assert [f.name for f in dataclasses.fields(PackedBatch)] == ["input_ids", "position_ids", "mask", "index",
-                                                                 "labels", "num_tokens"]
+                                                                 "labels", "num_tokens", "boundary",
+                                                                 "boundary_layer"]
+    # A batch of the frozen-prefix cache carries the boundary states too.
+    G, L = packed.input_ids.shape
+    packed = dataclasses.replace(packed, boundary=torch.randn(G, L, 8), boundary_layer=1)
     for batch in (plain, packed):
         moved = batch.to("meta")
         assert type(moved) is type(batch) and moved is not batch
         for f in dataclasses.fields(batch):
             old, new = getattr(batch, f.name), getattr(moved, f.name)
-            if f.name == "num_tokens":
+            if f.name in ("num_tokens", "boundary_layer"):
                 assert type(old) is int and new == old
             else:
                 assert new.device.type == "meta" and old.device.type == "cpu"

@@ -48,6 +48,22 @@ def test_step_model_json_and_losses_agree(model_dir, tmp_path):
     assert result["ours"]["loss"] == ours
 
 
+def test_step_model_top_layers_cached_and_uncached(model_dir, tmp_path):
+    out = tmp_path / "step.json"
+    bench.main(["--step", "--model", model_dir, "--dtype", "float32", "--groups", "2", "--lora-layers", "1",
+                "--repeats", "1", "--threads", "1", "--json", str(out)])
+    written = json.loads(out.read_text())
+    cached, top, uncached = written["cached"], written["uncached_top"], written["uncached"]
+    for key in ("ms_per_group", "build_ms_per_row", "ref_ms_per_row", "peak_mb", "cache_mb"):
+        assert cached[key] > 0, key
+    assert uncached["ms_per_group"] == pytest.approx(written["ours"]["ms"] / 2)
+    assert uncached["peak_mb"] == written["ours"]["peak_mb"] and top["peak_mb"] > 0
+    # The same top-layer adapter with and without the cache: the same loss, and not log(1 + K).
+    assert cached["loss"] == pytest.approx(top["loss"], abs=1e-5) and written["cached_loss_diff"] < 1e-5
+    assert abs(cached["loss"] - 1.3862944) > 1e-4
+    assert written["cached_speedup"] == pytest.approx(written["ours"]["ms"] / cached["ms"])
+
+
 def test_step_model_modes_bfloat16_close(model_dir):
     result = bench.main(["--step", "--model", model_dir, "--dtype", "bfloat16", "autocast",
                          "--groups", "1", "--repeats", "1", "--threads", "1", "--no-memory"])

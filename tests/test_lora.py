@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from minisdpo.checkpoint import from_pretrained
-from minisdpo.lora import (LoRALinear, apply_lora, disable_lora, load_adapter, load_lora_state_dict,
-                           lora_state_dict, mark_only_lora_as_trainable, merge_lora, save_adapter,
+from minisdpo.lora import (LoRALinear, adapted_layers, apply_lora, disable_lora, load_adapter, load_lora_state_dict,
+                           lora_state_dict, mark_only_lora_as_trainable, merge_lora, save_adapter, top_layers,
                            unmerge_lora)
 from minisdpo.model import Llama, ModelArgs
 
@@ -203,6 +203,41 @@ def test_peft_adapter_loads_into_ours(hf_dir, tmp_path):
     assert compare(ours, theirs, 96) <= 1e-5
     merge_lora(ours)  # merged, it matches too
     assert compare(ours, theirs, 96) <= 1e-5
+
+
+def test_top_layers_adapter_round_trips_with_peft(hf_dir, tmp_path):
+    # LoRA on the top layer only: PEFT's layers_to_transform, both ways.
+    ours = apply_lora(from_pretrained(hf_dir), r=4, alpha=16, target_modules=TARGETS, layers=top_layers(2, 1))
+    assert adapted_layers(ours) == [1] and not isinstance(ours.model.layers[0].self_attn.q_proj, LoRALinear)
+    randomize_b(ours)
+    save_adapter(ours, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["layers_to_transform"] == [1]
+    theirs = peft.PeftModel.from_pretrained(load_hf(hf_dir), tmp_path / "ours").eval()
+    assert not any(".layers.0." in n for n, _ in theirs.named_parameters() if "lora_" in n)
+    assert compare(ours, theirs, 96) <= 1e-5
+    assert compare(ours, load_hf(hf_dir), 96) > 1e-2
+    peft_config = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["k_proj", "up_proj"], task_type="CAUSAL_LM",
+                                  layers_to_transform=[1])
+    theirs = peft.get_peft_model(load_hf(hf_dir), peft_config).eval()
+    randomize_b(theirs, seed=2)
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = load_adapter(from_pretrained(hf_dir), tmp_path / "theirs")
+    assert adapted_layers(back) == [1]
+    assert compare(back, theirs, 96) <= 1e-5
+    # Every layer adapted: saved as None (PEFT's "all").
+    save_adapter(apply_lora(from_pretrained(hf_dir), r=2, alpha=4, target_modules=TARGETS), tmp_path / "all")
+    assert json.loads((tmp_path / "all" / "adapter_config.json").read_text())["layers_to_transform"] is None
+
+
+def test_top_layers_errors():
+    with pytest.raises(ValueError, match=r"layers \[5\] are not blocks"):
+        apply_lora(small_model(), r=2, layers=[1, 5])
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        apply_lora(small_model(), r=2, layers=[])
+    with pytest.raises(ValueError, match=r"in \[1, 2\]"):
+        top_layers(2, 3)
+    assert top_layers(30, 4) == [26, 27, 28, 29] and top_layers(30, None) is None
 
 
 def test_load_adapter_errors(hf_dir, tmp_path):

@@ -123,12 +123,13 @@ def test_ref_cache(model):
     k = 3
     rows = random_rows(4, seed=40)
     negs = random_negatives(rows, k, seed=41)
-    keys = [RefCache.key(i, n) for i, n in enumerate(negs)]
+    keys = [RefCache.key(i, [r.target, *n]) for i, (r, n) in enumerate(zip(rows, negs))]
     batch = build_batch(TOK, rows, negs, 512, domain="music")
     cache = RefCache()
     first = sdpo_loss_sum(model, batch, ops, 1.0, k, ref_cache=cache, ref_keys=keys)
-    assert len(cache) == 4 and cache.misses == 1 and cache.hits == 0
-    # A batch of other groups, some of them cached: computed again as a whole.
+    assert len(cache) == 16 and cache.misses == 1 and cache.hits == 0      # 4 groups of 1 + K responses
+    assert all(key in cache for key in keys)
+    # The same groups again: read from the cache.
     second = sdpo_loss_sum(model, batch, ops, 1.0, k, ref_cache=cache, ref_keys=keys)
     assert cache.hits == 1
     for a, b in zip(first, second):

@@ -121,18 +121,22 @@ def test_resume_after_interruption_matches_uninterrupted(data_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-def test_user_checkpoint_with_lora_sft(data_dir, tmp_path):
-    # A "user's" Hugging Face checkpoint: a random tiny Llama with a trained tokenizer beside it.
+def _user_checkpoint(data_dir: Path, base: Path, n_layers: int = 2) -> Path:
+    """A "user's" Hugging Face checkpoint: a random tiny Llama with a trained tokenizer beside it."""
+    from minisdpo.data import format_prompt, load_json_dir
     from minisdpo.model import Llama, ModelArgs
     from minisdpo.tokenizer import train_tokenizer
-    base = tmp_path / "base"
     base.mkdir()
-    from minisdpo.data import format_prompt, load_json_dir
     texts = TITLES + [format_prompt(r, "music") for r in load_json_dir(data_dir)["train"]]
     tok = train_tokenizer(texts, 400, base / "tokenizer.model")
     torch.manual_seed(0)
-    save_pretrained(Llama(ModelArgs(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
+    save_pretrained(Llama(ModelArgs(vocab_size=tok.vocab_size, dim=32, n_layers=n_layers, n_heads=2, n_kv_heads=1,
                                     intermediate_size=64)), str(base))
+    return base
+
+
+def test_user_checkpoint_with_lora_sft(data_dir, tmp_path):
+    base = _user_checkpoint(data_dir, tmp_path / "base")
     out = tmp_path / "run"
     summary = train.main(_flags(data_dir, out, "--model", str(base), "--max-steps", "2", "--no-ranking"))
     assert set(summary["models"]) == {"sft", "sdpo"}
@@ -141,6 +145,51 @@ def test_user_checkpoint_with_lora_sft(data_dir, tmp_path):
     original = from_pretrained(str(base)).state_dict()
     assert set(merged) == set(original)
     assert any(not torch.equal(merged[k], original[k]) for k in original)  # the SFT adapter was merged in
+
+
+def test_top_layers_from_the_prefix_cache_train_and_rank_like_the_whole_model(data_dir, tmp_path, monkeypatch):
+    """--lora-layers 1 on a 3-layer checkpoint: every stage, validation and the ranking run from
+    the frozen-prefix cache. Twin: the same top-layer adapters with the whole model run on every
+    batch (the cache switched off), which must give the same curves and metrics."""
+    base = _user_checkpoint(data_dir, tmp_path / "base", n_layers=3)
+    flags = ["--model", str(base), "--dtype", "float32", "--lora-layers", "1", "--max-steps", "3", "--lora-dropout", "0",
+             "--eval-every", "2", "--negatives", "19", "--compare-dpo"]
+    cached = train.main(_flags(data_dir, tmp_path / "cached", *flags))
+    monkeypatch.setattr(train, "prefix_cache", lambda *a, **kw: None)
+    whole = train.main(_flags(data_dir, tmp_path / "whole", *flags))
+
+    def curve(run: Path) -> list:
+        return [(r["stage"], r["step"], r.get("loss"), r.get("val_loss")) for r in _metrics(run)]
+    a, b = curve(tmp_path / "cached"), curve(tmp_path / "whole")
+    assert [x[:2] for x in a] == [x[:2] for x in b] and len(a) == 3 * 5     # 3 stages: 3 steps, 2 checks
+    for x, y in zip(a, b):
+        for u, v in zip(x[2:], y[2:]):
+            assert (u is None and v is None) or u == pytest.approx(v, rel=1e-4, abs=1e-5), (x, y)
+    for name in ("sft", "sdpo", "dpo"):
+        for key in ("rank_hr@1", "rank_hr@5", "rank_ndcg@5", "hr@1"):
+            assert cached["models"][name][key] == pytest.approx(whole["models"][name][key]), (name, key)
+    stages = cached["stages"]
+    assert set(stages) == {"sft", "sdpo", "dpo"}
+    assert [stages[s]["negatives"] for s in ("sft", "sdpo", "dpo")] == [0, 19, 1]
+    for info in stages.values():
+        assert info["lora_layers"] == 1 and info["steps"] == 3 and info["examples_seen"] == 3 * 8
+        assert info["cache_mb"] > 0 and info["seconds"] > 0
+    # One cache per split, built by the SFT stage and read back by the later ones.
+    assert sorted(p.name for p in (tmp_path / "cached" / "cache").iterdir()) == [
+        "test-layer2", "train-layer2", "val-layer2"]
+    assert stages["sft"]["cache_build_s"] > stages["sdpo"]["cache_build_s"]
+    config = json.loads((tmp_path / "cached" / "sdpo" / "adapter" / "adapter_config.json").read_text())
+    assert config["layers_to_transform"] == [2]
+    assert whole["stages"]["sdpo"]["cache_mb"] == 0.0
+
+
+def test_full_depth_sft_then_top_layers_rebuilds_the_cache_from_the_sft_model(data_dir, tmp_path):
+    base = _user_checkpoint(data_dir, tmp_path / "base", n_layers=3)
+    out = tmp_path / "run"
+    train.main(_flags(data_dir, out, "--model", str(base), "--lora-layers", "2", "--sft-lora-layers", "all",
+                      "--max-steps", "1", "--no-ranking"))
+    assert not (out / "cache").exists()
+    assert sorted(p.name for p in (out / "sft" / "cache").iterdir()) == ["train-layer1", "val-layer1"]
 
 
 def test_two_processes_match_one_with_the_same_global_batch(data_dir, tmp_path):
@@ -166,6 +215,8 @@ def test_two_processes_match_one_with_the_same_global_batch(data_dir, tmp_path):
     (["--batch-size", "0"], "--batch-size"),
     (["--beta", "nan"], "--beta"),
     (["--model", "/nonexistent/dir"], "--model"),
+    (["--lora-layers", "3"], "--lora-layers 3 exceeds the model's 2 layers"),
+    (["--packing", "none", "--lora-layers", "1"], "needs --packing shared"),
 ])
 def test_bad_flags_name_the_flag(data_dir, tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):

@@ -72,6 +72,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ref-cache", action="store_true",
                    help="--step --model: also time our step with the reference log-probs cached "
                         "(minisdpo.step.RefCache, as train.py --fixed-negatives after the first epoch)")
+    p.add_argument("--lora-layers", type=int, default=None, metavar="N",
+                   help="--step --model: also time the step with LoRA on the top N layers only, from the "
+                        "frozen-prefix cache ('cached', as train.py --lora-layers N) and without it "
+                        "('uncached_top'), beside today's default step (LoRA on every layer)")
     p.add_argument("--generate", action="store_true",
                    help="with --model: time batched greedy decoding (model.generate, KV cache), "
                         "float32 vs bfloat16")
@@ -99,6 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error("--batch and --new-tokens must be >= 1, --hf-micro-batch >= 0")
         if not 0 <= args.lora_dropout < 1:
             p.error("--lora-dropout must be in [0, 1)")
+        if args.lora_layers is not None and args.lora_layers < 1:
+            p.error("--lora-layers must be >= 1")
         return args
     if args.dtype is None:
         args.dtype = ["float32"] if args.step else ["float32", "bfloat16"]

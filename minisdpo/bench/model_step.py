@@ -9,6 +9,13 @@ adapter disabled for the reference model), each in the mode it runs fastest in o
 (``BEST_MODE``; ``--dtype`` sweeps modes), side by side in one process. Both start from the
 same adapter, so their losses must agree (to rounding in float32). Peak memory: the peak
 resident set of one step of each side in its own process.
+
+With ``--lora-layers N`` two more sides train LoRA on the top N layers only (the same adapter
+weights there): ``cached`` runs them from the frozen-prefix cache (``minisdpo.prefix``, built once
+for the rows: timed apart, per row) with the reference log-probs of all candidates computed once
+per row (timed apart) and read from a ``RefCache``, as ``train.py --lora-layers N`` does;
+``uncached_top`` runs the whole model on every step. The JSON then has ``"cached"`` and
+``"uncached"`` (today's default step, ``ours``) per group.
 """
 from __future__ import annotations
 
@@ -34,9 +41,10 @@ from minisdpo.bench.common import WordTokenizer, clear_peak_rss, peak_rss, rss
 from minisdpo.bench.synthetic_step import MAX_LEN
 from minisdpo.checkpoint import from_pretrained, load_config
 from minisdpo.lora import (DEFAULT_TARGETS, apply_lora, load_lora_state_dict, lora_state_dict,
-                           mark_only_lora_as_trainable)
+                           mark_only_lora_as_trainable, top_layers)
 from minisdpo.model import Llama
-from minisdpo.step import RefCache, sdpo_loss_sum
+from minisdpo.prefix import PrefixCache
+from minisdpo.step import RefCache, reference_logps, sdpo_loss_sum
 from minisdpo.tokenizer import Tokenizer
 
 MODEL_SIDES = ("ours", "hf_peft")
@@ -45,7 +53,8 @@ MODEL_MODES = ("float32", "bfloat16", "autocast")
 # --dtype float32 bfloat16 autocast recorded in docs/benchmarks.md; the default run times these.
 # transformers + PEFT runs as fast under autocast as with bfloat16 weights (within 2%, autocast
 # ahead in the cleanest sweep): it gets autocast, the mode a Trainer with bf16=True would use.
-BEST_MODE = {"ours": "bfloat16", "hf_peft": "autocast"}
+BEST_MODE = {"ours": "bfloat16", "hf_peft": "autocast", "ours_ref_cached": "bfloat16", "cached": "bfloat16",
+             "uncached_top": "bfloat16"}
 MODEL_GROUPS, MODEL_REPEATS = 8, 3
 LORA_R, LORA_ALPHA, BETA, LR = 8, 32.0, 1.0, 1e-4
 DATA_SET = "movielens"
@@ -85,7 +94,7 @@ def model_batches(model_dir: str, K: int, groups: int, micro: int = 0, seed: int
                                packing="none") for i in range(0, groups, micro)]
     prompt_lens = [len(D.encode_prompt(tok, row, domain)) for row in rows]
     return {"packed": packed, "plain": plain, "plain_micro": plain_micro, "tokenizer": tok_name,
-            "prompt_tokens": prompt_lens, "negatives": negatives}
+            "prompt_tokens": prompt_lens, "negatives": negatives, "rows": rows, "tok": tok}
 
 
 def lora_init(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -124,8 +133,9 @@ def build_ours(model_dir: str, mode: str, batches: dict, K: int, lora: dict, dro
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     batch = batches["packed"]
     groups = batch.labels.shape[0] // (1 + K)
-    cache = dict(ref_cache=RefCache(), ref_keys=[RefCache.key(i, n) for i, n in
-                                                 enumerate(batches["negatives"])]) if ref_cached else {}
+    cache = dict(ref_cache=RefCache(), ref_keys=[RefCache.key(i, [row.target, *n]) for i, (row, n) in
+                                                 enumerate(zip(batches["rows"], batches["negatives"]))]
+                 ) if ref_cached else {}
 
     def step() -> float:
         with _mode_context(mode):
@@ -182,8 +192,63 @@ def build_hf_peft(model_dir: str, mode: str, batches: dict, K: int, lora: dict, 
     return step
 
 
+def build_top(model_dir: str, mode: str, batches: dict, K: int, lora: dict, dropout: float = 0.0,
+              lora_layers: int = 4, cached: bool = True):
+    """Our step with LoRA on the top ``lora_layers`` layers (``lora``'s weights there). ``cached``:
+    the frozen-prefix cache of the rows and the reference log-probs of all their candidates are
+    built first (their times per row in ``step.build_ms_per_row`` and ``step.ref_ms_per_row``),
+    then every step runs the top layers on the policy only; else the whole model, reference
+    included, as ``build_ours``. Returns step() -> loss."""
+    model = from_pretrained(model_dir, dtype=_mode_dtype(mode))
+    layers = top_layers(model.args.n_layers, lora_layers)
+    apply_lora(model, r=LORA_R, alpha=LORA_ALPHA, dropout=dropout, layers=layers)
+    own = lora_state_dict(model)
+    load_lora_state_dict(model, {name: t for name, t in lora.items() if name in own})
+    mark_only_lora_as_trainable(model)
+    rows, negatives, tok = batches["rows"], batches["negatives"], batches["tok"]
+    extra: dict = {}
+    if cached:
+        domain = D.default_domain(DATA_SET)
+        t0 = time.perf_counter()
+        cache = PrefixCache.build(model, tok, rows, domain, MAX_LEN, layers[0], batch_size=4, progress=False)
+        t1 = time.perf_counter()
+        ref_cache = RefCache()
+        for start in range(0, len(rows), 4):
+            ids = list(range(start, min(start + 4, len(rows))))
+            ref_cache.put([RefCache.key(i, rows[i].candidates) for i in ids],
+                          reference_logps(model, cache.batch(ids, [rows[i].candidates for i in ids]), ops))
+        t2 = time.perf_counter()
+        extra = {"build_ms_per_row": (t1 - t0) * 1e3 / len(rows), "ref_ms_per_row": (t2 - t1) * 1e3 / len(rows),
+                 "cache_mb": cache.nbytes / 2**20}
+        batch = cache.batch(range(len(rows)), [[r.target, *n] for r, n in zip(rows, negatives)])
+        refs = dict(ref_cache=ref_cache, ref_keys=[RefCache.key(i, [r.target, *n])
+                                                   for i, (r, n) in enumerate(zip(rows, negatives))])
+    else:
+        batch, refs = batches["packed"], {}
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    groups = len(rows)
+
+    def step() -> float:
+        with _mode_context(mode):
+            loss, _, _ = sdpo_loss_sum(model, batch, ops, BETA, K, head="linear", **refs)
+            loss = loss / groups
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+    step.extra = extra
+    return step
+
+
 MODEL_BUILDERS = {"ours": build_ours, "hf_peft": build_hf_peft,
-                  "ours_ref_cached": lambda *a, **k: build_ours(*a, **k, ref_cached=True)}
+                  "ours_ref_cached": lambda *a, **k: build_ours(*a, **k, ref_cached=True),
+                  "cached": build_top, "uncached_top": lambda *a, **k: build_top(*a, **k, cached=False)}
+
+
+def _builder_kwargs(side: str, args: argparse.Namespace) -> dict:
+    extra = {"lora_layers": args.lora_layers} if side in ("cached", "uncached_top") else {}
+    return {"dropout": args.lora_dropout, **extra}
 
 
 def _lora_for(model_dir: str) -> dict[str, torch.Tensor]:
@@ -199,7 +264,7 @@ def memory_child(args: argparse.Namespace) -> None:
     side, mode = args.memory_child, args.dtype[0]
     batches = model_batches(args.model, args.K, args.groups, args.hf_micro_batch)
     step = MODEL_BUILDERS[side](args.model, mode, batches, args.K, _lora_for(args.model),
-                                dropout=args.lora_dropout)
+                                **_builder_kwargs(side, args))
     cleared = clear_peak_rss()
     before = rss() if cleared else peak_rss()
     step()
@@ -212,14 +277,17 @@ def model_peak_memory(side: str, mode: str, args: argparse.Namespace) -> dict:
            "--memory-child", side, "--dtype", mode, "--K", str(args.K), "--groups", str(args.groups),
            "--hf-micro-batch", str(args.hf_micro_batch), "--lora-dropout", str(args.lora_dropout),
            "--threads", str(torch.get_num_threads())]
+    if args.lora_layers:
+        cmd += ["--lora-layers", str(args.lora_layers)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def run(args: argparse.Namespace, info: dict) -> dict:
     K, groups, repeats = args.K, args.groups, args.repeats
-    sides = MODEL_SIDES + (("ours_ref_cached",) if args.ref_cache else ())
-    modes = {side: list(args.dtype) if args.dtype else [BEST_MODE[side.split("_ref")[0]]] for side in sides}
+    sides = (MODEL_SIDES + (("ours_ref_cached",) if args.ref_cache else ())
+             + (("cached", "uncached_top") if args.lora_layers else ()))
+    modes = {side: list(args.dtype) if args.dtype else [BEST_MODE[side]] for side in sides}
     batches = model_batches(args.model, K, groups, args.hf_micro_batch)
     packed, plain = batches["packed"], batches["plain"]
     print(f"# minisdpo.bench --step --model: one S-DPO training step (reference log-probs, policy "
@@ -243,14 +311,15 @@ def run(args: argparse.Namespace, info: dict) -> dict:
     lora = _lora_for(args.model)
     # One round per mode, the two sides interleaved within it: both see the same load, and only
     # two models (and one transformers step's activations, ~10 GB in float32) are alive at once.
-    first_loss, times = {}, {}
+    first_loss, times, extras = {}, {}, {}
     for r in range(max(len(m) for m in modes.values())):
         round_ = [(side, modes[side][min(r, len(modes[side]) - 1)]) for side in sides]
         round_ = [key for key in round_ if key not in times]
         steps = {}
         for key in round_:
             steps[key] = MODEL_BUILDERS[key[0]](args.model, key[1], batches, K, lora,
-                                                dropout=args.lora_dropout)
+                                                **_builder_kwargs(key[0], args))
+            extras[key] = getattr(steps[key], "extra", {})
             first_loss[key] = steps[key]()                                    # warm-up
             times[key] = []
         for _ in range(repeats):
@@ -264,8 +333,8 @@ def run(args: argparse.Namespace, info: dict) -> dict:
                                     for side, mode in round_), flush=True)
     medians = {key: statistics.median(t) for key, t in times.items()}
     best = {side: min(modes[side], key=lambda m: medians[(side, m)]) for side in sides}
-    memory = {} if args.no_memory else {side: model_peak_memory(side, best[side], args)
-                                        for side in MODEL_SIDES}
+    measured = MODEL_SIDES + (("cached", "uncached_top") if args.lora_layers else ())
+    memory = {} if args.no_memory else {side: model_peak_memory(side, best[side], args) for side in measured}
     print(f"{'side':<15} {'mode':<9} {'ms':>9} {'runs ms':<24} {'loss':>9} {'peak MB':>8} {'step MB':>8}")
     results: dict = {}
     for side, mode in ((side, mode) for side in sides for mode in modes[side]):
@@ -301,6 +370,21 @@ def run(args: argparse.Namespace, info: dict) -> dict:
     if "ours_ref_cached" in results:
         results["speedup_ref_cached"] = hf["ms"] / results["ours_ref_cached"]["ms"]
         print(f"speedup with our reference log-probs cached: {results['speedup_ref_cached']:.2f}x")
+    if args.lora_layers:
+        cached, top = results["cached"], results["uncached_top"]
+        results["cached"] = {**cached, "ms_per_group": cached["ms"] / groups, "lora_layers": args.lora_layers,
+                             **extras[("cached", best["cached"])]}
+        results["uncached_top"] = {**top, "ms_per_group": top["ms"] / groups, "lora_layers": args.lora_layers}
+        results["uncached"] = {"ms_per_group": ours["ms"] / groups, "peak_mb": ours["peak_mb"], "lora_layers": "all",
+                               "dtype": ours["dtype"]}
+        results["cached_speedup"] = ours["ms"] / cached["ms"]
+        results["cached_loss_diff"] = abs(cached["loss"] - top["loss"])
+        c = results["cached"]
+        print(f"LoRA on the top {args.lora_layers} layers: cached {c['ms_per_group']:.0f} ms per group (cache built "
+              f"once: {c['build_ms_per_row']:.0f} ms per row, reference of all candidates {c['ref_ms_per_row']:.0f} ms "
+              f"per row), uncached {results['uncached_top']['ms_per_group']:.0f} ms per group; today's default "
+              f"step (LoRA on every layer) {results['uncached']['ms_per_group']:.0f} ms per group: "
+              f"{results['cached_speedup']:.2f}x; |loss cached - uncached| {results['cached_loss_diff']:.2e}")
     return results
 
 
