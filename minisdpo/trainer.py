@@ -28,6 +28,7 @@ order and the report.
 from __future__ import annotations
 
 import math
+import pickle
 import random
 import time
 from dataclasses import dataclass, field
@@ -219,7 +220,13 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data:
 
     step, best = 0, {"val_loss": math.inf, "step": -1}
     if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+        try:
+            # Tensors and plain values only: a state.pt from elsewhere cannot run code here.
+            state = torch.load(state_path, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise SystemExit(f"error: --resume: {state_path} holds more than tensors and plain values, so it "
+                             f"was not written by minisdpo's trainer; refusing to load it ({str(e).splitlines()[0]})"
+                             ) from None
         with torch.no_grad():
             for (n, p) in params:
                 p.copy_(state["params"][n])

@@ -231,6 +231,29 @@ def test_existing_run_needs_resume_or_overwrite(data_dir, tmp_path):
         train.main(_flags(data_dir, out, "--max-steps", "1"))
 
 
+class _RunsCode:
+    """Unpickling this object creates a file: what a crafted checkpoint could do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_resume_refuses_a_state_file_that_would_run_code(data_dir, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--stage", "sft", "--sft-epochs", "2", "--ckpt-every", "1", "--max-steps", "1"]
+    train.main(_flags(data_dir, out, *flags))
+    (out / "sft" / "done.json").unlink()
+    state = torch.load(out / "sft" / "state.pt", weights_only=True)   # what the trainer writes loads safely
+    marker = tmp_path / "ran"
+    torch.save({**state, "best": _RunsCode(marker)}, out / "sft" / "state.pt")
+    with pytest.raises(SystemExit, match="state.pt holds more than tensors and plain values"):
+        train.main(_flags(data_dir, out, *flags, "--resume"))
+    assert not marker.exists()
+
+
 def test_resume_with_other_settings_is_refused(data_dir, tmp_path):
     out = tmp_path / "run"
     train.main(_flags(data_dir, out, "--stage", "sft", "--max-steps", "1"))
