@@ -37,11 +37,6 @@ namespace {
 // Enough rows per task that a task does at least ~32k elements of work (ATen's GRAIN_SIZE).
 int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / V); }
 
-// The kernels index rows by their first two strides; the V elements of a row must be adjacent.
-at::Tensor rows_contiguous(const at::Tensor& logits) {
-  return logits.stride(2) == 1 ? logits : logits.contiguous();
-}
-
 // A fresh logits-sized gradient is mostly page faults on first touch (measured here: 0.5 s for
 // 512 MB in 4 KB pages, 0.05 s in 2 MB pages). Ask Linux for transparent huge pages over the
 // buffer, as PyTorch does for every allocation under THP_MEM_ALLOC_ENABLE=1; a no-op where
@@ -54,11 +49,6 @@ void advise_huge_pages(const at::Tensor& t) {
   const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
   if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #endif
-}
-
-inline void check_label(int64_t y, int64_t s, int64_t t, int64_t V, int64_t ignore_index) {
-  TORCH_CHECK_VALUE(y >= 0 && y < V, "minisdpo: labels[", s, ", ", t, "] = ", y,
-                    " is outside [0, V) = [0, ", V, ") and is not ignore_index = ", ignore_index);
 }
 
 // Per row r = s * T + t: lse[r] and tok[r] = logits[s, t, y] - lse[r] (0 for both if ignored).
@@ -180,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpo_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor> sdpo_group_loss_cpu(const at::Tensor& logps,
                                                        const at::Tensor& ref_logps, double beta,
                                                        int64_t num_negatives) {
-  check_group_loss(logps, ref_logps, beta, num_negatives);
+  check_sdpo_group_loss(logps, ref_logps, beta, num_negatives);
   const at::Tensor lp = logps.to(at::kDouble).contiguous();
   const at::Tensor rp = ref_logps.to(at::kDouble).contiguous();
   const int64_t S = logps.size(0), G = S / (1 + num_negatives);

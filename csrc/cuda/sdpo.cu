@@ -71,16 +71,6 @@ struct alignas(sizeof(T) * N) Pack {
 template <typename T>
 constexpr int kVec = 16 / sizeof(T);
 
-// How many of a row's V elements come before its first one on an N * sizeof(T)-byte boundary
-// (fewer than N): read and written one by one, then whole N-element packs.
-template <typename T, int N>
-__device__ __forceinline__ int64_t lead(const T* row, int64_t V) {
-  constexpr uintptr_t kBytes = N * sizeof(T);
-  const uintptr_t mis = reinterpret_cast<uintptr_t>(row) % kBytes;
-  const int64_t head = mis == 0 ? 0 : static_cast<int64_t>((kBytes - mis) / sizeof(T));
-  return head < V ? head : V;
-}
-
 // Merge two (max, sum) pairs, sum being relative to exp(max); an empty pair is (-inf, 0).
 // A pair with max = -inf has seen only -inf and NaN logits, so its sum is 0 or NaN.
 template <typename A>
@@ -176,7 +166,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     return;
   }
   const T* row = logits + row_offset(r, T_len, st0, st1);
-  const int64_t head = lead<T, N>(row, V);
+  const int64_t head = lead<N>(row, V);
   const auto* packs = reinterpret_cast<const Pack<T, N>*>(row + head);
   const int64_t n_packs = (V - head) / N;
   const int64_t body_end = head + n_packs * N;
@@ -300,7 +290,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t r = blockIdx.x;
   const int64_t y = labels[r];
   T* grow = grad + row_offset(r, T_len, gs0, gs1);
-  const int64_t head = lead<T, N>(grow, V);
+  const int64_t head = lead<N>(grow, V);
 
   if (y == ignore_index) {
     auto* gpacks = reinterpret_cast<Pack<T, N>*>(grow + head);
@@ -320,7 +310,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const T* xrow = logits + row_offset(r, T_len, xs0, xs1);
   const A c = coef[(r / T_len) * cs0 + (r % T_len) * cs1];  // cs1 may be 0 (an expanded view)
   const A l = lse[r];
-  if (lead<T, N>(xrow, V) == head) {
+  if (lead<N>(xrow, V) == head) {
     grad_row<T, N>(xrow, grow, V, head, c, l, y);
   } else {
     grad_row<T, 1>(xrow, grow, V, 0, c, l, y);
@@ -349,11 +339,6 @@ at::Tensor empty_aligned_like(const at::Tensor& x) {
                         x.element_size();
   if (shift == 0 || !x.is_contiguous()) return at::empty(x.sizes(), x.options());
   return at::empty({x.numel() + shift}, x.options()).narrow(0, shift, x.numel()).view(x.sizes());
-}
-
-// The kernels index rows by their first two strides; the V elements of a row must be adjacent.
-at::Tensor rows_contiguous(const at::Tensor& logits) {
-  return logits.stride(2) == 1 ? logits : logits.contiguous();
 }
 
 // Fills tok and lse (S, T) contiguous, of the accumulation dtype. x has adjacent row elements.
@@ -453,7 +438,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpo_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor> sdpo_group_loss_cuda(const at::Tensor& logps,
                                                         const at::Tensor& ref_logps, double beta,
                                                         int64_t num_negatives) {
-  check_group_loss(logps, ref_logps, beta, num_negatives);
+  check_sdpo_group_loss(logps, ref_logps, beta, num_negatives);
   const c10::cuda::CUDAGuard guard(logps.device());
   const at::Tensor logps64 = logps.to(at::kDouble).contiguous();
   at::Tensor loss = at::empty({}, logps64.options());
