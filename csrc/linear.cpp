@@ -67,8 +67,8 @@ std::tuple<at::Tensor, at::Tensor> call_token_logps_fwd(const at::Tensor& logits
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("minisdpo::token_logps_fwd", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, int64_t, bool)>();
-  return op.call(logits, labels, ignore_index, /*inplace_backward=*/false);
+                           const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op.call(logits, labels, ignore_index);
 }
 
 // The group loss of csrc/sdpo_math.h on the logps' device (sdpo_group_loss: CPU or CUDA).

@@ -110,8 +110,7 @@ void backward_rows(const at::Tensor& coef, const at::Tensor& x, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor> token_logps_fwd_cpu(const at::Tensor& logits,
                                                        const at::Tensor& labels,
-                                                       int64_t ignore_index,
-                                                       bool /*inplace_backward*/) {
+                                                       int64_t ignore_index) {
   check_token_logps_fwd(logits, labels);
   const at::Tensor x = rows_contiguous(logits);
   const auto opts = logits.options().dtype(acc_dtype(logits.scalar_type()));
@@ -142,9 +141,9 @@ double group_losses(const double* logp, const double* ref, double beta, int64_t 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpo_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& ref_logps, double beta,
-    int64_t num_negatives, int64_t ignore_index, bool inplace_backward) {
+    int64_t num_negatives, int64_t ignore_index) {
   check_sdpo_fwd(logits, labels, ref_logps, beta, num_negatives);
-  auto [tok, lse] = token_logps_fwd_cpu(logits, labels, ignore_index, inplace_backward);
+  auto [tok, lse] = token_logps_fwd_cpu(logits, labels, ignore_index);
   const int64_t S = logits.size(0), Tn = logits.size(1), G = S / (1 + num_negatives);
 
   // logp(y) = sum_t tok[s, t], summed in double in a fixed order: the result does not depend
@@ -216,20 +215,17 @@ std::string cpu_capability() { return cpu::capability_name(cpu::current_capabili
 
 TORCH_LIBRARY(minisdpo, m) {
   m.set_python_module("minisdpo.ops");  // where the fake kernels and autograd are registered
-  // inplace_backward: the autograd formula (minisdpo/ops.py) writes the logits' gradient into
-  // the logits themselves (logits_bwd_); the forward kernels do not read it.
-  m.def(
-      "token_logps_fwd(Tensor logits, Tensor labels, int ignore_index, "
-      "bool inplace_backward=False) -> (Tensor, Tensor)");
+  m.def("token_logps_fwd(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)");
   // Returns (loss, logps, lse, dlogps): dlogps = d loss / d logps (S,) float64, computed with the
   // loss, is all the backward pass needs besides lse.
   m.def(
       "sdpo_fwd(Tensor logits, Tensor labels, Tensor ref_logps, float beta, int num_negatives, "
-      "int ignore_index, bool inplace_backward=False) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "sdpo_group_loss(Tensor logps, Tensor ref_logps, float beta, int num_negatives) "
       "-> (Tensor, Tensor)");
   m.def("logits_bwd(Tensor coef, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor");
+  // The same, written into the logits' own storage: the linear ops' chunks (csrc/linear.cpp).
   m.def(
       "logits_bwd_(Tensor(a!) logits, Tensor coef, Tensor labels, Tensor lse, int ignore_index) "
       "-> ()");

@@ -161,14 +161,13 @@ inline at::Tensor rows_contiguous(const at::Tensor& logits) {
 }
 
 // The CPU implementations (TORCH_LIBRARY_IMPL CPU in sdpo.cpp; the CUDA ones are in
-// cuda/sdpo.cu). inplace_backward is read by the autograd formula (minisdpo/ops.py) only.
+// cuda/sdpo.cu).
 std::tuple<at::Tensor, at::Tensor> token_logps_fwd_cpu(const at::Tensor& logits,
                                                        const at::Tensor& labels,
-                                                       int64_t ignore_index,
-                                                       bool inplace_backward);
+                                                       int64_t ignore_index);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpo_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& ref_logps, double beta,
-    int64_t num_negatives, int64_t ignore_index, bool inplace_backward);
+    int64_t num_negatives, int64_t ignore_index);
 std::tuple<at::Tensor, at::Tensor> sdpo_group_loss_cpu(const at::Tensor& logps,
                                                        const at::Tensor& ref_logps, double beta,
                                                        int64_t num_negatives);

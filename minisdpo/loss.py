@@ -19,8 +19,7 @@ rejected ones y_1..y_K. ``labels[s, t]`` is the token that ``logits[s, t]`` pred
 With K = 1 this is the DPO loss, -log sigmoid(beta * (delta(y_w) - delta(y_1))).
 
 ``LossBackend`` is what this module and ``minisdpo.ops`` both are, as module objects:
-``token_logps`` and ``sdpo_loss`` with these signatures (``minisdpo.ops`` adds one optional
-argument of its own, ``inplace_backward``). ``LinearLossBackend`` adds the LM head fused into the
+``token_logps`` and ``sdpo_loss`` with these signatures. ``LinearLossBackend`` adds the LM head fused into the
 loss (``linear_token_logps``, ``sdpo_linear_loss``), which only ``minisdpo.ops`` has. Both are
 ``runtime_checkable``: ``isinstance(minisdpo.ops, LinearLossBackend)`` is True, and False for this
 module (the check looks at the names only; tests/test_backends.py compares the signatures).

@@ -3,8 +3,7 @@
 The only Python file that touches ``torch.ops.minisdpo``. It registers the ops' autograd
 formulas (``torch.library.register_autograd``) and fake kernels (``torch.library.register_fake``,
 for torch.compile), and exposes the same two functions as ``minisdpo.loss``, their plain PyTorch
-twin, with the same signatures plus an optional ``inplace_backward``, and two more with the
-LM head fused in: this module is a ``minisdpo.loss.LinearLossBackend``. The method is S-DPO ("On
+twin, with the same signatures, and two more with the LM head fused in: this module is a ``minisdpo.loss.LinearLossBackend``. The method is S-DPO ("On
 Softmax Direct Preference Optimization for Recommendation", Chen et al., NeurIPS 2024, arXiv
 2406.09215); the gradient derivation is docs/method.md and docs/design.md, the method:
 
@@ -125,16 +124,6 @@ def _check_linear(hidden, weight, labels) -> None:
 # ----- autograd helpers
 
 
-def _logits_grad(ctx, coef: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
-                 lse: torch.Tensor) -> torch.Tensor:
-    """coef (S, T) * (onehot - softmax) on counted tokens, zeros elsewhere: the logits' gradient."""
-    if ctx.inplace:
-        # Opt-in: the logits are dead after the loss, so their storage takes the gradient.
-        _ops.logits_bwd_(logits, coef, labels, lse, ctx.ignore_index)
-        return logits
-    return _ops.logits_bwd(coef, logits, labels, lse, ctx.ignore_index)
-
-
 def _sequence_coef(dlogps: torch.Tensor, grad_loss: torch.Tensor | None,
                    grad_logps: torch.Tensor | None) -> torch.Tensor | None:
     """c_s = grad_loss * dL/dlogp_s + grad_logps_s (S,), in float64 (logp - ref_logp cancels most
@@ -149,11 +138,11 @@ def _sequence_coef(dlogps: torch.Tensor, grad_loss: torch.Tensor | None,
     return c
 
 
-# ----- token_logps_fwd: (logits, labels, ignore_index, inplace_backward) -> (token_logps, lse)
+# ----- token_logps_fwd: (logits, labels, ignore_index) -> (token_logps, lse)
 
 
 @torch.library.register_fake("minisdpo::token_logps_fwd")
-def _token_logps_fwd_fake(logits, labels, ignore_index, inplace_backward=False):
+def _token_logps_fwd_fake(logits, labels, ignore_index):
     _check_input(logits, "logits", "(S, T, V)")
     torch._check_value(logits.shape[2] > 0, lambda: (
         f"minisdpo: logits must have a vocabulary V > 0, got shape {tuple(logits.shape)}"))
@@ -164,10 +153,10 @@ def _token_logps_fwd_fake(logits, labels, ignore_index, inplace_backward=False):
 
 
 def _token_logps_setup(ctx, inputs, output):
-    logits, labels, ignore_index, inplace_backward = inputs
+    logits, labels, ignore_index = inputs
     _, lse = output
     ctx.save_for_backward(logits, labels, lse)
-    ctx.ignore_index, ctx.inplace = ignore_index, inplace_backward
+    ctx.ignore_index = ignore_index
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)
 
@@ -175,10 +164,10 @@ def _token_logps_setup(ctx, inputs, output):
 def _token_logps_backward(ctx, grad_tok, grad_lse):
     # d token_logp[s, t] / d logits[s, t, :] = onehot - softmax: the coefficient is grad_tok.
     if grad_tok is None:
-        return None, None, None, None
+        return None, None, None
     logits, labels, lse = ctx.saved_tensors
     coef = grad_tok.to(lse.dtype)
-    return _logits_grad(ctx, coef, logits, labels, lse), None, None, None
+    return _ops.logits_bwd(coef, logits, labels, lse, ctx.ignore_index), None, None
 
 
 torch.library.register_autograd(
@@ -186,13 +175,12 @@ torch.library.register_autograd(
 )
 
 
-# ----- sdpo_fwd: (logits, labels, ref_logps, beta, K, ignore_index, inplace_backward)
+# ----- sdpo_fwd: (logits, labels, ref_logps, beta, K, ignore_index)
 #                 -> (loss (), logps (S,), lse (S, T), dlogps (S,) float64)
 
 
 @torch.library.register_fake("minisdpo::sdpo_fwd")
-def _sdpo_fwd_fake(logits, labels, ref_logps, beta, num_negatives, ignore_index,
-                   inplace_backward=False):
+def _sdpo_fwd_fake(logits, labels, ref_logps, beta, num_negatives, ignore_index):
     _, lse = _token_logps_fwd_fake(logits, labels, ignore_index)
     _check_group(logits, "logits", ref_logps, beta, num_negatives)
     S = logits.shape[0]
@@ -205,10 +193,10 @@ def _sdpo_fwd_fake(logits, labels, ref_logps, beta, num_negatives, ignore_index,
 
 
 def _sdpo_setup(ctx, inputs, output):
-    logits, labels, ref_logps, beta, num_negatives, ignore_index, inplace_backward = inputs
+    logits, labels, ref_logps, beta, num_negatives, ignore_index = inputs
     _, _, lse, dlogps = output
     ctx.save_for_backward(logits, labels, lse, dlogps)
-    ctx.ignore_index, ctx.inplace = ignore_index, inplace_backward
+    ctx.ignore_index = ignore_index
     ctx.mark_non_differentiable(lse, dlogps)
     ctx.set_materialize_grads(False)
 
@@ -217,9 +205,9 @@ def _sdpo_backward(ctx, grad_loss, grad_logps, grad_lse, grad_dlogps):
     logits, labels, lse, dlogps = ctx.saved_tensors
     c = _sequence_coef(dlogps, grad_loss, grad_logps)
     if c is None:
-        return (None,) * 7
+        return (None,) * 6
     coef = c.to(lse.dtype).unsqueeze(1).expand(logits.shape[:2])  # (S, T) view
-    return _logits_grad(ctx, coef, logits, labels, lse), None, None, None, None, None, None
+    return _ops.logits_bwd(coef, logits, labels, lse, ctx.ignore_index), None, None, None, None, None
 
 
 torch.library.register_autograd("minisdpo::sdpo_fwd", _sdpo_backward, setup_context=_sdpo_setup)
@@ -363,7 +351,6 @@ def sdpo_loss(
     beta: float = 1.0,
     num_negatives: int = 1,
     ignore_index: int = -100,
-    inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused S-DPO loss (mean over groups) and the policy's sequence log-probs.
 
@@ -371,13 +358,8 @@ def sdpo_loss(
     group-major (chosen first); labels (S, T) int64, ignore_index where a token does not count;
     ref_logps (S,) the frozen reference model's log-probs (no gradient). Returns (loss (), logps (S,))
     in float32 (float64 for float64 logits); both are differentiable w.r.t. logits.
-    inplace_backward=True writes the logits' gradient into the logits' own storage (saves one
-    logits-sized buffer; the logits must not be used after the loss, and must not be an
-    expanded view: one memory location cannot hold several gradient values, so that raises).
     """
-    loss, logps, _, _ = _ops.sdpo_fwd(
-        logits, labels, ref_logps, float(beta), num_negatives, ignore_index, bool(inplace_backward)
-    )
+    loss, logps, _, _ = _ops.sdpo_fwd(logits, labels, ref_logps, float(beta), num_negatives, ignore_index)
     return loss, logps
 
 
@@ -385,11 +367,10 @@ def token_logps(
     logits: torch.Tensor,
     labels: torch.Tensor,
     ignore_index: int = -100,
-    inplace_backward: bool = False,
 ) -> torch.Tensor:
     """log softmax(logits[s, t])[labels[s, t]] per token, 0 where ignored: (S, T) float32
     (float64 for float64 logits), differentiable w.r.t. logits."""
-    tok, _ = _ops.token_logps_fwd(logits, labels, ignore_index, bool(inplace_backward))
+    tok, _ = _ops.token_logps_fwd(logits, labels, ignore_index)
     return tok
 
 

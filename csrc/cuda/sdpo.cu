@@ -384,8 +384,7 @@ void launch_backward(const at::Tensor& coef, const at::Tensor& x, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> token_logps_fwd_cuda(const at::Tensor& logits,
                                                         const at::Tensor& labels,
-                                                        int64_t ignore_index,
-                                                        bool /*inplace_backward*/) {
+                                                        int64_t ignore_index) {
   check_token_logps_fwd(logits, labels);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor x = rows_contiguous(logits);
@@ -412,10 +411,10 @@ void launch_group_loss(const at::Tensor& logps64, const at::Tensor& ref_logps, d
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpo_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& ref_logps, double beta,
-    int64_t num_negatives, int64_t ignore_index, bool inplace_backward) {
+    int64_t num_negatives, int64_t ignore_index) {
   check_sdpo_fwd(logits, labels, ref_logps, beta, num_negatives);
   const c10::cuda::CUDAGuard guard(logits.device());
-  auto [tok, lse] = token_logps_fwd_cuda(logits, labels, ignore_index, inplace_backward);
+  auto [tok, lse] = token_logps_fwd_cuda(logits, labels, ignore_index);
   const int64_t S = logits.size(0), T_len = logits.size(1);
   const auto opts = tok.options();
   at::Tensor logps = at::empty({S}, opts);
