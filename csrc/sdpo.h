@@ -2,8 +2,8 @@
 //
 // Included by csrc/sdpo.cpp (schemas + CPU kernels), csrc/linear.cpp (the linear ops) and
 // csrc/cuda/sdpo.cu (CUDA kernels), so every device rejects the same bad input with the same
-// message, each naming the argument; the fake kernels of minisdpo/ops.py check the same
-// conditions with torch._check_value / torch._check_type while torch.compile traces. The op
+// message, each naming the argument. These are the only argument checks: the fake kernels of
+// minisdpo/ops.py are shape functions that check only the shapes their outputs rest on. The op
 // contract is docs/design.md, the op contract; the math is docs/method.md (S-DPO, Chen et al.,
 // NeurIPS 2024, arXiv 2406.09215) and csrc/sdpo_math.h.
 #pragma once

@@ -25,8 +25,9 @@ namespace minisdpo {
 
 // Accumulation dtype: float32 for the half types, the input's own dtype for float32 and
 // float64 (float64 stays float64 for gradcheck). This is ATen's opmath rule, so the type and
-// the ScalarType below cannot disagree; minisdpo/ops.py reads it from the kernels' output
-// dtypes (the reference, minisdpo/loss.py, keeps its own).
+// the ScalarType below cannot disagree; minisdpo/loss.py states the same rule in Python
+// (accumulation_dtype, which the fake kernels of minisdpo/ops.py use; tests/test_ops.py checks
+// that the two agree).
 template <typename T>
 using acc_t = at::opmath_type<T>;
 

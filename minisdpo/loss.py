@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["token_logps", "sequence_logps", "preference_loss", "sdpo_loss", "dpo_loss", "metrics", "start_loss",
-           "LossBackend", "LinearLossBackend"]
+           "accumulation_dtype", "LossBackend", "LinearLossBackend"]
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float32 whatever the input precision; float64 stays float64 (for gradcheck). This module's
-    # own rule, kept independent of the kernels' (acc_dtype in csrc/sdpo_math.h, which
-    # minisdpo.ops reads from the extension).
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the log-probs are computed and returned in: float32 whatever the input
+    precision, float64 for float64 (for gradcheck). The kernels' rule (acc_dtype in
+    csrc/sdpo_math.h) is the same; minisdpo.ops's fake kernels use this function."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -52,7 +52,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 
     """
     counted = labels != ignore_index                                   # (S, T)
     safe_labels = labels.masked_fill(~counted, 0)                      # any valid index
-    logprobs = torch.log_softmax(logits.to(_accumulation_dtype(logits.dtype)), dim=-1)  # (S, T, V)
+    logprobs = torch.log_softmax(logits.to(accumulation_dtype(logits.dtype)), dim=-1)  # (S, T, V)
     picked = logprobs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)                 # (S, T)
     return picked.masked_fill(~counted, 0.0)
 

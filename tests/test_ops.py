@@ -5,11 +5,16 @@ gradients through both outputs (loss and logps), every logits dtype, awkward sha
 below and not a multiple of the 16-lane vector width, T = 1), ignored tokens and sequences,
 extreme logits, NaN and inf (NaN exactly where the reference has NaN), strided, offset and
 unaligned rows at V = 4096, 32000 and 32001, gradcheck, opcheck, torch.compile (and its fake
-kernels' checks), the in-place backward op of the linear ops, each CPU code path and the thread
+kernels' shape checks), the in-place backward op of the linear ops, each CPU code path and the thread
 count. Every case
 draws fresh random inputs. An independent oracle, F.cross_entropy over the implicit rewards,
 checks the group loss of both the reference and the kernels.
 """
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -361,6 +366,17 @@ def _bad_inputs(device):
     ]
 
 
+def _bad_input(name):
+    """The case of _bad_inputs (on the CPU) called name."""
+    return next(case for case in _bad_inputs("cpu") if case[0] == name)
+
+
+# Shape errors, which the fake kernels (shape functions) raise too, while torch.compile traces;
+# the other errors only the kernels raise, when the graph runs.
+SHAPE_ERRORS = ["labels shape", "ref_logps shape", "logits 2-D", "S vs 1+K", "K < 1"]
+KERNEL_ERRORS = ["labels dtype", "ref_logps dtype", "integer logits", "beta nan", "beta inf"]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", range(12))
 def test_bad_input_raises(device, case):
@@ -396,15 +412,73 @@ def test_torch_compile(device):
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
-@pytest.mark.parametrize("case", range(2, 12))
-def test_fake_kernels_check_like_the_kernels(case):
-    """Under fake tensors (what torch.compile traces with) every shape, dtype and group-size
-    error of _bad_inputs is raised by the fake kernels, with the C++ exception type and words.
-    The label range needs the labels' values and is left to the kernels (cases 0 and 1)."""
-    name, call, exc, words = _bad_inputs("cpu")[case]
+@pytest.mark.parametrize("name", SHAPE_ERRORS)
+def test_fake_kernels_check_the_shapes(name):
+    """Under fake tensors (what torch.compile traces with) the shape errors of _bad_inputs are
+    raised by the fake kernels, with the kernels' exception type, naming the argument."""
+    _, call, exc, words = _bad_input(name)
     with FakeTensorMode(allow_non_fake_inputs=True):
         with pytest.raises(exc, match=words):
             call()
+
+
+@pytest.mark.parametrize("name", KERNEL_ERRORS)
+def test_torch_compile_leaves_the_other_checks_to_the_kernels(name):
+    """A bad dtype or beta passes the fake kernels, which are shape functions: the call is traced
+    into a graph, and the kernel rejects it when the graph runs, with its own exception and
+    message (csrc/sdpo.h, the one place of the argument checks)."""
+    _, call, exc, words = _bad_input(name)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with pytest.raises(exc, match=words):
+        torch.compile(call, backend=backend, fullgraph=True)()
+    assert len(graphs) == 1
+
+
+IMPORT_SPY = """
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+calls = []
+
+
+class Spy(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+with Spy():
+    import minisdpo.ops
+print(calls)
+"""
+
+
+def test_import_runs_no_op():
+    """Importing minisdpo.ops registers the ops and runs none of them (nor any other tensor op),
+    in a fresh process."""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", IMPORT_SPY], cwd=root, capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_kernels_and_fake_kernels_agree_on_the_output_dtypes(dtype):
+    """The fake kernels take their dtypes from minisdpo.loss.accumulation_dtype; the kernels
+    from ATen's opmath rule (csrc/sdpo_math.h): the same dtypes, float32 for half inputs."""
+    logits, labels, ref_logps = make_inputs(2, 3, 10, dtype=dtype, seed=21)
+    want = torch_loss.accumulation_dtype(dtype)
+    assert want == (torch.float64 if dtype == torch.float64 else torch.float32)
+    real = torch.ops.minisdpo.sdpo_fwd(logits, labels, ref_logps, 1.0, 1, -100)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = torch.ops.minisdpo.sdpo_fwd(logits, labels, ref_logps, 1.0, 1, -100)
+    assert [t.dtype for t in real] == [t.dtype for t in fake] == [want, want, want, torch.float64]
 
 
 def test_fake_kernels_of_the_backward_ops():
@@ -413,13 +487,13 @@ def test_fake_kernels_of_the_backward_ops():
     with FakeTensorMode(allow_non_fake_inputs=True):
         with pytest.raises(ValueError, match="coef"):
             torch.ops.minisdpo.logits_bwd(torch.ones(4, 2), logits, labels, lse, -100)
-        with pytest.raises(TypeError, match="lse"):
-            torch.ops.minisdpo.logits_bwd_(logits, torch.ones(4, 3), labels, lse.double(), -100)
+        with pytest.raises(ValueError, match="lse"):
+            torch.ops.minisdpo.logits_bwd_(logits, torch.ones(4, 3), labels, lse[:, :2], -100)
         with pytest.raises(ValueError, match="num_negatives"):
             torch.ops.minisdpo.sdpo_group_loss(torch.zeros(4), ref_logps, 1.0, 2)
 
 
-@pytest.mark.parametrize("bad", ["group size", "labels shape", "ref_logps dtype"])
+@pytest.mark.parametrize("bad", ["group size", "labels shape", "ref_logps shape"])
 def test_torch_compile_rejects_a_bad_call_while_tracing(bad):
     """The error comes from the fake kernel while dynamo traces: no graph reaches the backend
     (before the fake kernels checked, tracing succeeded and only the compiled kernel raised)."""
@@ -430,7 +504,7 @@ def test_torch_compile_rejects_a_bad_call_while_tracing(bad):
     elif bad == "labels shape":
         labels = labels[:, :4]
     else:
-        ref_logps, words = ref_logps.long(), "ref_logps"
+        ref_logps, words = ref_logps[:3], "ref_logps"
     graphs = []
 
     def backend(gm, example_inputs):
