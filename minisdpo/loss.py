@@ -103,7 +103,6 @@ def dpo_loss(
     return -F.logsigmoid(beta * margin).mean()
 
 
-@torch.no_grad()
 def start_loss(num_negatives: int) -> float:
     """The S-DPO loss when every reward is 0 (a fresh adapter: policy = reference): ln(1 + K)."""
     return math.log1p(num_negatives)
