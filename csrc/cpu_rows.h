@@ -7,8 +7,8 @@
 // GCC vector extensions: a 16-float vector is one zmm register with AVX-512, two ymm with AVX2
 // and four xmm with the x86-64 baseline (SSE2), so one source serves all three.
 //
-// Math (docs/method.md): the forward pass needs lse = log sum_v exp(x_v) per row; the backward
-// pass writes coef * (onehot(y) - exp(x - lse)), recomputing the softmax from the saved lse.
+// What the two row kernels compute is docs/method.md (the token log-probabilities, and the
+// gradient with respect to the logits); their contract is RowKernels in cpu_kernels.h.
 
 typedef float vfloat __attribute__((vector_size(64)));     // 16 x float32
 typedef int32_t vint __attribute__((vector_size(64)));     // 16 x int32

@@ -1,21 +1,17 @@
 // The fused linear S-DPO ops: the loss from hidden states and the LM-head weight, without the
-// full logits.
+// full logits. Why that works, and the gradients: docs/method.md, the LM head fused in.
 //
-// S-DPO ("On Softmax Direct Preference Optimization for Recommendation", Chen et al., NeurIPS
-// 2024, arXiv 2406.09215; derivation in docs/method.md) only needs, per counted token, the
-// log-prob of its label, and in the backward pass coef * (onehot - softmax) per token. Both
-// can be formed one chunk of tokens at a time: the chunk's logits h_c @ W^T are computed,
-// reduced by the existing row kernel (token_logps_fwd: 4 bytes of log-sum-exp per token kept),
-// and dropped; the backward pass recomputes them, turns them into their gradient in place
-// (logits_bwd_) and multiplies out the gradients of the hidden states (g_c @ W) and of the
+// One chunk of counted tokens at a time, the forward pass computes the chunk's logits h_c @ W^T,
+// reduces them with the existing row kernel (token_logps_fwd, which keeps the log-sum-exp per
+// token) and drops them; the backward pass recomputes them, turns them into their gradient in
+// place (logits_bwd_) and multiplies out the gradients of the hidden states (g_c @ W) and of the
 // weight (g_c^T @ h_c, accumulated in float32). The idea is Liger-Kernel's
 // FusedLinearCrossEntropy (and Apple's Cut Cross-Entropy), written here from scratch.
 //
 // Peak extra memory is one chunk of logits plus the gradients of hidden and weight,
 // independent of S * R * V. Only counted tokens (label != ignore_index) are gathered into the
-// chunks: ignored ones cost nothing. The chunks cover whole rows of the vocabulary: a row of
-// V logits is 128 KB for V = 32000, so a chunk of a few hundred rows already fills a 64 MiB
-// budget, and the row kernels need a whole row to form the log-sum-exp.
+// chunks: ignored ones cost nothing. The chunks cover whole rows of the vocabulary, since the
+// row kernels need a whole row to form the log-sum-exp.
 //
 // Implemented once for every device (CompositeExplicitAutograd): at::mm / addmm_ for the chunk
 // matmuls and the minisdpo row kernels called through the dispatcher, which picks the CPU

@@ -1,11 +1,10 @@
 // The minisdpo ops: their schemas (TORCH_LIBRARY) and their CPU implementations.
 //
-// Fused S-DPO loss ("On Softmax Direct Preference Optimization for Recommendation", Chen et al.,
-// NeurIPS 2024, arXiv 2406.09215; derivation in docs/method.md, reference in minisdpo/loss.py).
-// The forward pass reads each counted row of logits once and keeps only its log-sum-exp
-// (4 bytes per token); the backward pass recomputes the softmax from it and writes
-// coef * (onehot - softmax) in one pass. Ignored rows are skipped in the forward pass and
-// zeroed in the backward pass. Rows are spread over threads with at::parallel_for; the
+// What the ops compute, and the gradient, step by step: docs/method.md (the reference is
+// minisdpo/loss.py, the group loss csrc/sdpo_math.h). The forward pass reads each counted row of
+// logits once and keeps only its float32 log-sum-exp; the backward pass recomputes the softmax
+// from it and writes the logits' gradient in one pass. Ignored rows are skipped in the forward
+// pass and zeroed in the backward pass. Rows are spread over threads with at::parallel_for; the
 // per-row vector code is in cpu_rows.h, chosen per CPU by cpu_kernels.cpp.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
@@ -37,8 +36,8 @@ namespace {
 // Enough rows per task that a task does at least ~32k elements of work (ATen's GRAIN_SIZE).
 int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / V); }
 
-// A fresh logits-sized gradient is mostly page faults on first touch (measured here: 0.5 s for
-// 512 MB in 4 KB pages, 0.05 s in 2 MB pages). Ask Linux for transparent huge pages over the
+// A fresh logits-sized gradient costs mostly page faults on first touch, far fewer in 2 MB pages
+// than in 4 KB ones (docs/benchmarks.md). Ask Linux for transparent huge pages over the
 // buffer, as PyTorch does for every allocation under THP_MEM_ALLOC_ENABLE=1; a no-op where
 // THP is off or the buffer is small.
 void advise_huge_pages(const at::Tensor& t) {

@@ -3,19 +3,15 @@
 The only Python file that touches ``torch.ops.minisdpo``. It registers the ops' autograd
 formulas (``torch.library.register_autograd``) and fake kernels (``torch.library.register_fake``,
 for torch.compile), and exposes the same two functions as ``minisdpo.loss``, their plain PyTorch
-twin, with the same signatures, and two more with the LM head fused in: this module is a ``minisdpo.loss.LinearLossBackend``. The method is S-DPO ("On
-Softmax Direct Preference Optimization for Recommendation", Chen et al., NeurIPS 2024, arXiv
-2406.09215); the gradient derivation is docs/method.md and docs/design.md, the method:
+twin, with the same signatures, and two more with the LM head fused in: this module is a
+``minisdpo.loss.LinearLossBackend``. The loss and its gradients, step by step, are
+docs/method.md.
 
-    dL/dlogp(y_j) =  beta * sigma(S) * w_j / G     (rejected j; S = logsumexp z, w = softmax z)
-    dL/dlogp(y_w) = -beta * sigma(S) / G           (chosen)
-    dlogp(y)/dlogits[t, v] = [v == y_t] - softmax(logits_t)[v]
-
-The forward kernels compute the group loss and, in the same pass, dL/dlogp per sequence (the
-``dlogps`` output, csrc/sdpo_math.h); the backward pass multiplies it by the incoming gradient
-(S-sized work, torch ops, no host synchronisation) to get one coefficient per sequence, times
-(onehot - softmax), which the ``logits_bwd`` kernel writes in one pass from the saved per-token
-log-sum-exp.
+The forward kernels compute the group loss and, in the same pass, its derivative with respect to
+each sequence's log-prob (the ``dlogps`` output, csrc/sdpo_math.h); the backward pass multiplies
+it by the incoming gradient (S-sized work, torch ops, no host synchronisation) to get one
+coefficient per sequence, and the ``logits_bwd`` kernel turns that into the logits' gradient in
+one pass from the saved per-token log-sum-exp.
 
 ``sdpo_linear_loss`` and ``linear_token_logps`` take the hidden states and the LM-head weight
 instead of the logits (csrc/linear.cpp): the logits only ever exist one chunk of tokens at a

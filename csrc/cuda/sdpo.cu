@@ -1,27 +1,26 @@
-// CUDA kernels of the minisdpo ops (TORCH_LIBRARY_IMPL(minisdpo, CUDA)).
+// CUDA kernels of the minisdpo ops (TORCH_LIBRARY_IMPL(minisdpo, CUDA)); the schemas and the CPU
+// kernels are in csrc/sdpo.cpp, what the ops compute, and the gradient, in docs/method.md. The
+// kernel rules are those of docs/design.md, the op contract, learned from Liger-Kernel,
+// flash-attn's cross entropy and Cut Cross-Entropy: float32 accumulation, only the log-sum-exp
+// per token is saved, the softmax is recomputed in the backward pass, p_y - 1 is formed in
+// float32, ignored rows are skipped.
 //
-// Fused S-DPO loss ("On Softmax Direct Preference Optimization for Recommendation", Chen et al.,
-// NeurIPS 2024, arXiv 2406.09215, eq. 11-12; derivation in docs/method.md, reference in
-// minisdpo/loss.py, schemas and CPU kernels in csrc/sdpo.cpp). The kernel rules are those of
-// docs/design.md, the op contract, learned from Liger-Kernel, flash-attn's cross entropy and
-// Cut Cross-Entropy: float32 accumulation, only the log-sum-exp per token is saved, the softmax
-// is recomputed in the backward pass, p_y - 1 is formed in float32, ignored rows are skipped.
-//
-// Forward, per token row r = s * T + t (one block per row, all rows in one grid):
-//   lse[r] = log sum_v exp(x[v]),  tok[r] = x[y] - lse[r]      (0 and 0 where y is ignored)
-// read once with 16-byte loads, UNROLL loads in flight per thread, an online (max, sum) pair
-// per thread merged across the block. A row that does not start on a 16-byte boundary (V = 32001,
-// an offset view) reads its first few elements one by one, then 16-byte loads. sdpo_fwd then
-// sums tok per sequence (one block per sequence) and forms the group loss and d loss / d logp
-// (one block, group_loss of csrc/sdpo_math.h, the CPU's function), both in float64 and in a fixed
-// order, so the result is deterministic and nothing waits on the host.
+// Forward: one block per token row r = s * T + t, all rows in one grid, which gives the row's
+// lse and its label's log-prob tok (0 and 0 where the label is ignored). The row is read once
+// with 16-byte loads, kUnroll loads in flight per thread, into an online (max, sum) pair per
+// thread merged across the block. A row that does not start on a 16-byte boundary (V = 32001,
+// an offset view) reads its first few elements one by one (lead, csrc/sdpo_math.h), then
+// 16-byte loads. sdpo_fwd then sums tok per sequence (one block per sequence) and forms the
+// group loss and d loss / d logp (one block, group_loss of csrc/sdpo_math.h, the CPU's
+// function), both in float64 and in a fixed order, so the result is deterministic and nothing
+// waits on the host.
 //
 // NaN and inf as torch.log_softmax and minisdpo/loss.py: a NaN or a +inf in a counted row makes
 // its lse NaN (through the sum, see accumulate), a NaN log-prob or ref_logps makes its group's
 // loss NaN (group_loss), a row of -inf only has lse = -inf.
 //
-// Backward, per row: g[v] = coef[s, t] * ([v == y] - exp(x[v] - lse[r])), zeros where ignored,
-// one read and one write of the row with the same 16-byte vectors (in place: g aliases x).
+// Backward: one block per row, zeros where ignored, one read and one write of the row with the
+// same 16-byte vectors (in place: the gradient aliases the logits).
 //
 // Labels outside [0, V) cannot be checked on the host without a synchronisation; the kernels
 // check them with CUDA_KERNEL_ASSERT (as PyTorch's own nll_loss and gather do): a bad label
