@@ -36,7 +36,7 @@ def _extension():
     return cpp_extension.CUDAExtension(
         "minisdpo._C",
         sources + _sources("csrc/cuda/*.cu"),
-        extra_compile_args={"cxx": cxx + ["-DMINISDPO_WITH_CUDA"], "nvcc": nvcc},
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
     )
 
 

@@ -7,8 +7,8 @@
 // GCC vector extensions: a 16-float vector is one zmm register with AVX-512, two ymm with AVX2
 // and four xmm with the x86-64 baseline (SSE2), so one source serves all three.
 //
-// Math (docs/method.md): the forward pass needs lse = log sum_v exp(x_v) per row; the backward
-// pass writes coef * (onehot(y) - exp(x - lse)), recomputing the softmax from the saved lse.
+// What the two row kernels compute is docs/method.md (the token log-probabilities, and the
+// gradient with respect to the logits); their contract is RowKernels in cpu_kernels.h.
 
 typedef float vfloat __attribute__((vector_size(64)));     // 16 x float32
 typedef int32_t vint __attribute__((vector_size(64)));     // 16 x int32
@@ -105,17 +105,6 @@ template <typename T>
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(v[i]);
 }
 
-// How many elements come before the first one at p whose address is a multiple of the vector
-// size in bytes (64 for float32, 32 for the 16-bit types), at most V. A row of V = 32001 or of
-// an offset view starts anywhere: after this scalar-sized prologue every vector access is
-// aligned and none splits a cache line.
-template <typename T>
-[[gnu::always_inline]] static inline int64_t lead(const T* p, int64_t V) {
-  constexpr uintptr_t kBytes = kLanes * sizeof(T);
-  const uintptr_t mis = reinterpret_cast<uintptr_t>(p) % kBytes;
-  return std::min<int64_t>(V, mis == 0 ? 0 : static_cast<int64_t>((kBytes - mis) / sizeof(T)));
-}
-
 // log sum_v exp(x_v), one pass: a running max m and a running sum of exp(x - m) (in double,
 // rescaled when a block raises the max). The row is a prologue of fewer than 16 elements up to
 // the first aligned one, an aligned body of whole vectors, and a tail of fewer than 16; prologue
@@ -128,7 +117,7 @@ template <typename T>
 // -inf (and NaN) has been seen, since x - (-inf) would turn every -inf into NaN.
 template <typename T>
 static float row_lse(const T* x, int64_t V) {
-  const int64_t head = lead(x, V);
+  const int64_t head = lead<kLanes>(x, V);
   const int64_t body_end = head + (V - head) / kLanes * kLanes;
   float m = -INFINITY;
   double sum = 0.0;
@@ -166,7 +155,7 @@ template <typename T>
 static void row_grad(const T* x, T* g, int64_t V, float lse, float coef, int64_t y) {
   const float p_y = std::exp(static_cast<float>(x[y]) - lse);
   const float g_y = -coef * (p_y - 1.0f);  // p_y - 1 in float32, rounded to T once
-  const int64_t head = lead(g, V);
+  const int64_t head = lead<kLanes>(g, V);
   const int64_t body_end = head + (V - head) / kLanes * kLanes;
   const vfloat vl = vsplat(lse), vc = vsplat(-coef);
   store_part(g, vc * vexp(load_part(x, head, 0.0f) - vl), head);

@@ -1,21 +1,17 @@
 // The fused linear S-DPO ops: the loss from hidden states and the LM-head weight, without the
-// full logits.
+// full logits. Why that works, and the gradients: docs/method.md, the LM head fused in.
 //
-// S-DPO ("On Softmax Direct Preference Optimization for Recommendation", Chen et al., NeurIPS
-// 2024, arXiv 2406.09215; derivation in docs/method.md) only needs, per counted token, the
-// log-prob of its label, and in the backward pass coef * (onehot - softmax) per token. Both
-// can be formed one chunk of tokens at a time: the chunk's logits h_c @ W^T are computed,
-// reduced by the existing row kernel (token_logps_fwd: 4 bytes of log-sum-exp per token kept),
-// and dropped; the backward pass recomputes them, turns them into their gradient in place
-// (logits_bwd_) and multiplies out the gradients of the hidden states (g_c @ W) and of the
+// One chunk of counted tokens at a time, the forward pass computes the chunk's logits h_c @ W^T,
+// reduces them with the existing row kernel (token_logps_fwd, which keeps the log-sum-exp per
+// token) and drops them; the backward pass recomputes them, turns them into their gradient in
+// place (logits_bwd_) and multiplies out the gradients of the hidden states (g_c @ W) and of the
 // weight (g_c^T @ h_c, accumulated in float32). The idea is Liger-Kernel's
 // FusedLinearCrossEntropy (and Apple's Cut Cross-Entropy), written here from scratch.
 //
 // Peak extra memory is one chunk of logits plus the gradients of hidden and weight,
 // independent of S * R * V. Only counted tokens (label != ignore_index) are gathered into the
-// chunks: ignored ones cost nothing. The chunks cover whole rows of the vocabulary: a row of
-// V logits is 128 KB for V = 32000, so a chunk of a few hundred rows already fills a 64 MiB
-// budget, and the row kernels need a whole row to form the log-sum-exp.
+// chunks: ignored ones cost nothing. The chunks cover whole rows of the vocabulary, since the
+// row kernels need a whole row to form the log-sum-exp.
 //
 // Implemented once for every device (CompositeExplicitAutograd): at::mm / addmm_ for the chunk
 // matmuls and the minisdpo row kernels called through the dispatcher, which picks the CPU
@@ -46,30 +42,6 @@ int64_t rows_per_chunk(int64_t chunk_rows, int64_t V, const at::Tensor& hidden) 
   return std::max<int64_t>(1, kChunkBytes / row_bytes);
 }
 
-// hidden (S, R, D) floating; weight (V, D) of the same dtype and device; labels (S, R) int64.
-void check_linear(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels) {
-  const auto dt = hidden.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
-                   "minisdpo: hidden must be float32, bfloat16, float16 or float64, got ", dt);
-  TORCH_CHECK_VALUE(hidden.dim() == 3, "minisdpo: hidden must be 3-D (S, R, D), got shape ",
-                    hidden.sizes());
-  TORCH_CHECK_TYPE(weight.scalar_type() == dt, "minisdpo: weight must have the dtype of hidden (",
-                   dt, "), got ", weight.scalar_type());
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == hidden.size(2) && weight.size(0) > 0,
-                    "minisdpo: weight must have shape (V, D) with V > 0 and D = hidden.size(2) = ",
-                    hidden.size(2), ", got ", weight.sizes());
-  TORCH_CHECK_VALUE(weight.device() == hidden.device(), "minisdpo: weight must be on ",
-                    hidden.device(), " like hidden, got ", weight.device());
-  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "minisdpo: labels must be int64, got ",
-                   labels.scalar_type());
-  TORCH_CHECK_VALUE(labels.dim() == 2 && labels.size(0) == hidden.size(0) &&
-                        labels.size(1) == hidden.size(1),
-                    "minisdpo: labels must have shape (S, R) = (", hidden.size(0), ", ",
-                    hidden.size(1), ") to match hidden ", hidden.sizes(), ", got ", labels.sizes());
-  TORCH_CHECK_VALUE(labels.device() == hidden.device(), "minisdpo: labels must be on ",
-                    hidden.device(), " like hidden, got ", labels.device());
-}
-
 // The flat positions (S * R) of the counted tokens, after checking their labels lie in [0, V).
 // nonzero() needs the count on the host: one synchronisation per call on a GPU, the price of
 // doing no work at all for ignored tokens (and of the chunk loop's trip count).
@@ -79,9 +51,7 @@ at::Tensor counted_rows(const at::Tensor& labels, int64_t V, int64_t ignore_inde
   const at::Tensor bad = counted.logical_and(flat.lt(0).logical_or(flat.ge(V)));
   if (bad.any().item<bool>()) {
     const int64_t r = bad.nonzero().select(1, 0)[0].item<int64_t>();
-    TORCH_CHECK_VALUE(false, "minisdpo: labels[", r / labels.size(1), ", ", r % labels.size(1),
-                      "] = ", flat[r].item<int64_t>(), " is outside [0, V) = [0, ", V,
-                      ") and is not ignore_index = ", ignore_index);
+    check_label(flat[r].item<int64_t>(), r / labels.size(1), r % labels.size(1), V, ignore_index);
   }
   return counted.nonzero().select(1, 0);  // (N,)
 }
@@ -93,8 +63,8 @@ std::tuple<at::Tensor, at::Tensor> call_token_logps_fwd(const at::Tensor& logits
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("minisdpo::token_logps_fwd", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, int64_t, bool)>();
-  return op.call(logits, labels, ignore_index, /*inplace_backward=*/false);
+                           const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op.call(logits, labels, ignore_index);
 }
 
 // The group loss of csrc/sdpo_math.h on the logps' device (sdpo_group_loss: CPU or CUDA).
@@ -153,9 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpo_linear_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
     const at::Tensor& ref_logps, double beta, int64_t num_negatives, int64_t ignore_index,
     int64_t chunk_rows) {
-  check_linear(hidden, weight, labels);
-  check_ref_logps(ref_logps, hidden, "hidden");
-  check_group(hidden, "hidden", beta, num_negatives);
+  check_sdpo_linear_fwd(hidden, weight, labels, ref_logps, beta, num_negatives);
   auto [tok, lse] = linear_token_logps_fwd(hidden, weight, labels, ignore_index, chunk_rows);
   // logp(y) summed in double, in a fixed order: independent of chunks and threads.
   const at::Tensor logps = tok.to(at::kDouble).sum(1);  // (S,)
@@ -171,16 +139,8 @@ std::tuple<at::Tensor, at::Tensor> linear_bwd(const at::Tensor& coef, const at::
                                               const at::Tensor& lse, int64_t ignore_index,
                                               int64_t chunk_rows, bool hidden_grad,
                                               bool weight_grad) {
-  check_linear(hidden, weight, labels);
+  check_linear_bwd(coef, hidden, weight, labels, lse);
   const auto acc = acc_dtype(hidden.scalar_type());
-  for (const auto& [t, name] : {std::pair{&coef, "coef"}, std::pair{&lse, "lse"}}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == acc, "minisdpo: ", name, " must be ", acc, " for ",
-                     hidden.scalar_type(), " hidden, got ", t->scalar_type());
-    TORCH_CHECK_VALUE(t->sizes() == labels.sizes(), "minisdpo: ", name, " must have shape ",
-                      labels.sizes(), " like labels, got ", t->sizes());
-    TORCH_CHECK_VALUE(t->device() == hidden.device(), "minisdpo: ", name, " must be on ",
-                      hidden.device(), " like hidden, got ", t->device());
-  }
   const int64_t S = hidden.size(0), R = hidden.size(1), D = hidden.size(2), V = weight.size(0);
   at::Tensor grad_h = hidden_grad ? at::zeros({S * R, D}, hidden.options())
                                   : at::empty({0}, hidden.options());

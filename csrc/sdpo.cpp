@@ -1,11 +1,10 @@
 // The minisdpo ops: their schemas (TORCH_LIBRARY) and their CPU implementations.
 //
-// Fused S-DPO loss ("On Softmax Direct Preference Optimization for Recommendation", Chen et al.,
-// NeurIPS 2024, arXiv 2406.09215; derivation in docs/method.md, reference in minisdpo/loss.py).
-// The forward pass reads each counted row of logits once and keeps only its log-sum-exp
-// (4 bytes per token); the backward pass recomputes the softmax from it and writes
-// coef * (onehot - softmax) in one pass. Ignored rows are skipped in the forward pass and
-// zeroed in the backward pass. Rows are spread over threads with at::parallel_for; the
+// What the ops compute, and the gradient, step by step: docs/method.md (the reference is
+// minisdpo/loss.py, the group loss csrc/sdpo_math.h). The forward pass reads each counted row of
+// logits once and keeps only its float32 log-sum-exp; the backward pass recomputes the softmax
+// from it and writes the logits' gradient in one pass. Ignored rows are skipped in the forward
+// pass and zeroed in the backward pass. Rows are spread over threads with at::parallel_for; the
 // per-row vector code is in cpu_rows.h, chosen per CPU by cpu_kernels.cpp.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
@@ -37,13 +36,8 @@ namespace {
 // Enough rows per task that a task does at least ~32k elements of work (ATen's GRAIN_SIZE).
 int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / V); }
 
-// The kernels index rows by their first two strides; the V elements of a row must be adjacent.
-at::Tensor rows_contiguous(const at::Tensor& logits) {
-  return logits.stride(2) == 1 ? logits : logits.contiguous();
-}
-
-// A fresh logits-sized gradient is mostly page faults on first touch (measured here: 0.5 s for
-// 512 MB in 4 KB pages, 0.05 s in 2 MB pages). Ask Linux for transparent huge pages over the
+// A fresh logits-sized gradient costs mostly page faults on first touch, far fewer in 2 MB pages
+// than in 4 KB ones (docs/benchmarks.md). Ask Linux for transparent huge pages over the
 // buffer, as PyTorch does for every allocation under THP_MEM_ALLOC_ENABLE=1; a no-op where
 // THP is off or the buffer is small.
 void advise_huge_pages(const at::Tensor& t) {
@@ -54,11 +48,6 @@ void advise_huge_pages(const at::Tensor& t) {
   const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
   if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #endif
-}
-
-inline void check_label(int64_t y, int64_t s, int64_t t, int64_t V, int64_t ignore_index) {
-  TORCH_CHECK_VALUE(y >= 0 && y < V, "minisdpo: labels[", s, ", ", t, "] = ", y,
-                    " is outside [0, V) = [0, ", V, ") and is not ignore_index = ", ignore_index);
 }
 
 // Per row r = s * T + t: lse[r] and tok[r] = logits[s, t, y] - lse[r] (0 for both if ignored).
@@ -120,8 +109,7 @@ void backward_rows(const at::Tensor& coef, const at::Tensor& x, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor> token_logps_fwd_cpu(const at::Tensor& logits,
                                                        const at::Tensor& labels,
-                                                       int64_t ignore_index,
-                                                       bool /*inplace_backward*/) {
+                                                       int64_t ignore_index) {
   check_token_logps_fwd(logits, labels);
   const at::Tensor x = rows_contiguous(logits);
   const auto opts = logits.options().dtype(acc_dtype(logits.scalar_type()));
@@ -152,9 +140,9 @@ double group_losses(const double* logp, const double* ref, double beta, int64_t 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpo_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& ref_logps, double beta,
-    int64_t num_negatives, int64_t ignore_index, bool inplace_backward) {
+    int64_t num_negatives, int64_t ignore_index) {
   check_sdpo_fwd(logits, labels, ref_logps, beta, num_negatives);
-  auto [tok, lse] = token_logps_fwd_cpu(logits, labels, ignore_index, inplace_backward);
+  auto [tok, lse] = token_logps_fwd_cpu(logits, labels, ignore_index);
   const int64_t S = logits.size(0), Tn = logits.size(1), G = S / (1 + num_negatives);
 
   // logp(y) = sum_t tok[s, t], summed in double in a fixed order: the result does not depend
@@ -180,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpo_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor> sdpo_group_loss_cpu(const at::Tensor& logps,
                                                        const at::Tensor& ref_logps, double beta,
                                                        int64_t num_negatives) {
-  check_group_loss(logps, ref_logps, beta, num_negatives);
+  check_sdpo_group_loss(logps, ref_logps, beta, num_negatives);
   const at::Tensor lp = logps.to(at::kDouble).contiguous();
   const at::Tensor rp = ref_logps.to(at::kDouble).contiguous();
   const int64_t S = logps.size(0), G = S / (1 + num_negatives);
@@ -226,20 +214,17 @@ std::string cpu_capability() { return cpu::capability_name(cpu::current_capabili
 
 TORCH_LIBRARY(minisdpo, m) {
   m.set_python_module("minisdpo.ops");  // where the fake kernels and autograd are registered
-  // inplace_backward: the autograd formula (minisdpo/ops.py) writes the logits' gradient into
-  // the logits themselves (logits_bwd_); the forward kernels do not read it.
-  m.def(
-      "token_logps_fwd(Tensor logits, Tensor labels, int ignore_index, "
-      "bool inplace_backward=False) -> (Tensor, Tensor)");
+  m.def("token_logps_fwd(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)");
   // Returns (loss, logps, lse, dlogps): dlogps = d loss / d logps (S,) float64, computed with the
   // loss, is all the backward pass needs besides lse.
   m.def(
       "sdpo_fwd(Tensor logits, Tensor labels, Tensor ref_logps, float beta, int num_negatives, "
-      "int ignore_index, bool inplace_backward=False) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "sdpo_group_loss(Tensor logps, Tensor ref_logps, float beta, int num_negatives) "
       "-> (Tensor, Tensor)");
   m.def("logits_bwd(Tensor coef, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor");
+  // The same, written into the logits' own storage: the linear ops' chunks (csrc/linear.cpp).
   m.def(
       "logits_bwd_(Tensor(a!) logits, Tensor coef, Tensor labels, Tensor lse, int ignore_index) "
       "-> ()");

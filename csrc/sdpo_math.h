@@ -1,5 +1,6 @@
 // The math every minisdpo kernel shares, written once for the host and the device: the
-// accumulation dtype, softplus, and the S-DPO loss of one group with its gradient.
+// accumulation dtype, a row's unaligned head, softplus, and the S-DPO loss of one group with
+// its gradient.
 //
 // Included by the CPU kernels (csrc/sdpo.cpp, csrc/cpu_kernels.h) and by the CUDA kernels
 // (csrc/cuda/sdpo.cu), where the functions below are __host__ __device__: the logits op, the
@@ -24,12 +25,26 @@ namespace minisdpo {
 
 // Accumulation dtype: float32 for the half types, the input's own dtype for float32 and
 // float64 (float64 stays float64 for gradcheck). This is ATen's opmath rule, so the type and
-// the ScalarType below cannot disagree; minisdpo/ops.py reads it from the kernels' output
-// dtypes (the reference, minisdpo/loss.py, keeps its own).
+// the ScalarType below cannot disagree; minisdpo/loss.py states the same rule in Python
+// (accumulation_dtype, which the fake kernels of minisdpo/ops.py use; tests/test_ops.py checks
+// that the two agree).
 template <typename T>
 using acc_t = at::opmath_type<T>;
 
 inline c10::ScalarType acc_dtype(c10::ScalarType dtype) { return at::toOpMathType(dtype); }
+
+// How many of a row's first V elements, starting at p, come before its first element on an
+// N * sizeof(T)-byte boundary (at most V, fewer than N): the row's head, read and written one
+// by one; after it every N-element vector access is aligned and none splits a cache line. A row
+// of V = 32001 or of an offset view starts anywhere. The CPU rows use N = 16 lanes
+// (csrc/cpu_rows.h), the CUDA kernels 16-byte packs (csrc/cuda/sdpo.cu).
+template <int N, typename T>
+MINISDPO_HOST_DEVICE inline int64_t lead(const T* p, int64_t V) {
+  constexpr uintptr_t kBytes = N * sizeof(T);
+  const uintptr_t mis = reinterpret_cast<uintptr_t>(p) % kBytes;
+  const int64_t head = mis == 0 ? 0 : static_cast<int64_t>((kBytes - mis) / sizeof(T));
+  return head < V ? head : V;
+}
 
 // log(1 + exp(x)) for every x without overflow. NaN stays NaN: `x > 0` is false for NaN and
 // log1p(exp(NaN)) is NaN.

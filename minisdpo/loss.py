@@ -4,24 +4,17 @@ This module is the specification of the fused kernel in ``csrc/`` and its test o
 (``minisdpo.ops`` has the same two functions with the same signatures: ``LossBackend``, below). It follows
 "On Softmax Direct Preference Optimization for Recommendation" (Chen et al., NeurIPS 2024,
 arXiv 2406.09215), eq. (11)-(12), and its public code: token log-probs are summed, not averaged,
-and the loss is averaged over prompts.
+and the loss is averaged over prompts. docs/method.md derives the loss and its gradient step by
+step; ``preference_loss`` states the loss next to its code.
 
 Layout (docs/method.md; docs/design.md, the op contract): sequences come group-major. Group g
 holds 1+K sequences; row g*(1+K) is the chosen response y_w and rows g*(1+K)+1 .. g*(1+K)+K the
 rejected ones y_1..y_K. ``labels[s, t]`` is the token that ``logits[s, t]`` predicts (the caller shifts);
 ``ignore_index`` marks positions that do not count (prompt, padding).
 
-    logp(y|x) = sum_t log softmax(logits_t)[y_t]
-    delta(y)  = logp_pi(y|x) - logp_ref(y|x)
-    z_j       = beta * (delta(y_j) - delta(y_w))            j = 1..K
-    loss      = -log sigmoid(-logsumexp_j z_j) = softplus(logsumexp_j z_j)
-
-With K = 1 this is the DPO loss, -log sigmoid(beta * (delta(y_w) - delta(y_1))).
-
 ``LossBackend`` is what this module and ``minisdpo.ops`` both are, as module objects:
-``token_logps`` and ``sdpo_loss`` with these signatures (``minisdpo.ops`` adds one optional
-argument of its own, ``inplace_backward``). ``LinearLossBackend`` adds the LM head fused into the
-loss (``linear_token_logps``, ``sdpo_linear_loss``), which only ``minisdpo.ops`` has. Both are
+``token_logps`` and ``sdpo_loss`` with these signatures. ``LinearLossBackend`` adds the LM head
+fused into the loss (``linear_token_logps``, ``sdpo_linear_loss``), which only ``minisdpo.ops`` has. Both are
 ``runtime_checkable``: ``isinstance(minisdpo.ops, LinearLossBackend)`` is True, and False for this
 module (the check looks at the names only; tests/test_backends.py compares the signatures).
 Code that takes either module annotates it ``LossBackend`` and asks
@@ -36,13 +29,13 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["token_logps", "sequence_logps", "preference_loss", "sdpo_loss", "dpo_loss", "metrics", "start_loss",
-           "LossBackend", "LinearLossBackend"]
+           "accumulation_dtype", "LossBackend", "LinearLossBackend"]
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float32 whatever the input precision; float64 stays float64 (for gradcheck). This module's
-    # own rule, kept independent of the kernels' (acc_dtype in csrc/sdpo_math.h, which
-    # minisdpo.ops reads from the extension).
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the log-probs are computed and returned in: float32 whatever the input
+    precision, float64 for float64 (for gradcheck). The kernels' rule (acc_dtype in
+    csrc/sdpo_math.h) is the same; minisdpo.ops's fake kernels use this function."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -53,7 +46,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 
     """
     counted = labels != ignore_index                                   # (S, T)
     safe_labels = labels.masked_fill(~counted, 0)                      # any valid index
-    logprobs = torch.log_softmax(logits.to(_accumulation_dtype(logits.dtype)), dim=-1)  # (S, T, V)
+    logprobs = torch.log_softmax(logits.to(accumulation_dtype(logits.dtype)), dim=-1)  # (S, T, V)
     picked = logprobs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)                 # (S, T)
     return picked.masked_fill(~counted, 0.0)
 
@@ -66,7 +59,14 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 def preference_loss(
     policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float = 1.0, num_negatives: int = 1
 ) -> torch.Tensor:
-    """The S-DPO loss of each group, from sequence log-probs (S,) laid out group-major -> (G,)."""
+    """The S-DPO loss of each group, from sequence log-probs (S,) laid out group-major -> (G,).
+
+        delta(y) = logp_pi(y|x) - logp_ref(y|x)                 (sequence_logps)
+        z_j      = beta * (delta(y_j) - delta(y_w))            j = 1..K
+        loss_g   = -log sigmoid(-logsumexp_j z_j) = softplus(logsumexp_j z_j)
+
+    With K = 1 this is the DPO loss, -log sigmoid(beta * (delta(y_w) - delta(y_1))) (``dpo_loss``).
+    """
     rewards = beta * (policy_logps - ref_logps.to(policy_logps.dtype))  # beta * delta(y), (S,)
     rewards = rewards.view(-1, 1 + num_negatives)                        # (G, 1+K)
     z = rewards[:, 1:] - rewards[:, :1]                                  # (G, K): z_j
@@ -104,7 +104,6 @@ def dpo_loss(
     return -F.logsigmoid(beta * margin).mean()
 
 
-@torch.no_grad()
 def start_loss(num_negatives: int) -> float:
     """The S-DPO loss when every reward is 0 (a fresh adapter: policy = reference): ln(1 + K)."""
     return math.log1p(num_negatives)

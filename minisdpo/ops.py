@@ -3,136 +3,77 @@
 The only Python file that touches ``torch.ops.minisdpo``. It registers the ops' autograd
 formulas (``torch.library.register_autograd``) and fake kernels (``torch.library.register_fake``,
 for torch.compile), and exposes the same two functions as ``minisdpo.loss``, their plain PyTorch
-twin, with the same signatures plus an optional ``inplace_backward``, and two more with the
-LM head fused in: this module is a ``minisdpo.loss.LinearLossBackend``. The method is S-DPO ("On
-Softmax Direct Preference Optimization for Recommendation", Chen et al., NeurIPS 2024, arXiv
-2406.09215); the gradient derivation is docs/method.md and docs/design.md, the method:
+twin, with the same signatures, and two more with the LM head fused in: this module is a
+``minisdpo.loss.LinearLossBackend``. The loss and its gradients, step by step, are
+docs/method.md.
 
-    dL/dlogp(y_j) =  beta * sigma(S) * w_j / G     (rejected j; S = logsumexp z, w = softmax z)
-    dL/dlogp(y_w) = -beta * sigma(S) / G           (chosen)
-    dlogp(y)/dlogits[t, v] = [v == y_t] - softmax(logits_t)[v]
-
-The forward kernels compute the group loss and, in the same pass, dL/dlogp per sequence (the
-``dlogps`` output, csrc/sdpo_math.h); the backward pass multiplies it by the incoming gradient
-(S-sized work, torch ops, no host synchronisation) to get one coefficient per sequence, times
-(onehot - softmax), which the ``logits_bwd`` kernel writes in one pass from the saved per-token
-log-sum-exp.
+The forward kernels compute the group loss and, in the same pass, its derivative with respect to
+each sequence's log-prob (the ``dlogps`` output, csrc/sdpo_math.h); the backward pass multiplies
+it by the incoming gradient (S-sized work, torch ops, no host synchronisation) to get one
+coefficient per sequence, and the ``logits_bwd`` kernel turns that into the logits' gradient in
+one pass from the saved per-token log-sum-exp.
 
 ``sdpo_linear_loss`` and ``linear_token_logps`` take the hidden states and the LM-head weight
 instead of the logits (csrc/linear.cpp): the logits only ever exist one chunk of tokens at a
 time, in the forward pass and again in the backward pass, which also forms the gradients of the
 hidden states and of the weight chunk by chunk.
 
-The fake kernels check what the C++ checks (csrc/sdpo.h) with ``torch._check_value`` /
-``torch._check_type``, so that torch.compile rejects a bad call while it traces, with the same
-exception type and message; only the label range, which needs the labels' values, is left to
-the kernels.
+The argument checks are the kernels' (csrc/sdpo.h, one place for every device). The fake
+kernels are shape functions: each checks with ``torch._check_value`` only the shapes its outputs
+rest on, so that torch.compile rejects mismatched shapes while it traces, and leaves dtypes,
+devices, beta and the label range to the kernels, which check them when the compiled graph
+runs. Their output dtypes follow ``minisdpo.loss.accumulation_dtype``.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
 from . import _C  # noqa: F401  (loading the extension registers torch.ops.minisdpo)
+from .loss import accumulation_dtype
 
 __all__ = ["sdpo_loss", "token_logps", "sdpo_linear_loss", "linear_token_logps", "cpu_capability"]
 
 _ops = torch.ops.minisdpo
-_FLOATING = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-# The accumulation dtype of each input dtype (float32, float64 for float64), as the kernels
-# choose it (acc_dtype in csrc/sdpo_math.h): the dtype of the lse the CPU kernel returns for one
-# ignored token, read once. The fake kernels cannot disagree with the kernels, and the rule is
-# written nowhere in Python but in minisdpo.loss, which keeps its own. The backward formulas
-# take it from the saved lse.
-_ACC_DTYPE = {
-    dtype: _ops.token_logps_fwd(torch.zeros(1, 1, 1, dtype=dtype, device="cpu"),
-                                torch.full((1, 1), -100, dtype=torch.long, device="cpu"), -100)[1].dtype
-    for dtype in _FLOATING
-}
 
 
-# ----- the argument checks of csrc/sdpo.h and csrc/linear.cpp, for the fake kernels
+# ----- the fake kernels' shape checks
 
 
-def _check_input(x: torch.Tensor, name: str, dims: str) -> None:
-    """x (logits or hidden) of a supported dtype and 3-D."""
-    torch._check_type(x.dtype in _FLOATING, lambda: (
-        f"minisdpo: {name} must be float32, bfloat16, float16 or float64, got {x.dtype}"))
-    torch._check_value(x.dim() == 3, lambda: (
-        f"minisdpo: {name} must be 3-D {dims}, got shape {tuple(x.shape)}"))
+def _rows(x: torch.Tensor, name: str, **same_rows: torch.Tensor) -> tuple:
+    """(S, T) of x (logits or hidden), 3-D; each of same_rows (labels, coef, lse) is (S, T)."""
+    torch._check_value(x.dim() == 3, lambda: f"minisdpo: {name} must be 3-D, got shape {tuple(x.shape)}")
+    S, T = x.shape[:2]
+    for t_name, t in same_rows.items():
+        torch._check_value(t.shape == (S, T), lambda: (
+            f"minisdpo: {t_name} must have shape ({S}, {T}) like {name}, got {tuple(t.shape)}"))
+    return S, T
 
 
-def _check_like(t: torch.Tensor, name: str, shape: tuple, like: torch.Tensor, like_name: str) -> None:
-    """t has the given shape and like's device."""
-    torch._check_value(t.dim() == len(shape) and all(a == b for a, b in zip(t.shape, shape)), lambda: (
-        f"minisdpo: {name} must have shape {tuple(shape)} to match {like_name} {tuple(like.shape)}, "
-        f"got {tuple(t.shape)}"))
-    torch._check_value(t.device == like.device, lambda: (
-        f"minisdpo: {name} must be on {like.device} like {like_name}, got {t.device}"))
+def _linear_rows(hidden: torch.Tensor, weight: torch.Tensor, **same_rows: torch.Tensor) -> tuple:
+    """(S, R) of hidden, as _rows; weight (V, D) with hidden's D."""
+    S, R = _rows(hidden, "hidden", **same_rows)
+    torch._check_value(weight.dim() == 2 and weight.shape[1] == hidden.shape[2], lambda: (
+        f"minisdpo: weight must have shape (V, D) with D = hidden.size(2) = {hidden.shape[2]}, "
+        f"got {tuple(weight.shape)}"))
+    return S, R
 
 
-def _check_labels(labels: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
-    torch._check_type(labels.dtype == torch.int64, lambda: (
-        f"minisdpo: labels must be int64, got {labels.dtype}"))
-    _check_like(labels, "labels", tuple(like.shape[:2]), like, like_name)
+def _groups(S, ref_logps: torch.Tensor, num_negatives: int) -> None:
+    """ref_logps (S,); the S sequences make whole groups of 1 + num_negatives."""
+    torch._check_value(ref_logps.shape == (S,), lambda: (
+        f"minisdpo: ref_logps must have shape ({S},), got {tuple(ref_logps.shape)}"))
+    torch._check_value(num_negatives >= 1, lambda: f"minisdpo: num_negatives must be >= 1, got {num_negatives}")
+    torch._check_value(S % (1 + num_negatives) == 0, lambda: (
+        f"minisdpo: S = {S} sequences must be a multiple of 1 + num_negatives = {1 + num_negatives}"))
 
 
-def _check_group(like: torch.Tensor, like_name: str, ref_logps: torch.Tensor, beta: float,
-                 num_negatives: int) -> None:
-    """ref_logps (S,) floating; beta finite; S a positive multiple of 1 + num_negatives."""
-    torch._check_type(ref_logps.dtype.is_floating_point, lambda: (
-        f"minisdpo: ref_logps must be a floating tensor, got {ref_logps.dtype}"))
-    _check_like(ref_logps, "ref_logps", (like.shape[0],), like, like_name)
-    torch._check_value(math.isfinite(beta), lambda: f"minisdpo: beta must be finite, got {beta}")
-    torch._check_value(num_negatives >= 1, lambda: (
-        f"minisdpo: num_negatives must be >= 1, got {num_negatives}"))
-    S = like.shape[0]
-    torch._check_value(S > 0 and S % (1 + num_negatives) == 0, lambda: (
-        f"minisdpo: the number of sequences S = {like_name}.size(0) = {S} must be a positive "
-        f"multiple of 1 + num_negatives = {1 + num_negatives}"))
-
-
-def _check_acc(t: torch.Tensor, name: str, like: torch.Tensor, like_name: str) -> None:
-    """t (S, T) of the accumulation dtype of like (lse, and the linear ops' coef)."""
-    acc = _ACC_DTYPE[like.dtype]
-    torch._check_type(t.dtype == acc, lambda: (
-        f"minisdpo: {name} must be {acc} for {like.dtype} {like_name}, got {t.dtype}"))
-    _check_like(t, name, tuple(like.shape[:2]), like, like_name)
-
-
-def _check_logits_bwd(coef, logits, labels, lse) -> None:
-    _check_input(logits, "logits", "(S, T, V)")
-    _check_labels(labels, logits, "logits")
-    torch._check_type(coef.dtype in (torch.float32, torch.float64), lambda: (
-        f"minisdpo: coef must be float32 or float64, got {coef.dtype}"))
-    _check_like(coef, "coef", tuple(logits.shape[:2]), logits, "logits")
-    _check_acc(lse, "lse", logits, "logits")
-
-
-def _check_linear(hidden, weight, labels) -> None:
-    _check_input(hidden, "hidden", "(S, R, D)")
-    torch._check_type(weight.dtype == hidden.dtype, lambda: (
-        f"minisdpo: weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}"))
-    torch._check_value(weight.dim() == 2 and weight.shape[0] > 0 and weight.shape[1] == hidden.shape[2],
-                       lambda: (f"minisdpo: weight must have shape (V, D) with V > 0 and D = "
-                                f"hidden.size(2) = {hidden.shape[2]}, got {tuple(weight.shape)}"))
-    torch._check_value(weight.device == hidden.device, lambda: (
-        f"minisdpo: weight must be on {hidden.device} like hidden, got {weight.device}"))
-    _check_labels(labels, hidden, "hidden")
+def _loss_outputs(lse: torch.Tensor) -> tuple:
+    """The forward ops' (loss (), logps (S,), lse (S, T), dlogps (S,) float64), given lse."""
+    S = lse.shape[0]
+    return lse.new_empty(()), lse.new_empty((S,)), lse, lse.new_empty((S,), dtype=torch.float64)
 
 
 # ----- autograd helpers
-
-
-def _logits_grad(ctx, coef: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
-                 lse: torch.Tensor) -> torch.Tensor:
-    """coef (S, T) * (onehot - softmax) on counted tokens, zeros elsewhere: the logits' gradient."""
-    if ctx.inplace:
-        # Opt-in: the logits are dead after the loss, so their storage takes the gradient.
-        _ops.logits_bwd_(logits, coef, labels, lse, ctx.ignore_index)
-        return logits
-    return _ops.logits_bwd(coef, logits, labels, lse, ctx.ignore_index)
 
 
 def _sequence_coef(dlogps: torch.Tensor, grad_loss: torch.Tensor | None,
@@ -149,25 +90,21 @@ def _sequence_coef(dlogps: torch.Tensor, grad_loss: torch.Tensor | None,
     return c
 
 
-# ----- token_logps_fwd: (logits, labels, ignore_index, inplace_backward) -> (token_logps, lse)
+# ----- token_logps_fwd: (logits, labels, ignore_index) -> (token_logps, lse)
 
 
 @torch.library.register_fake("minisdpo::token_logps_fwd")
-def _token_logps_fwd_fake(logits, labels, ignore_index, inplace_backward=False):
-    _check_input(logits, "logits", "(S, T, V)")
-    torch._check_value(logits.shape[2] > 0, lambda: (
-        f"minisdpo: logits must have a vocabulary V > 0, got shape {tuple(logits.shape)}"))
-    _check_labels(labels, logits, "logits")
-    S, T, _ = logits.shape
-    acc = _ACC_DTYPE[logits.dtype]
+def _token_logps_fwd_fake(logits, labels, ignore_index):
+    S, T = _rows(logits, "logits", labels=labels)
+    acc = accumulation_dtype(logits.dtype)
     return logits.new_empty((S, T), dtype=acc), logits.new_empty((S, T), dtype=acc)
 
 
 def _token_logps_setup(ctx, inputs, output):
-    logits, labels, ignore_index, inplace_backward = inputs
+    logits, labels, ignore_index = inputs
     _, lse = output
     ctx.save_for_backward(logits, labels, lse)
-    ctx.ignore_index, ctx.inplace = ignore_index, inplace_backward
+    ctx.ignore_index = ignore_index
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)
 
@@ -175,10 +112,10 @@ def _token_logps_setup(ctx, inputs, output):
 def _token_logps_backward(ctx, grad_tok, grad_lse):
     # d token_logp[s, t] / d logits[s, t, :] = onehot - softmax: the coefficient is grad_tok.
     if grad_tok is None:
-        return None, None, None, None
+        return None, None, None
     logits, labels, lse = ctx.saved_tensors
     coef = grad_tok.to(lse.dtype)
-    return _logits_grad(ctx, coef, logits, labels, lse), None, None, None
+    return _ops.logits_bwd(coef, logits, labels, lse, ctx.ignore_index), None, None
 
 
 torch.library.register_autograd(
@@ -186,29 +123,22 @@ torch.library.register_autograd(
 )
 
 
-# ----- sdpo_fwd: (logits, labels, ref_logps, beta, K, ignore_index, inplace_backward)
+# ----- sdpo_fwd: (logits, labels, ref_logps, beta, K, ignore_index)
 #                 -> (loss (), logps (S,), lse (S, T), dlogps (S,) float64)
 
 
 @torch.library.register_fake("minisdpo::sdpo_fwd")
-def _sdpo_fwd_fake(logits, labels, ref_logps, beta, num_negatives, ignore_index,
-                   inplace_backward=False):
+def _sdpo_fwd_fake(logits, labels, ref_logps, beta, num_negatives, ignore_index):
     _, lse = _token_logps_fwd_fake(logits, labels, ignore_index)
-    _check_group(logits, "logits", ref_logps, beta, num_negatives)
-    S = logits.shape[0]
-    return (
-        lse.new_empty(()),
-        lse.new_empty((S,)),
-        lse,
-        lse.new_empty((S,), dtype=torch.float64),
-    )
+    _groups(logits.shape[0], ref_logps, num_negatives)
+    return _loss_outputs(lse)
 
 
 def _sdpo_setup(ctx, inputs, output):
-    logits, labels, ref_logps, beta, num_negatives, ignore_index, inplace_backward = inputs
+    logits, labels, ref_logps, beta, num_negatives, ignore_index = inputs
     _, _, lse, dlogps = output
     ctx.save_for_backward(logits, labels, lse, dlogps)
-    ctx.ignore_index, ctx.inplace = ignore_index, inplace_backward
+    ctx.ignore_index = ignore_index
     ctx.mark_non_differentiable(lse, dlogps)
     ctx.set_materialize_grads(False)
 
@@ -217,9 +147,9 @@ def _sdpo_backward(ctx, grad_loss, grad_logps, grad_lse, grad_dlogps):
     logits, labels, lse, dlogps = ctx.saved_tensors
     c = _sequence_coef(dlogps, grad_loss, grad_logps)
     if c is None:
-        return (None,) * 7
+        return (None,) * 6
     coef = c.to(lse.dtype).unsqueeze(1).expand(logits.shape[:2])  # (S, T) view
-    return _logits_grad(ctx, coef, logits, labels, lse), None, None, None, None, None, None
+    return _ops.logits_bwd(coef, logits, labels, lse, ctx.ignore_index), None, None, None, None, None
 
 
 torch.library.register_autograd("minisdpo::sdpo_fwd", _sdpo_backward, setup_context=_sdpo_setup)
@@ -231,11 +161,8 @@ torch.library.register_autograd("minisdpo::sdpo_fwd", _sdpo_backward, setup_cont
 
 @torch.library.register_fake("minisdpo::sdpo_group_loss")
 def _sdpo_group_loss_fake(logps, ref_logps, beta, num_negatives):
-    torch._check_type(logps.dtype.is_floating_point, lambda: (
-        f"minisdpo: logps must be a floating tensor, got {logps.dtype}"))
-    torch._check_value(logps.dim() == 1, lambda: (
-        f"minisdpo: logps must be 1-D (S,), got shape {tuple(logps.shape)}"))
-    _check_group(logps, "logps", ref_logps, beta, num_negatives)
+    torch._check_value(logps.dim() == 1, lambda: f"minisdpo: logps must be 1-D, got shape {tuple(logps.shape)}")
+    _groups(logps.shape[0], ref_logps, num_negatives)
     return (logps.new_empty((), dtype=torch.float64),
             logps.new_empty(logps.shape, dtype=torch.float64))
 
@@ -245,13 +172,13 @@ def _sdpo_group_loss_fake(logps, ref_logps, beta, num_negatives):
 
 @torch.library.register_fake("minisdpo::logits_bwd")
 def _logits_bwd_fake(coef, logits, labels, lse, ignore_index):
-    _check_logits_bwd(coef, logits, labels, lse)
+    _rows(logits, "logits", labels=labels, coef=coef, lse=lse)
     return logits.new_empty(logits.shape)
 
 
 @torch.library.register_fake("minisdpo::logits_bwd_")
 def _logits_bwd_inplace_fake(logits, coef, labels, lse, ignore_index):
-    _check_logits_bwd(coef, logits, labels, lse)
+    _rows(logits, "logits", labels=labels, coef=coef, lse=lse)
     return None
 
 
@@ -260,9 +187,8 @@ def _logits_bwd_inplace_fake(logits, coef, labels, lse, ignore_index):
 
 @torch.library.register_fake("minisdpo::linear_token_logps_fwd")
 def _linear_token_logps_fwd_fake(hidden, weight, labels, ignore_index, chunk_rows):
-    _check_linear(hidden, weight, labels)
-    S, R, _ = hidden.shape
-    acc = _ACC_DTYPE[hidden.dtype]
+    S, R = _linear_rows(hidden, weight, labels=labels)
+    acc = accumulation_dtype(hidden.dtype)
     return hidden.new_empty((S, R), dtype=acc), hidden.new_empty((S, R), dtype=acc)
 
 
@@ -270,23 +196,15 @@ def _linear_token_logps_fwd_fake(hidden, weight, labels, ignore_index, chunk_row
 def _sdpo_linear_fwd_fake(hidden, weight, labels, ref_logps, beta, num_negatives, ignore_index,
                           chunk_rows):
     _, lse = _linear_token_logps_fwd_fake(hidden, weight, labels, ignore_index, chunk_rows)
-    _check_group(hidden, "hidden", ref_logps, beta, num_negatives)
-    S = hidden.shape[0]
-    return (
-        lse.new_empty(()),
-        lse.new_empty((S,)),
-        lse,
-        lse.new_empty((S,), dtype=torch.float64),
-    )
+    _groups(hidden.shape[0], ref_logps, num_negatives)
+    return _loss_outputs(lse)
 
 
 @torch.library.register_fake("minisdpo::linear_bwd")
 def _linear_bwd_fake(coef, hidden, weight, labels, lse, ignore_index, chunk_rows, hidden_grad,
                      weight_grad):
-    _check_linear(hidden, weight, labels)
-    _check_acc(coef, "coef", hidden, "hidden")
-    _check_acc(lse, "lse", hidden, "hidden")
-    acc = _ACC_DTYPE[hidden.dtype]
+    _linear_rows(hidden, weight, labels=labels, coef=coef, lse=lse)
+    acc = accumulation_dtype(hidden.dtype)
     grad_h = hidden.new_empty(hidden.shape if hidden_grad else (0,))
     grad_w = weight.new_empty(weight.shape if weight_grad else (0,), dtype=acc)
     return grad_h, grad_w
@@ -363,7 +281,6 @@ def sdpo_loss(
     beta: float = 1.0,
     num_negatives: int = 1,
     ignore_index: int = -100,
-    inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused S-DPO loss (mean over groups) and the policy's sequence log-probs.
 
@@ -371,13 +288,8 @@ def sdpo_loss(
     group-major (chosen first); labels (S, T) int64, ignore_index where a token does not count;
     ref_logps (S,) the frozen reference model's log-probs (no gradient). Returns (loss (), logps (S,))
     in float32 (float64 for float64 logits); both are differentiable w.r.t. logits.
-    inplace_backward=True writes the logits' gradient into the logits' own storage (saves one
-    logits-sized buffer; the logits must not be used after the loss, and must not be an
-    expanded view: one memory location cannot hold several gradient values, so that raises).
     """
-    loss, logps, _, _ = _ops.sdpo_fwd(
-        logits, labels, ref_logps, float(beta), num_negatives, ignore_index, bool(inplace_backward)
-    )
+    loss, logps, _, _ = _ops.sdpo_fwd(logits, labels, ref_logps, float(beta), num_negatives, ignore_index)
     return loss, logps
 
 
@@ -385,11 +297,10 @@ def token_logps(
     logits: torch.Tensor,
     labels: torch.Tensor,
     ignore_index: int = -100,
-    inplace_backward: bool = False,
 ) -> torch.Tensor:
     """log softmax(logits[s, t])[labels[s, t]] per token, 0 where ignored: (S, T) float32
     (float64 for float64 logits), differentiable w.r.t. logits."""
-    tok, _ = _ops.token_logps_fwd(logits, labels, ignore_index, bool(inplace_backward))
+    tok, _ = _ops.token_logps_fwd(logits, labels, ignore_index)
     return tok
 
 

@@ -5,10 +5,16 @@ gradients through both outputs (loss and logps), every logits dtype, awkward sha
 below and not a multiple of the 16-lane vector width, T = 1), ignored tokens and sequences,
 extreme logits, NaN and inf (NaN exactly where the reference has NaN), strided, offset and
 unaligned rows at V = 4096, 32000 and 32001, gradcheck, opcheck, torch.compile (and its fake
-kernels' checks), the in-place backward, each CPU code path and the thread count. Every case
+kernels' shape checks), the in-place backward op of the linear ops, each CPU code path and the thread
+count. Every case
 draws fresh random inputs. An independent oracle, F.cross_entropy over the implicit rewards,
 checks the group loss of both the reference and the kernels.
 """
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,22 +236,16 @@ def test_non_contiguous_logits(device, view):
     check_against_reference(logits, labels, ref_logps, K)
 
 
-def inplace_sdpo_loss(x, *args, **kw):
-    """sdpo_loss with the in-place backward on a non-leaf copy (its storage takes the gradient)."""
-    return ops.sdpo_loss(x * 1, *args, inplace_backward=True, **kw)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("V", [4096, 32000, 32001])
-@pytest.mark.parametrize("layout", ["contiguous", "strided", "offset", "shifted", "inplace"])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "offset", "shifted"])
 def test_large_vocab_layouts(device, dtype, V, layout):
     """The vector paths at real vocabulary sizes. V = 4096 and 32000 rows are 16-byte aligned
     (and 64-byte for float32), V = 32001 rows start at every offset; "strided" takes every other
     token of a longer sequence (aligned rows stay aligned), "offset" drops each row's first
     element (every row unaligned, the row stride V + 1), "shifted" is contiguous one element past
-    the start of its storage (the gradient buffer must not be aligned differently), "inplace"
-    writes the gradient into the logits."""
+    the start of its storage (the gradient buffer must not be aligned differently)."""
     S, T, K = 2, 3, 1
     g = torch.Generator().manual_seed(V)
     if layout == "strided":
@@ -263,8 +263,7 @@ def test_large_vocab_layouts(device, dtype, V, layout):
     labels[:, 0] = -100
     labels = labels.to(device)
     ref_logps = (torch_loss.sequence_logps(logits.double(), labels) + 0.5).float()
-    fn = inplace_sdpo_loss if layout == "inplace" else ops.sdpo_loss
-    check_against_reference(logits, labels, ref_logps, K, fn=fn)
+    check_against_reference(logits, labels, ref_logps, K)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -292,7 +291,6 @@ def test_opcheck(device):
     coef = torch.randn(4, 1, device=device).expand(4, 3)
     torch.library.opcheck(torch.ops.minisdpo.logits_bwd, (coef, logits, labels, lse, -100))
     torch.library.opcheck(torch.ops.minisdpo.logits_bwd_, (logits.clone(), coef, labels, lse, -100))
-    torch.library.opcheck(torch.ops.minisdpo.token_logps_fwd, (x, labels, -100, True))
     logps = torch.randn(4, dtype=torch.float64, device=device)
     torch.library.opcheck(torch.ops.minisdpo.sdpo_group_loss, (logps, ref_logps, 0.5, 1))
 
@@ -368,6 +366,17 @@ def _bad_inputs(device):
     ]
 
 
+def _bad_input(name):
+    """The case of _bad_inputs (on the CPU) called name."""
+    return next(case for case in _bad_inputs("cpu") if case[0] == name)
+
+
+# Shape errors, which the fake kernels (shape functions) raise too, while torch.compile traces;
+# the other errors only the kernels raise, when the graph runs.
+SHAPE_ERRORS = ["labels shape", "ref_logps shape", "logits 2-D", "S vs 1+K", "K < 1"]
+KERNEL_ERRORS = ["labels dtype", "ref_logps dtype", "integer logits", "beta nan", "beta inf"]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", range(12))
 def test_bad_input_raises(device, case):
@@ -403,15 +412,73 @@ def test_torch_compile(device):
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
-@pytest.mark.parametrize("case", range(2, 12))
-def test_fake_kernels_check_like_the_kernels(case):
-    """Under fake tensors (what torch.compile traces with) every shape, dtype and group-size
-    error of _bad_inputs is raised by the fake kernels, with the C++ exception type and words.
-    The label range needs the labels' values and is left to the kernels (cases 0 and 1)."""
-    name, call, exc, words = _bad_inputs("cpu")[case]
+@pytest.mark.parametrize("name", SHAPE_ERRORS)
+def test_fake_kernels_check_the_shapes(name):
+    """Under fake tensors (what torch.compile traces with) the shape errors of _bad_inputs are
+    raised by the fake kernels, with the kernels' exception type, naming the argument."""
+    _, call, exc, words = _bad_input(name)
     with FakeTensorMode(allow_non_fake_inputs=True):
         with pytest.raises(exc, match=words):
             call()
+
+
+@pytest.mark.parametrize("name", KERNEL_ERRORS)
+def test_torch_compile_leaves_the_other_checks_to_the_kernels(name):
+    """A bad dtype or beta passes the fake kernels, which are shape functions: the call is traced
+    into a graph, and the kernel rejects it when the graph runs, with its own exception and
+    message (csrc/sdpo.h, the one place of the argument checks)."""
+    _, call, exc, words = _bad_input(name)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with pytest.raises(exc, match=words):
+        torch.compile(call, backend=backend, fullgraph=True)()
+    assert len(graphs) == 1
+
+
+IMPORT_SPY = """
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+calls = []
+
+
+class Spy(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+with Spy():
+    import minisdpo.ops
+print(calls)
+"""
+
+
+def test_import_runs_no_op():
+    """Importing minisdpo.ops registers the ops and runs none of them (nor any other tensor op),
+    in a fresh process."""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", IMPORT_SPY], cwd=root, capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_kernels_and_fake_kernels_agree_on_the_output_dtypes(dtype):
+    """The fake kernels take their dtypes from minisdpo.loss.accumulation_dtype; the kernels
+    from ATen's opmath rule (csrc/sdpo_math.h): the same dtypes, float32 for half inputs."""
+    logits, labels, ref_logps = make_inputs(2, 3, 10, dtype=dtype, seed=21)
+    want = torch_loss.accumulation_dtype(dtype)
+    assert want == (torch.float64 if dtype == torch.float64 else torch.float32)
+    real = torch.ops.minisdpo.sdpo_fwd(logits, labels, ref_logps, 1.0, 1, -100)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = torch.ops.minisdpo.sdpo_fwd(logits, labels, ref_logps, 1.0, 1, -100)
+    assert [t.dtype for t in real] == [t.dtype for t in fake] == [want, want, want, torch.float64]
 
 
 def test_fake_kernels_of_the_backward_ops():
@@ -420,13 +487,13 @@ def test_fake_kernels_of_the_backward_ops():
     with FakeTensorMode(allow_non_fake_inputs=True):
         with pytest.raises(ValueError, match="coef"):
             torch.ops.minisdpo.logits_bwd(torch.ones(4, 2), logits, labels, lse, -100)
-        with pytest.raises(TypeError, match="lse"):
-            torch.ops.minisdpo.logits_bwd_(logits, torch.ones(4, 3), labels, lse.double(), -100)
+        with pytest.raises(ValueError, match="lse"):
+            torch.ops.minisdpo.logits_bwd_(logits, torch.ones(4, 3), labels, lse[:, :2], -100)
         with pytest.raises(ValueError, match="num_negatives"):
             torch.ops.minisdpo.sdpo_group_loss(torch.zeros(4), ref_logps, 1.0, 2)
 
 
-@pytest.mark.parametrize("bad", ["group size", "labels shape", "ref_logps dtype"])
+@pytest.mark.parametrize("bad", ["group size", "labels shape", "ref_logps shape"])
 def test_torch_compile_rejects_a_bad_call_while_tracing(bad):
     """The error comes from the fake kernel while dynamo traces: no graph reaches the backend
     (before the fake kernels checked, tracing succeeded and only the compiled kernel raised)."""
@@ -437,7 +504,7 @@ def test_torch_compile_rejects_a_bad_call_while_tracing(bad):
     elif bad == "labels shape":
         labels = labels[:, :4]
     else:
-        ref_logps, words = ref_logps.long(), "ref_logps"
+        ref_logps, words = ref_logps[:3], "ref_logps"
     graphs = []
 
     def backend(gm, example_inputs):
@@ -454,15 +521,35 @@ def test_torch_compile_rejects_a_bad_call_while_tracing(bad):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_inplace_backward_rejects_overlapping_logits(device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V,layout", [(70, "contiguous"), (32001, "contiguous"), (32001, "offset"),
+                                      (70, "vocab_strided")])
+def test_logits_bwd_in_place(device, dtype, V, layout):
+    """logits_bwd_, which the linear ops run on each chunk of logits (csrc/linear.cpp), writes
+    into the logits exactly what logits_bwd returns: rows at every alignment ("offset": each
+    row's first element dropped), and rows whose elements are not adjacent ("vocab_strided":
+    computed aside, then written back)."""
+    logits, labels, ref_logps = make_inputs(4, 5, V, 1, dtype, device, seed=13)
+    if layout == "offset":
+        logits = torch.cat([logits[:, :, :1], logits], 2)[:, :, 1:]
+    elif layout == "vocab_strided":
+        logits = logits.transpose(1, 2).contiguous().transpose(1, 2)
+    _, _, lse, _ = torch.ops.minisdpo.sdpo_fwd(logits, labels, ref_logps, 1.0, 1, -100)
+    coef = torch.randn(4, 5, generator=torch.Generator().manual_seed(1)).to(device)
+    want = torch.ops.minisdpo.logits_bwd(coef, logits, labels, lse, -100)
+    x = logits.clone()
+    torch.ops.minisdpo.logits_bwd_(x, coef, labels, lse, -100)
+    assert torch.equal(x, want)
+    assert torch.count_nonzero(want[labels == -100]).item() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logits_bwd_in_place_rejects_overlapping_logits(device):
     """An expanded view holds one memory location for several logits, which cannot take
-    several gradient values: the in-place backward raises instead of racing; the ordinary
-    backward of the same view is right."""
+    several gradient values: logits_bwd_ raises instead of racing; the ordinary backward of
+    the same view is right."""
     logits, labels, ref_logps = make_inputs(4, 5, 70, 1, device=device, seed=16)
     base = logits[:, :1].detach().clone().requires_grad_()        # (S, 1, V)
-    loss, _ = ops.sdpo_loss(base.expand(4, 5, 70), labels, ref_logps, inplace_backward=True)
-    with pytest.raises(RuntimeError, match="more than one element"):
-        loss.backward()
     coef = torch.ones(4, 5, device=device)
     expanded = base.detach().expand(4, 5, 70)
     _, _, lse, _ = torch.ops.minisdpo.sdpo_fwd(expanded, labels, ref_logps, 1.0, 1, -100)
@@ -472,27 +559,6 @@ def test_inplace_backward_rejects_overlapping_logits(device):
     want = base.detach().double().requires_grad_()
     torch_loss.sdpo_loss(want.expand(4, 5, 70), labels, ref_logps)[0].backward()
     torch.testing.assert_close(base.grad.double(), want.grad, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inplace_backward(device, dtype):
-    logits, labels, ref_logps = make_inputs(4, 5, 70, 1, dtype, device, seed=13)
-    _, _, want = loss_and_grad(ops.sdpo_loss, logits, labels, ref_logps, 1)
-    leaf = logits.detach().clone().requires_grad_()
-    x = leaf * 1  # a non-leaf: its storage is free to take the gradient
-    loss, logps = ops.sdpo_loss(x, labels, ref_logps, num_negatives=1, inplace_backward=True)
-    mix = torch.randn(logps.shape, generator=torch.Generator().manual_seed(1), dtype=logps.dtype)
-    (loss + (mix.to(device) * logps).sum()).backward()
-    torch.testing.assert_close(leaf.grad, want, rtol=0, atol=0)
-    assert torch.equal(x.detach(), want)  # written into the logits' own storage
-
-    leaf = logits.detach().clone().requires_grad_()
-    x = leaf * 1
-    ops.token_logps(x, labels, inplace_backward=True).sum().backward()
-    y = logits.detach().clone().requires_grad_()
-    ops.token_logps(y, labels).sum().backward()
-    torch.testing.assert_close(leaf.grad, y.grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])

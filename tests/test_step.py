@@ -129,11 +129,20 @@ def test_ref_cache(model):
     first = sdpo_loss_sum(model, batch, ops, 1.0, k, ref_cache=cache, ref_keys=keys)
     assert len(cache) == 16 and cache.misses == 1 and cache.hits == 0      # 4 groups of 1 + K responses
     assert all(key in cache for key in keys)
-    # The same groups again: read from the cache.
+    # The same batch again: every group cached, a hit, and the same results.
     second = sdpo_loss_sum(model, batch, ops, 1.0, k, ref_cache=cache, ref_keys=keys)
     assert cache.hits == 1
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # A batch of other groups, some of them cached: a miss, computed again as a whole (the
+    # cached groups' values again), and the new groups stored.
+    new_rows = random_rows(2, seed=42)
+    new_negs = random_negatives(new_rows, k, seed=43)
+    mixed_keys = keys[2:] + [RefCache.key(4 + i, [r.target, *n]) for i, (r, n) in enumerate(zip(new_rows, new_negs))]
+    mixed = build_batch(TOK, rows[2:] + new_rows, negs[2:] + new_negs, 512, domain="music")
+    _, _, ref_mixed = sdpo_loss_sum(model, mixed, ops, 1.0, k, ref_cache=cache, ref_keys=mixed_keys)
+    assert cache.misses == 2 and cache.hits == 1 and len(cache) == 6 * (1 + k)
+    torch.testing.assert_close(ref_mixed[:8], first[2][8:], **TOL)
     # The reference pass is skipped on a hit: planted values come back as they are.
     planted = RefCache()
     fake = torch.arange(16, dtype=torch.float32) - 50.0
@@ -172,4 +181,8 @@ def test_bench_step(tmp_path):
     entry = result["small_K1"]
     for v in ("naive", "efficient"):
         assert entry[v]["ms"] > 0 and entry[v]["peak_mb"] > 0
-    assert entry["speedup"] > 0 and entry["memory_ratio"] > 0
+    # The ratios are those of the entry's own figures, and the tokens those of its two layouts.
+    assert entry["speedup"] == pytest.approx(entry["naive"]["ms"] / entry["efficient"]["ms"])
+    assert entry["memory_ratio"] == pytest.approx(entry["naive"]["peak_mb"] / entry["efficient"]["peak_mb"])
+    tokens = entry["setup"]["tokens"]
+    assert 0 < tokens["efficient"] < tokens["naive"]

@@ -1,27 +1,26 @@
-// CUDA kernels of the minisdpo ops (TORCH_LIBRARY_IMPL(minisdpo, CUDA)).
+// CUDA kernels of the minisdpo ops (TORCH_LIBRARY_IMPL(minisdpo, CUDA)); the schemas and the CPU
+// kernels are in csrc/sdpo.cpp, what the ops compute, and the gradient, in docs/method.md. The
+// kernel rules are those of docs/design.md, the op contract, learned from Liger-Kernel,
+// flash-attn's cross entropy and Cut Cross-Entropy: float32 accumulation, only the log-sum-exp
+// per token is saved, the softmax is recomputed in the backward pass, p_y - 1 is formed in
+// float32, ignored rows are skipped.
 //
-// Fused S-DPO loss ("On Softmax Direct Preference Optimization for Recommendation", Chen et al.,
-// NeurIPS 2024, arXiv 2406.09215, eq. 11-12; derivation in docs/method.md, reference in
-// minisdpo/loss.py, schemas and CPU kernels in csrc/sdpo.cpp). The kernel rules are those of
-// docs/design.md, the op contract, learned from Liger-Kernel, flash-attn's cross entropy and
-// Cut Cross-Entropy: float32 accumulation, only the log-sum-exp per token is saved, the softmax
-// is recomputed in the backward pass, p_y - 1 is formed in float32, ignored rows are skipped.
-//
-// Forward, per token row r = s * T + t (one block per row, all rows in one grid):
-//   lse[r] = log sum_v exp(x[v]),  tok[r] = x[y] - lse[r]      (0 and 0 where y is ignored)
-// read once with 16-byte loads, UNROLL loads in flight per thread, an online (max, sum) pair
-// per thread merged across the block. A row that does not start on a 16-byte boundary (V = 32001,
-// an offset view) reads its first few elements one by one, then 16-byte loads. sdpo_fwd then
-// sums tok per sequence (one block per sequence) and forms the group loss and d loss / d logp
-// (one block, group_loss of csrc/sdpo_math.h, the CPU's function), both in float64 and in a fixed
-// order, so the result is deterministic and nothing waits on the host.
+// Forward: one block per token row r = s * T + t, all rows in one grid, which gives the row's
+// lse and its label's log-prob tok (0 and 0 where the label is ignored). The row is read once
+// with 16-byte loads, kUnroll loads in flight per thread, into an online (max, sum) pair per
+// thread merged across the block. A row that does not start on a 16-byte boundary (V = 32001,
+// an offset view) reads its first few elements one by one (lead, csrc/sdpo_math.h), then
+// 16-byte loads. sdpo_fwd then sums tok per sequence (one block per sequence) and forms the
+// group loss and d loss / d logp (one block, group_loss of csrc/sdpo_math.h, the CPU's
+// function), both in float64 and in a fixed order, so the result is deterministic and nothing
+// waits on the host.
 //
 // NaN and inf as torch.log_softmax and minisdpo/loss.py: a NaN or a +inf in a counted row makes
 // its lse NaN (through the sum, see accumulate), a NaN log-prob or ref_logps makes its group's
 // loss NaN (group_loss), a row of -inf only has lse = -inf.
 //
-// Backward, per row: g[v] = coef[s, t] * ([v == y] - exp(x[v] - lse[r])), zeros where ignored,
-// one read and one write of the row with the same 16-byte vectors (in place: g aliases x).
+// Backward: one block per row, zeros where ignored, one read and one write of the row with the
+// same 16-byte vectors (in place: the gradient aliases the logits).
 //
 // Labels outside [0, V) cannot be checked on the host without a synchronisation; the kernels
 // check them with CUDA_KERNEL_ASSERT (as PyTorch's own nll_loss and gather do): a bad label
@@ -70,16 +69,6 @@ struct alignas(sizeof(T) * N) Pack {
 // Elements per 16-byte access.
 template <typename T>
 constexpr int kVec = 16 / sizeof(T);
-
-// How many of a row's V elements come before its first one on an N * sizeof(T)-byte boundary
-// (fewer than N): read and written one by one, then whole N-element packs.
-template <typename T, int N>
-__device__ __forceinline__ int64_t lead(const T* row, int64_t V) {
-  constexpr uintptr_t kBytes = N * sizeof(T);
-  const uintptr_t mis = reinterpret_cast<uintptr_t>(row) % kBytes;
-  const int64_t head = mis == 0 ? 0 : static_cast<int64_t>((kBytes - mis) / sizeof(T));
-  return head < V ? head : V;
-}
 
 // Merge two (max, sum) pairs, sum being relative to exp(max); an empty pair is (-inf, 0).
 // A pair with max = -inf has seen only -inf and NaN logits, so its sum is 0 or NaN.
@@ -176,7 +165,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     return;
   }
   const T* row = logits + row_offset(r, T_len, st0, st1);
-  const int64_t head = lead<T, N>(row, V);
+  const int64_t head = lead<N>(row, V);
   const auto* packs = reinterpret_cast<const Pack<T, N>*>(row + head);
   const int64_t n_packs = (V - head) / N;
   const int64_t body_end = head + n_packs * N;
@@ -300,7 +289,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t r = blockIdx.x;
   const int64_t y = labels[r];
   T* grow = grad + row_offset(r, T_len, gs0, gs1);
-  const int64_t head = lead<T, N>(grow, V);
+  const int64_t head = lead<N>(grow, V);
 
   if (y == ignore_index) {
     auto* gpacks = reinterpret_cast<Pack<T, N>*>(grow + head);
@@ -320,7 +309,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const T* xrow = logits + row_offset(r, T_len, xs0, xs1);
   const A c = coef[(r / T_len) * cs0 + (r % T_len) * cs1];  // cs1 may be 0 (an expanded view)
   const A l = lse[r];
-  if (lead<T, N>(xrow, V) == head) {
+  if (lead<N>(xrow, V) == head) {
     grad_row<T, N>(xrow, grow, V, head, c, l, y);
   } else {
     grad_row<T, 1>(xrow, grow, V, 0, c, l, y);
@@ -349,11 +338,6 @@ at::Tensor empty_aligned_like(const at::Tensor& x) {
                         x.element_size();
   if (shift == 0 || !x.is_contiguous()) return at::empty(x.sizes(), x.options());
   return at::empty({x.numel() + shift}, x.options()).narrow(0, shift, x.numel()).view(x.sizes());
-}
-
-// The kernels index rows by their first two strides; the V elements of a row must be adjacent.
-at::Tensor rows_contiguous(const at::Tensor& logits) {
-  return logits.stride(2) == 1 ? logits : logits.contiguous();
 }
 
 // Fills tok and lse (S, T) contiguous, of the accumulation dtype. x has adjacent row elements.
@@ -399,8 +383,7 @@ void launch_backward(const at::Tensor& coef, const at::Tensor& x, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> token_logps_fwd_cuda(const at::Tensor& logits,
                                                         const at::Tensor& labels,
-                                                        int64_t ignore_index,
-                                                        bool /*inplace_backward*/) {
+                                                        int64_t ignore_index) {
   check_token_logps_fwd(logits, labels);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor x = rows_contiguous(logits);
@@ -427,10 +410,10 @@ void launch_group_loss(const at::Tensor& logps64, const at::Tensor& ref_logps, d
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpo_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& ref_logps, double beta,
-    int64_t num_negatives, int64_t ignore_index, bool inplace_backward) {
+    int64_t num_negatives, int64_t ignore_index) {
   check_sdpo_fwd(logits, labels, ref_logps, beta, num_negatives);
   const c10::cuda::CUDAGuard guard(logits.device());
-  auto [tok, lse] = token_logps_fwd_cuda(logits, labels, ignore_index, inplace_backward);
+  auto [tok, lse] = token_logps_fwd_cuda(logits, labels, ignore_index);
   const int64_t S = logits.size(0), T_len = logits.size(1);
   const auto opts = tok.options();
   at::Tensor logps = at::empty({S}, opts);
@@ -453,7 +436,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpo_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor> sdpo_group_loss_cuda(const at::Tensor& logps,
                                                         const at::Tensor& ref_logps, double beta,
                                                         int64_t num_negatives) {
-  check_group_loss(logps, ref_logps, beta, num_negatives);
+  check_sdpo_group_loss(logps, ref_logps, beta, num_negatives);
   const c10::cuda::CUDAGuard guard(logps.device());
   const at::Tensor logps64 = logps.to(at::kDouble).contiguous();
   at::Tensor loss = at::empty({}, logps64.options());

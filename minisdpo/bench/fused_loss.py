@@ -23,7 +23,7 @@ from minisdpo import loss as torch_loss
 from minisdpo import ops
 from minisdpo.bench.common import DTYPES, median_seconds, peak_rss
 
-VARIANTS = ("fused", "fused_inplace", "eager", "compiled")
+VARIANTS = ("fused", "eager", "compiled")
 
 
 def make_inputs(args: argparse.Namespace, dtype: torch.dtype):
@@ -42,8 +42,6 @@ def make_inputs(args: argparse.Namespace, dtype: torch.dtype):
 def loss_fn(variant: str) -> Callable:
     if variant == "fused":
         return ops.sdpo_loss
-    if variant == "fused_inplace":
-        return lambda *a, **k: ops.sdpo_loss(*a, inplace_backward=True, **k)
     if variant == "eager":
         return torch_loss.sdpo_loss
     if variant == "compiled":
@@ -58,9 +56,7 @@ def run_once(fn: Callable, inputs, K: int, backward: bool) -> None:
             fn(logits, labels, ref_logps, beta=1.0, num_negatives=K)
         return
     # A fresh leaf on the same storage each run; autograd.grad returns the gradient as the op
-    # made it (no accumulation into .grad, which would copy an aliasing in-place gradient).
-    # fused_inplace overwrites the logits with their gradient: later runs see gradient values,
-    # which cost the same.
+    # made it (no accumulation into .grad).
     x = logits.detach().requires_grad_()
     loss, _ = fn(x, labels, ref_logps, beta=1.0, num_negatives=K)
     torch.autograd.grad(loss, x)
@@ -70,8 +66,6 @@ def time_loss(variant: str, inputs, args: argparse.Namespace) -> dict[str, float
     fn = loss_fn(variant)
     out = {}
     for mode, backward in (("fwd", False), ("fwd+bwd", True)):
-        if variant == "fused_inplace" and not backward:
-            continue  # the same forward as "fused"
         out[mode] = median_seconds(lambda: run_once(fn, inputs, args.K, backward), args.repeats, args.device)
     return out
 
@@ -125,12 +119,9 @@ def report(dtype: str, logits: torch.Tensor, times: dict, floor: dict, memory: d
     print(f"{'variant':<14} {'fwd ms':>9} {'fwd/floor':>9} {'eager/fwd':>9} "
           f"{'f+b ms':>9} {'f+b/floor':>9} {'eager/f+b':>9} {'peak+ MiB':>10} {'(L+peak+)/2L':>12}")
     for variant, t in times.items():
-        fwd = t.get("fwd")
-        fb = t["fwd+bwd"]
+        fwd, fb = t["fwd"], t["fwd+bwd"]
         cols = [
-            f"{fwd * 1e3:9.1f}" if fwd else f"{'-':>9}",
-            f"{fwd / floor['exp']:9.2f}" if fwd else f"{'-':>9}",
-            f"{eager['fwd'] / fwd:9.2f}" if fwd else f"{'-':>9}",
+            f"{fwd * 1e3:9.1f}", f"{fwd / floor['exp']:9.2f}", f"{eager['fwd'] / fwd:9.2f}",
             f"{fb * 1e3:9.1f}", f"{fb / floor['exp']:9.2f}", f"{eager['fwd+bwd'] / fb:9.2f}",
         ]
         if variant in memory:
