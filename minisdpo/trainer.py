@@ -249,7 +249,7 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data:
                          "rng": torch.get_rng_state()}, state_path)
         barrier(env)
 
-    def maybe_validate(step: int) -> None:
+    def validate(step: int) -> None:
         nonlocal best
         val = validation_loss(model, spec, cfg, data, env, backend, val_cache)
         record = {"stage": spec.name, "step": step, "val_loss": val}
@@ -331,10 +331,10 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data:
         bar.set_postfix(postfix)
         bar.update(1)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-            maybe_validate(step)
+            validate(step)
         if step % cfg.ckpt_every == 0 or step == total:
             if step == total:
-                maybe_validate(step)
+                validate(step)
             checkpoint(step)
     bar.close()
     if best_path.exists() and best["step"] != step:

@@ -5,9 +5,9 @@
 # shared, so every K costs only the top layers); FLAGS are that run's flags (data, --lora-layers,
 # --limit-train, --sdpo-epochs, ...), repeated so that every K trains from the same SFT model on
 # the same rows for the same steps. For each K in $KS (default 1 3 7 15 19) it trains an S-DPO
-# adapter in OUT_DIR/k<K>, then ranks the 20 candidates of $VAL_ROWS validation rows (default
-# 300; the cache of those rows is built once, in OUT_DIR/cache) with the SFT model and with
-# each adapter, and prints one line per model; OUT_DIR/sweep.jsonl gets the same as JSON.
+# adapter in OUT_DIR/k<K>, then ranks the 20 candidates of $VAL_ROWS validation rows (default:
+# the run's --limit-val; their prefix cache is the run's, or built beside it) with the SFT model
+# and with each adapter, and prints one line per model; OUT_DIR/sweep.jsonl gets the same as JSON.
 set -euo pipefail
 run=${1:?usage: scripts/sweep_negatives.sh RUN_DIR OUT_DIR [FLAGS...]}
 out=${2:?usage: scripts/sweep_negatives.sh RUN_DIR OUT_DIR [FLAGS...]}
@@ -22,8 +22,8 @@ for k in ${KS:-1 3 7 15 19}; do
   [ -d "$run/cache" ] && ln -s "$(realpath "$run/cache")" "$d/cache"
   "$py" -m minisdpo.train --out "$d" --stage sdpo --negatives "$k" --no-progress --no-plots "$@" > "$d/log.txt" 2>&1
 done
-"$py" - "$run" "$out" "${VAL_ROWS:-300}" "$@" <<'PY'
-import json, sys, time
+"$py" - "$run" "$out" "${VAL_ROWS:-0}" "$@" <<'PY'
+import json, sys
 from pathlib import Path
 
 import torch
@@ -32,22 +32,21 @@ from minisdpo import train
 from minisdpo.checkpoint import from_pretrained
 from minisdpo.evaluate import evaluate_ranking
 from minisdpo.lora import load_adapter
-from minisdpo.prefix import PrefixCache
 from minisdpo.run import adapter_dir, default_dtype, sft_model_dir
 from minisdpo.tokenizer import Tokenizer
+from minisdpo.trainer import Env, StageData
 
 run, out, val_rows, flags = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
-args = train.build_parser().parse_args(flags + ["--limit-val", str(val_rows)])
+args = train.build_parser().parse_args(flags + (["--limit-val", str(val_rows)] if val_rows else []))
 train.check_args(args)
 splits, domain, _ = train.load_rows(args)
 rows = splits["val"]
 tok = Tokenizer.from_dir(str(sft_model_dir(run)))
 model = from_pretrained(str(sft_model_dir(run)), dtype=default_dtype(args.dtype, torch.device("cpu"), args.model))
 layer = train.lora_boundary(model.args, args.lora_layers, "--lora-layers")
-t0 = time.time()
-prefix = (PrefixCache.build(model, tok, rows, domain, args.max_len, layer, batch_size=args.rank_batch_size,
-                            path=out / "cache" / f"val{len(rows)}-layer{layer}", progress=False) if layer else None)
-print(f"validation rows: {len(rows)}; prefix cache {time.time() - t0:.0f} s", flush=True)
+# The run's own cache of these rows when it has one (the same rows: read back), else built there.
+data = StageData(tok, domain, splits["train"], rows)
+prefix = train.prefix_cache(model, rows, "val", layer, args, data, Env(), run, {}) if layer else None
 
 
 def rank(model):

@@ -355,7 +355,28 @@ def test_a_preference_stage_worse_than_its_start_on_validation_is_reported(data_
     monkeypatch.setattr(trainer, "validation_loss", lambda model, spec, *a, **kw: val_loss if spec.negatives else 1.0)
     train.main(_flags(data_dir, base, "--stage", "sdpo", "--max-steps", "2", "--negatives", "3", "--no-plots"))
     done = json.loads((base / "sdpo" / "done.json").read_text())
-    assert done["start_val_loss"] == pytest.approx(math.log(4))
     assert done["best_val_loss"] == val_loss
     message = "[sdpo] warning: the best validation loss (1.5000, step 2) is above the start's ln(1+K) = 1.3863"
     assert (message in capsys.readouterr().out) == warned
+
+
+def test_the_recorded_start_of_a_preference_stage_is_the_measured_loss_of_a_fresh_adapter(data_dir, tmp_path):
+    """done.json's start_val_loss (ln(1 + K), a formula) against the validation loss measured on
+    the run's own validation groups with a fresh adapter on its SFT model."""
+    from minisdpo import loss as torch_loss
+    from minisdpo.step import RefCache
+    out = tmp_path / "run"
+    train.main(_flags(data_dir, out, "--stage", "sft", "--max-steps", "1", "--no-plots"))
+    train.main(_flags(data_dir, out, "--stage", "sdpo", "--max-steps", "1", "--negatives", "3", "--no-plots"))
+    args = train.build_parser().parse_args(_flags(data_dir, out, "--negatives", "3"))
+    train.check_args(args)
+    splits, domain, _ = train.load_rows(args)
+    model = train.load_sft_model(out, trainer.Env(dtype=torch.float32))
+    train.add_lora(model, args, 1, "all", "--lora-layers")
+    data = trainer.StageData(train.Tokenizer(out / "tokenizer" / "tokenizer.model"), domain, splits["train"],
+                             splits["val"])
+    measured = trainer.validation_loss(model, trainer.StageSpec("sdpo", 1e-3, 1.0, negatives=3),
+                                       train.train_config(args), data, trainer.Env(), torch_loss, RefCache())
+    done = json.loads((out / "sdpo" / "done.json").read_text())
+    assert done["start_val_loss"] == pytest.approx(measured, abs=1e-6)
+    assert not math.isclose(done["best_val_loss"], measured, abs_tol=1e-9)   # one step moved the adapter

@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the model's dtype (default float32); --step --model / --generate: the "
                         "modes to try on each side, the fastest per side reported (float32; "
                         "bfloat16 = bfloat16 weights, float32 LoRA; autocast = float32 weights "
-                        "under CPU bfloat16 autocast; default: each side's best, MODEL_MODES)")
+                        "under CPU bfloat16 autocast; default: each side's best, model_step.BEST_MODE)")
     p.add_argument("--S", type=int, default=16, help="sequences, G * (1 + K) (default 16)")
     p.add_argument("--T", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--V", type=int, default=32000, help="vocabulary size (default 32000)")

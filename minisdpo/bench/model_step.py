@@ -48,7 +48,6 @@ from minisdpo.step import RefCache, reference_logps, sdpo_loss_sum
 from minisdpo.tokenizer import Tokenizer
 
 MODEL_SIDES = ("ours", "hf_peft")
-MODEL_MODES = ("float32", "bfloat16", "autocast")
 # Each side's fastest mode on this project's CPU (AVX512-BF16), from sweeps with
 # --dtype float32 bfloat16 autocast recorded in docs/benchmarks.md; the default run times these.
 # transformers + PEFT runs as fast under autocast as with bfloat16 weights (within 2%, autocast
