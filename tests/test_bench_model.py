@@ -51,8 +51,9 @@ def test_step_model_json_and_losses_agree(model_dir, tmp_path):
 def test_step_model_top_layers_cached_and_uncached(model_dir, tmp_path):
     out = tmp_path / "step.json"
     bench.main(["--step", "--model", model_dir, "--dtype", "float32", "--groups", "2", "--lora-layers", "1",
-                "--repeats", "1", "--threads", "1", "--json", str(out)])
+                "--no-hf-peft", "--repeats", "1", "--threads", "1", "--json", str(out)])
     written = json.loads(out.read_text())
+    assert "hf_peft" not in written and "speedup" not in written
     cached, top, uncached = written["cached"], written["uncached_top"], written["uncached"]
     for key in ("ms_per_group", "build_ms_per_row", "ref_ms_per_row", "peak_mb", "cache_mb"):
         assert cached[key] > 0, key

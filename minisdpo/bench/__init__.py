@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="--step --model: also time the step with LoRA on the top N layers only, from the "
                         "frozen-prefix cache ('cached', as train.py --lora-layers N) and without it "
                         "('uncached_top'), beside today's default step (LoRA on every layer)")
+    p.add_argument("--no-hf-peft", action="store_true",
+                   help="--step --model: leave out transformers + PEFT (the slowest side; no 'hf_peft' and "
+                        "'speedup' keys then)")
     p.add_argument("--generate", action="store_true",
                    help="with --model: time batched greedy decoding (model.generate, KV cache), "
                         "float32 vs bfloat16")

@@ -284,7 +284,8 @@ def model_peak_memory(side: str, mode: str, args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace, info: dict) -> dict:
     K, groups, repeats = args.K, args.groups, args.repeats
-    sides = (MODEL_SIDES + (("ours_ref_cached",) if args.ref_cache else ())
+    ours_sides = ("ours",) if args.no_hf_peft else MODEL_SIDES
+    sides = (ours_sides + (("ours_ref_cached",) if args.ref_cache else ())
              + (("cached", "uncached_top") if args.lora_layers else ()))
     modes = {side: list(args.dtype) if args.dtype else [BEST_MODE[side]] for side in sides}
     batches = model_batches(args.model, K, groups, args.hf_micro_batch)
@@ -332,7 +333,7 @@ def run(args: argparse.Namespace, info: dict) -> dict:
                                     for side, mode in round_), flush=True)
     medians = {key: statistics.median(t) for key, t in times.items()}
     best = {side: min(modes[side], key=lambda m: medians[(side, m)]) for side in sides}
-    measured = MODEL_SIDES + (("cached", "uncached_top") if args.lora_layers else ())
+    measured = ours_sides + (("cached", "uncached_top") if args.lora_layers else ())
     memory = {} if args.no_memory else {side: model_peak_memory(side, best[side], args) for side in measured}
     print(f"{'side':<15} {'mode':<9} {'ms':>9} {'runs ms':<24} {'loss':>9} {'peak MB':>8} {'step MB':>8}")
     results: dict = {}
@@ -352,10 +353,11 @@ def run(args: argparse.Namespace, info: dict) -> dict:
         results.setdefault("tried", {}).setdefault(side, {})[mode] = entry
         if chosen:
             results[side] = {**entry, "peak_mb": peak_mb, "step_mb": step_mb}
-    ours, hf = results["ours"], results["hf_peft"]
-    results["speedup"] = hf["ms"] / ours["ms"]
-    results["memory_ratio"] = (hf["peak_mb"] / ours["peak_mb"]) if memory else None
-    results["loss_diff"] = abs(hf["loss"] - ours["loss"])
+    ours, hf = results["ours"], results.get("hf_peft")
+    if hf:
+        results["speedup"] = hf["ms"] / ours["ms"]
+        results["memory_ratio"] = (hf["peak_mb"] / ours["peak_mb"]) if memory else None
+        results["loss_diff"] = abs(hf["loss"] - ours["loss"])
     results["setup"] = {"model": args.model, "K": K, "groups": groups, "repeats": repeats,
                         "tokenizer": batches["tokenizer"], "threads": torch.get_num_threads(),
                         "tokens": {"ours": packed.num_tokens, "hf_peft": plain.num_tokens},
@@ -363,10 +365,11 @@ def run(args: argparse.Namespace, info: dict) -> dict:
                         "shapes": {"ours": list(packed.input_ids.shape),
                                    "hf_peft": [list(b.input_ids.shape) for b in batches["plain_micro"]]}}
     results["machine"] = info
-    print(f"speedup (hf_peft {hf['dtype']} / ours {ours['dtype']}): {results['speedup']:.2f}x"
-          + (f"; peak memory hf_peft / ours: {results['memory_ratio']:.2f}x" if memory else "")
-          + f"; |loss difference| {results['loss_diff']:.2e}")
-    if "ours_ref_cached" in results:
+    if hf:
+        print(f"speedup (hf_peft {hf['dtype']} / ours {ours['dtype']}): {results['speedup']:.2f}x"
+              + (f"; peak memory hf_peft / ours: {results['memory_ratio']:.2f}x" if memory else "")
+              + f"; |loss difference| {results['loss_diff']:.2e}")
+    if "ours_ref_cached" in results and hf:
         results["speedup_ref_cached"] = hf["ms"] / results["ours_ref_cached"]["ms"]
         print(f"speedup with our reference log-probs cached: {results['speedup_ref_cached']:.2f}x")
     if args.lora_layers:
