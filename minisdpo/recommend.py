@@ -40,7 +40,7 @@ from minisdpo.checkpoint import from_pretrained
 from minisdpo.evaluate import generate_answers, named_candidate, ranking_scores
 from minisdpo.lora import load_adapter
 from minisdpo.tokenizer import Tokenizer
-from minisdpo.run import STAGES, adapter_dir, default_dtype, sft_model_dir
+from minisdpo.run import STAGES, adapter_base, adapter_dir, default_dtype, sft_model_dir
 
 # On equal metrics, the paper's method first.
 _PREFERENCE = ("sdpo", "dpo", "sft")
@@ -293,8 +293,14 @@ def load_run_tokenizer(run_dir: Path, config: dict) -> Tokenizer:
 
 
 def load_model(run_dir: Path, stage: str, dtype: torch.dtype, device: torch.device):
+    # An adapter applies to the run's SFT model, or, when its stage continued the SFT adapter
+    # (--sdpo-init sft-adapter), to the base model that stage recorded.
+    base = sft_model_dir(run_dir) if stage == "sft" else adapter_base(run_dir, stage)
+    if not (base / "config.json").is_file():
+        raise RecommendError(f"RUN_DIR {run_dir}: the {_NAMES[stage]} applies to the model {base}, which is "
+                             f"not there")
     try:
-        model = from_pretrained(str(sft_model_dir(run_dir)), dtype=dtype, device=device)
+        model = from_pretrained(str(base), dtype=dtype, device=device)
         if stage != "sft":
             load_adapter(model, str(adapter_dir(run_dir, stage)))   # LoRA weights on the model's device
     except (OSError, ValueError, RuntimeError, KeyError) as e:
