@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("run_dir", metavar="RUN_DIR", help="the --out directory of python -m minisdpo.train")
     a("--stage", choices=STAGES, default=None,
-      help="which model answers: 'sft', or the SFT model with the 'sdpo' or 'dpo' adapter (default: the "
+      help="which model answers: 'sft', or the 'sdpo' or 'dpo' adapter on the model it applies to (the SFT "
+           "model, or the base model for an adapter trained with --sdpo-init sft-adapter) (default: the "
            "model with the highest hr@1 in RUN_DIR/summary.json, ties broken by valid_ratio, then "
            "sdpo > dpo > sft; without a summary: sdpo when trained, else sft)")
     a("--history", nargs="+", metavar="TITLE", help="one user's history, oldest first")
