@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 __all__ = [
-    "Row", "TokenizerLike", "DOMAINS", "MIN_HISTORY", "MAX_HISTORY", "NUM_CANDIDATES",
+    "Row", "TokenizerLike", "DOMAINS", "MIN_HISTORY", "MAX_HISTORY", "NUM_CANDIDATES", "TEST_ROWS",
     "clean_title", "load_dataset", "load_movielens", "load_json_dir", "load_json_file",
     "default_domain", "subsample", "format_prompt", "encode_prompt", "encode_response",
     "truncate_prompt", "encode_group", "padding_id",
@@ -27,6 +27,7 @@ __all__ = [
 
 DOMAINS = ("movies", "music", "books")
 MIN_HISTORY = 3        # LLaRA keeps steps with len_seq >= 3
+TEST_ROWS = ("all", "last")   # MovieLens validation and test rows: every step of a user, or the last
 MAX_HISTORY = 10       # the last 10 items are shown
 NUM_CANDIDATES = 20    # the target and 19 others
 
@@ -208,10 +209,18 @@ def _read_atomic(folder: Path) -> tuple[list[tuple[str, str, int]], dict[str, st
 
 
 def load_movielens(data_dir: str | Path | None = None, seed: int = 0,
-                   min_history: int = MIN_HISTORY) -> dict[str, list[Row]]:
-    """MovieLens-100K as rows, split 8:1:1 by user (see docs/data.md)."""
+                   min_history: int = MIN_HISTORY, test_rows: str = "all") -> dict[str, list[Row]]:
+    """MovieLens-100K as rows, split 8:1:1 by user (see docs/data.md).
+
+    ``test_rows``: "all" makes a row of every step of each validation and test user, as of a
+    training user; "last" keeps one row per validation and test user, its last step (LLaRA's
+    MovieLens validation and test sets hold one row per user: docs/data.md section 3). The
+    training rows, the split and every row's candidates are the same either way.
+    """
     if min_history < 1:
         raise ValueError(f"min_history must be >= 1, got {min_history}")
+    if test_rows not in TEST_ROWS:
+        raise ValueError(f"test_rows must be one of {TEST_ROWS}, got {test_rows!r}")
     inter, raw_titles = _read_movielens_files(data_dir)
 
     # One item per cleaned title: MovieLens has a few movies under two ids.
@@ -259,6 +268,8 @@ def load_movielens(data_dir: str | Path | None = None, seed: int = 0,
                     chosen.append(title)
             chosen.insert(int(uniform() * NUM_CANDIDATES), target)
             rows.append(Row(history, tuple(chosen), target))
+        if test_rows == "last" and split_of[user] != "train" and len(sequence) > min_history:
+            del rows[len(rows) - (len(sequence) - min_history):-1]   # keep the user's last row
     return splits
 
 
@@ -335,14 +346,17 @@ def load_json_dir(data_dir: str | Path) -> dict[str, list[Row]]:
 _DEFAULT_DOMAINS = {"movielens": "movies", "lastfm": "music"}
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None, seed: int = 0) -> dict[str, list[Row]]:
+def load_dataset(name: str, data_dir: str | Path | None = None, seed: int = 0,
+                 test_rows: str = "all") -> dict[str, list[Row]]:
     """Splits "train", "val", "test" of the data set ``name``: "movielens", "lastfm" or "json".
 
-    ``seed`` only matters for MovieLens (the user split and the candidates); the JSON files
-    carry their own candidates.
+    ``seed`` and ``test_rows`` only matter for MovieLens (the user split and the candidates;
+    ``load_movielens``); the JSON files carry their own rows and candidates.
     """
     if name == "movielens":
-        return load_movielens(data_dir, seed)
+        return load_movielens(data_dir, seed, test_rows=test_rows)
+    if test_rows != "all":
+        raise ValueError(f"test_rows={test_rows!r} is for movielens only: the {name!r} files carry their own rows")
     if name in ("lastfm", "json"):
         if data_dir is None:
             hint = (" The paper's LastFM files are in github.com/chenyuxin1999/S-DPO, "

@@ -11,9 +11,12 @@ output is a fixed function of the input (the frozen-prefix cache, ``minisdpo.pre
 
 The wrapped layer keeps the base ``weight`` (and ``bias``) under the same names, so the model's
 own tensor names do not change. Merging is explicit (``merge_lora``), never a side effect of
-``.train()``/``.eval()``. The S-DPO reference model is the same model inside ``disable_lora``:
-no second copy of the weights. Adapter weights of a half-precision base are kept in float32,
-as PEFT does, so small updates are not lost to rounding.
+``.train()``/``.eval()``. The S-DPO reference model is the same model inside ``reference``:
+with its adapter disabled (``disable_lora``) when the adapter starts at zero on the SFT model,
+or, after ``freeze_reference``, with a frozen copy of the adapter's starting weights in place of
+the trained ones (the official S-DPO set-up, which keeps training the SFT adapter): a copy of
+the adapter only, never of the base weights. Adapter weights of a half-precision base are kept
+in float32, as PEFT does, so small updates are not lost to rounding.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 __all__ = ["LoRALinear", "apply_lora", "mark_only_lora_as_trainable", "merge_lora", "unmerge_lora",
-           "disable_lora", "merge_and_unload", "lora_state_dict", "load_lora_state_dict", "save_adapter", "load_adapter",
+           "disable_lora", "freeze_reference", "has_frozen_reference", "reference", "merge_and_unload",
+           "lora_state_dict", "load_lora_state_dict", "save_adapter", "load_adapter",
            "adapted_layers", "top_layers", "DEFAULT_TARGETS"]
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -61,6 +65,12 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.enabled = True
+        # A frozen copy of the adapter (freeze_reference): used instead of lora_A / lora_B, and
+        # without dropout, while ``use_reference`` is set (inside ``reference``). Buffers that
+        # follow .to(device) but stay out of the state dict and the adapter files.
+        self.register_buffer("ref_A", None, persistent=False)
+        self.register_buffer("ref_B", None, persistent=False)
+        self.use_reference = False
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -80,10 +90,13 @@ class LoRALinear(nn.Module):
         # the product, instead of converting the (tokens, in) activations to float32 and the
         # (tokens, out) result back, which cost more than the rank-r products themselves.
         # Gradients still reach A and B in float32, through the rounding.
-        a, b = self.lora_A.weight, self.lora_B.weight
+        if self.use_reference:      # the frozen copy: the reference model, deterministic
+            a, b, x_in = self.ref_A, self.ref_B, x
+        else:
+            a, b, x_in = self.lora_A.weight, self.lora_B.weight, _dropout(x, self.dropout)
         if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             a, b = a.to(x.dtype), b.to(x.dtype)
-        h = F.linear(_dropout(x, self.dropout), a)                       # (..., r)
+        h = F.linear(x_in, a)                                            # (..., r)
         # out + scaling * h @ B^T in one GEMM that accumulates into out: no (tokens, out)
         # temporaries for the product, the scaling and the sum.
         return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(),
@@ -237,6 +250,57 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
             layer.enabled = was
 
 
+def freeze_reference(model: nn.Module) -> None:
+    """Keep a frozen copy of the adapter's current weights as the model's reference.
+
+    The official S-DPO stage keeps training the SFT adapter, with the base + the SFT adapter
+    frozen as its reference model. Here the reference is this copy of the adapter (r x in and
+    out x r per layer, no copy of the base), used by ``reference(model)`` in place of the
+    trained weights: at the moment of the call the policy and its reference are the same model.
+    """
+    layers = _lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers to freeze as a reference")
+    if any(layer.merged for layer in layers.values()):
+        raise RuntimeError("freeze_reference on a merged model: call unmerge_lora first")
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.ref_A = layer.lora_A.weight.detach().clone()
+            layer.ref_B = layer.lora_B.weight.detach().clone()
+
+
+def has_frozen_reference(model: nn.Module) -> bool:
+    """Whether ``freeze_reference`` gave the model's adapter a frozen copy (on every LoRA layer)."""
+    layers = list(_lora_layers(model).values())
+    frozen = [layer.ref_A is not None for layer in layers]
+    if any(frozen) and not all(frozen):
+        raise RuntimeError("only some LoRA layers have a frozen reference copy: call freeze_reference")
+    return bool(layers) and all(frozen)
+
+
+@contextmanager
+def reference(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model is its frozen reference model: the base with the frozen copy of
+    its adapter (``freeze_reference``; no dropout in the adapter's path), or, without a copy,
+    the base with the adapter disabled (``disable_lora``). No weights are changed, so gradients
+    and autograd's saved tensors of the trained adapter are untouched; run it under no_grad."""
+    if not has_frozen_reference(model):
+        with disable_lora(model):
+            yield model
+        return
+    layers = list(_lora_layers(model).values())
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("reference on a merged model: call unmerge_lora first")
+    previous = [(layer.enabled, layer.use_reference) for layer in layers]
+    for layer in layers:
+        layer.enabled, layer.use_reference = True, True
+    try:
+        yield model
+    finally:
+        for layer, (enabled, use) in zip(layers, previous):
+            layer.enabled, layer.use_reference = enabled, use
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors under the model's own names (``...q_proj.lora_A.weight``)."""
     return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
@@ -259,8 +323,9 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             own[name].copy_(t)
 
 
-def save_adapter(model: nn.Module, directory: str) -> None:
-    """Write the adapter as PEFT does: adapter_model.safetensors and adapter_config.json."""
+def save_adapter(model: nn.Module, directory: str, base_model: str | None = None) -> None:
+    """Write the adapter as PEFT does: adapter_model.safetensors and adapter_config.json
+    (``base_model``: the model it applies to, PEFT's ``base_model_name_or_path``)."""
     layers = _lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to save")
@@ -280,7 +345,7 @@ def save_adapter(model: nn.Module, directory: str) -> None:
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
         "use_dora": False, "modules_to_save": None, "layers_to_transform": transform,
         "layers_pattern": None if transform is None else "layers",
-        "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": None, "revision": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": base_model, "revision": None,
     }
     with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
         json.dump(config, f, indent=2)

@@ -40,7 +40,7 @@ from minisdpo.checkpoint import from_pretrained
 from minisdpo.evaluate import generate_answers, named_candidate, ranking_scores
 from minisdpo.lora import load_adapter
 from minisdpo.tokenizer import Tokenizer
-from minisdpo.run import STAGES, adapter_dir, default_dtype, sft_model_dir
+from minisdpo.run import STAGES, adapter_base, adapter_dir, default_dtype, sft_model_dir
 
 # On equal metrics, the paper's method first.
 _PREFERENCE = ("sdpo", "dpo", "sft")
@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("run_dir", metavar="RUN_DIR", help="the --out directory of python -m minisdpo.train")
     a("--stage", choices=STAGES, default=None,
-      help="which model answers: 'sft', or the SFT model with the 'sdpo' or 'dpo' adapter (default: the "
+      help="which model answers: 'sft', or the 'sdpo' or 'dpo' adapter on the model it applies to (the SFT "
+           "model, or the base model for an adapter trained with --sdpo-init sft-adapter) (default: the "
            "model with the highest hr@1 in RUN_DIR/summary.json, ties broken by valid_ratio, then "
            "sdpo > dpo > sft; without a summary: sdpo when trained, else sft)")
     a("--history", nargs="+", metavar="TITLE", help="one user's history, oldest first")
@@ -293,8 +294,14 @@ def load_run_tokenizer(run_dir: Path, config: dict) -> Tokenizer:
 
 
 def load_model(run_dir: Path, stage: str, dtype: torch.dtype, device: torch.device):
+    # An adapter applies to the run's SFT model, or, when its stage continued the SFT adapter
+    # (--sdpo-init sft-adapter), to the base model that stage recorded.
+    base = sft_model_dir(run_dir) if stage == "sft" else adapter_base(run_dir, stage)
+    if not (base / "config.json").is_file():
+        raise RecommendError(f"RUN_DIR {run_dir}: the {_NAMES[stage]} applies to the model {base}, which is "
+                             f"not there")
     try:
-        model = from_pretrained(str(sft_model_dir(run_dir)), dtype=dtype, device=device)
+        model = from_pretrained(str(base), dtype=dtype, device=device)
         if stage != "sft":
             load_adapter(model, str(adapter_dir(run_dir, stage)))   # LoRA weights on the model's device
     except (OSError, ValueError, RuntimeError, KeyError) as e:

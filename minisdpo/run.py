@@ -5,8 +5,9 @@ models and the dtype rule from here, so neither imports the other (docs/design.m
 
 A run directory ``OUT`` holds ``config.json`` (every flag that can change results),
 ``sft/model`` (the SFT model as a Hugging Face directory, with its tokenizer),
-``<stage>/adapter`` for ``sdpo`` and ``dpo`` (PEFT LoRA adapters on top of the SFT model),
-``<stage>/done.json``, ``metrics.jsonl``, ``summary.json`` and ``plots/``.
+``<stage>/adapter`` for ``sdpo`` and ``dpo`` (PEFT LoRA adapters on top of the SFT model, or,
+with ``--sdpo-init sft-adapter``, on top of the base model that ``<stage>/done.json`` names:
+``adapter_base``), ``<stage>/done.json``, ``metrics.jsonl``, ``summary.json`` and ``plots/``.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["STAGES", "sft_model_dir", "adapter_dir", "model_kind", "cpu_has_bf16", "default_dtype",
+__all__ = ["STAGES", "sft_model_dir", "adapter_dir", "adapter_base", "model_kind", "cpu_has_bf16", "default_dtype",
            "atomic_save", "atomic_write_json", "atomic_dir", "append_jsonl", "truncate_metrics"]
 
 STAGES = ("sft", "sdpo", "dpo")
@@ -29,6 +30,18 @@ def sft_model_dir(out: Path) -> Path:
 
 def adapter_dir(out: Path, stage: str) -> Path:
     return Path(out) / stage / "adapter"
+
+
+def adapter_base(out: Path, stage: str) -> Path:
+    """The model directory that a preference stage's adapter applies to: the run's SFT model
+    (``OUT/sft/model``), unless the stage continued the SFT adapter (``--sdpo-init sft-adapter``):
+    then the base model the SFT adapter was trained on, recorded as ``adapter_base`` in
+    ``OUT/<stage>/done.json`` (and as the adapter's ``base_model_name_or_path``)."""
+    try:
+        base = json.loads((Path(out) / stage / "done.json").read_text()).get("adapter_base")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    return Path(base) if base else sft_model_dir(out)
 
 
 def model_kind(model: str) -> str:

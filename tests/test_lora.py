@@ -270,3 +270,41 @@ def test_merge_and_unload_gives_plain_linears_with_equal_logits():
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert all(".lora_" not in n for n, _ in model.named_parameters())
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_reference_is_the_adapter_as_it_was_and_takes_no_gradient():
+    """freeze_reference keeps a copy of the adapter (not of the base): inside ``reference`` the
+    model computes with that copy, without dropout, whatever the trained adapter became."""
+    from minisdpo.lora import freeze_reference, has_frozen_reference, reference
+    model = apply_lora(small_model(), r=4, alpha=8, dropout=0.5)
+    randomize_b(model)
+    mark_only_lora_as_trainable(model)
+    ids = torch.randint(0, 64, (2, 10))
+    model.eval()
+    with torch.no_grad():
+        start = model(ids)
+        with reference(model):                        # no copy yet: the adapter disabled
+            torch.testing.assert_close(model(ids), small_model()(ids), rtol=0, atol=0)
+    assert not has_frozen_reference(model)
+    base_before = {n: p.clone() for n, p in model.named_parameters() if ".lora_" not in n}
+    freeze_reference(model)
+    assert has_frozen_reference(model)
+    assert set(lora_state_dict(model)) == {n for n, p in model.named_parameters() if p.requires_grad}  # no copy saved
+    randomize_b(model, seed=7)                        # the adapter trains on
+    model.train()                                     # dropout 0.5 in the trained adapter's path
+    trained = model(ids)
+    with reference(model):
+        ref = model(ids)                              # grad mode on: still nothing to differentiate
+        again = model(ids)
+    assert not ref.requires_grad
+    torch.testing.assert_close(ref, start, rtol=0, atol=0)    # exact, and no dropout
+    torch.testing.assert_close(again, ref, rtol=0, atol=0)
+    assert (trained - start).abs().max() > 1e-2
+    trained.sum().backward()                          # the policy's graph is untouched by the reference pass
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".lora_" in n)
+    assert all(torch.equal(p, base_before[n]) for n, p in model.named_parameters() if ".lora_" not in n)
+    assert not any(m.use_reference for m in model.modules() if isinstance(m, LoRALinear))
+    merge_lora(model)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        with reference(model):
+            pass

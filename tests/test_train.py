@@ -2,6 +2,7 @@
 an interruption, a user's own Hugging Face checkpoint, two-process data parallelism, bad input."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -217,6 +218,10 @@ def test_two_processes_match_one_with_the_same_global_batch(data_dir, tmp_path):
     (["--model", "/nonexistent/dir"], "--model"),
     (["--lora-layers", "3"], "--lora-layers 3 exceeds the model's 2 layers"),
     (["--packing", "none", "--lora-layers", "1"], "needs --packing shared"),
+    (["--sdpo-init", "sft-adapter"], "--sdpo-init sft-adapter needs a pretrained --model: --model scratch"),
+    (["--recipe", "paper", "--sdpo-init", "sft-adapter"], "--sdpo-init sft-adapter needs a pretrained --model"),
+    (["--test-rows", "last"], "--test-rows last is for --data movielens only"),
+    (["--adam-betas", "0.9", "1.5"], "--adam-betas must be in"),
 ])
 def test_bad_flags_name_the_flag(data_dir, tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
@@ -380,3 +385,188 @@ def test_the_recorded_start_of_a_preference_stage_is_the_measured_loss_of_a_fres
     done = json.loads((out / "sdpo" / "done.json").read_text())
     assert done["start_val_loss"] == pytest.approx(measured, abs=1e-6)
     assert not math.isclose(done["best_val_loss"], measured, abs_tol=1e-9)   # one step moved the adapter
+
+
+# ------------------------------------------------------------------ --recipe paper, --sdpo-init
+
+def _recipe_flags(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    """A tiny scratch model and the toy data, and nothing the recipe sets."""
+    return ["--data", "json", "--data-dir", str(data_dir), "--domain", "music", "--out", str(out), "--model", "scratch",
+            "--dim", "32", "--layers", "2", "--heads", "2", "--kv-heads", "1", "--vocab-size", "400",
+            "--eval-batch-size", "8", "--no-progress", "--no-plots", "--seed", "3", *extra]
+
+
+@pytest.mark.usefixtures("one_thread")   # tests/conftest.py: tiny models, a busy machine
+def test_recipe_paper_runs_end_to_end_with_the_official_values(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = train.main(_recipe_flags(data_dir, out, "--recipe", "paper", "--limit-train", "64", "--limit-val", "8"))
+    config = json.loads((out / "config.json").read_text())
+    assert (config["sft_lr"], config["sdpo_lr"], config["sft_epochs"], config["sdpo_epochs"]) == (1e-5, 1e-5, 5, 3)
+    assert (config["batch_size"], config["grad_accum"], config["world"], config["effective_batch"]) == (4, 32, 1, 128)
+    assert config["adam_betas"] == [0.9, 0.999] and config["fixed_negatives"] is True
+    assert (config["sft_eval_every"], config["sdpo_eval_every"], config["limit_test"]) == (0.2, 0.1, 0)
+    assert (config["lora_r"], config["lora_alpha"], config["lora_dropout"], config["clip"], config["warmup"]) == (
+        8, 32.0, 0.1, 0.3, 0.05)
+    assert config["recipe"] == "paper" and config["sdpo_init"] == "fresh"   # scratch: no SFT adapter to continue
+    assert {"sft_lr", "sdpo_lr", "sft_epochs", "sdpo_epochs", "grad_accum", "adam_betas"} <= set(config["recipe_set"])
+    assert sorted(config["recipe_overridden"]) == ["limit_train", "limit_val"]
+    assert "sdpo_init" not in config["recipe_set"] and config["limit_train"] == 64
+    log = capsys.readouterr().out
+    assert "recipe paper: set sft_lr=1e-05, sdpo_lr=1e-05, sft_epochs=5.0, sdpo_epochs=3.0" in log
+    assert "effective batch 128 = batch-size 4 x grad-accum 32 x 1 process(es)" in log
+    # 48 toy rows < 128: one step an epoch; validation every 20% (SFT) and 10% (S-DPO) of the steps
+    records = _metrics(out)
+    for stage, steps in (("sft", 5), ("sdpo", 3)):
+        assert [r["step"] for r in records if r["stage"] == stage and "loss" in r] == list(range(1, steps + 1))
+        assert [r["step"] for r in records if r["stage"] == stage and "val_loss" in r] == list(range(1, steps + 1))
+        assert all(r["lr"] <= 1e-5 for r in records if r["stage"] == stage and "lr" in r)
+    assert summary["test_rows"] == 8 and set(summary["models"]) == {"sft", "sdpo"}
+
+
+def test_recipe_grad_accum_follows_the_processes_and_explicit_flags_win(tmp_path, monkeypatch):
+    def configure(*flags: str) -> argparse.Namespace:
+        argv = ["--model", "scratch", "--recipe", "paper", *flags]
+        args = train.build_parser().parse_args(argv)
+        train.check_args(args, train.given_flags(argv))
+        return args
+    for world, batch, accum in (("1", [], 32), ("4", [], 8), ("4", ["--batch-size", "8"], 4), ("2", ["--batch-size", "16"], 4)):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        args = configure(*batch)
+        assert args.grad_accum == accum and args.batch_size * args.grad_accum * int(world) == 128
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit, match=r"--recipe paper: an effective batch of 128 needs --batch-size x processes "
+                                         r"\(4 x 3\) to divide 128"):
+        configure()
+    args = configure("--grad-accum", "2", "--sdpo-lr", "1e-4", "--lora-dropout", "0.1")   # explicit, even at the value
+    assert (args.grad_accum, args.sdpo_lr, args.sft_lr) == (2, 1e-4, 1e-5)
+    assert {"grad_accum", "sdpo_lr", "lora_dropout"} <= set(args.recipe_overridden)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    plain = train.build_parser().parse_args(["--model", "scratch"])
+    train.check_args(plain, set())
+    assert not hasattr(plain, "recipe_set") and plain.adam_betas == [0.9, 0.95] and plain.sdpo_init == "fresh"
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    args = configure("--model", str(model_dir))
+    assert args.sdpo_init == "sft-adapter" and "sdpo_init" in args.recipe_set
+    with pytest.raises(SystemExit, match="--lora-layers \\(2\\) must equal --sft-lora-layers \\(all\\)"):
+        configure("--model", str(model_dir), "--lora-layers", "2", "--sft-lora-layers", "all")
+
+
+def test_eval_every_in_steps_or_as_a_fraction_of_the_stage():
+    assert [trainer.eval_interval(e, 100) for e in (0, 16, 0.2, 0.1, 0.001)] == [0, 16, 20, 10, 1]
+    assert trainer.eval_interval(0.1, 33) == 4 and trainer.eval_interval(0.2, 5) == 1   # rounded up
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match="eval_every"):
+            trainer.eval_interval(bad, 10)
+    assert train._every_flag("16") == 16 and train._every_flag("0.2") == 0.2 and train._every_flag("0") == 0
+    for bad in ("2.5", "-1", "nan", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            train._every_flag(bad)
+
+
+def _capture_trained(monkeypatch) -> dict:
+    """Keep each stage's trained model (train.train_stage's first argument) by stage name."""
+    trained = {}
+    original = train.train_stage
+
+    def keep(model, spec, *a, **kw):
+        info = original(model, spec, *a, **kw)
+        trained[spec.name] = model
+        return info
+    monkeypatch.setattr(train, "train_stage", keep)
+    return trained
+
+
+@pytest.mark.usefixtures("one_thread")   # tests/conftest.py: tiny models, a busy machine
+def test_sdpo_continues_the_sft_adapter_from_the_prefix_cache_and_evaluates_what_it_trained(
+        data_dir, tmp_path, monkeypatch):
+    """--sdpo-init sft-adapter with --lora-layers 1 on a 3-layer checkpoint: the S-DPO stage starts
+    at ln(1+K) (the SFT adapter and its frozen copy), shares the frozen-prefix cache that SFT
+    built from the base model, trains like the whole model run on every batch, and the model
+    that the evaluation and recommend load (the base + the S-DPO adapter) is the trained one."""
+    from minisdpo import recommend
+    from minisdpo.data import load_json_dir
+    from minisdpo.evaluate import evaluate_ranking
+    from minisdpo.lora import load_adapter
+    from minisdpo.tokenizer import Tokenizer
+    base = _user_checkpoint(data_dir, tmp_path / "base", n_layers=3)
+    flags = ["--model", str(base), "--dtype", "float32", "--lora-layers", "1", "--max-steps", "3", "--lora-dropout", "0",
+             "--eval-every", "2", "--sdpo-init", "sft-adapter"]
+    trained = _capture_trained(monkeypatch)
+    out = tmp_path / "cached"
+    cached = train.main(_flags(data_dir, out, *flags))
+    model = trained["sdpo"].eval()
+    monkeypatch.setattr(train, "prefix_cache", lambda *a, **kw: None)
+    whole = train.main(_flags(data_dir, tmp_path / "whole", *flags))
+
+    def curve(run: Path) -> list:
+        return [(r["stage"], r["step"], r.get("loss"), r.get("val_loss")) for r in _metrics(run)]
+    a, b = curve(out), curve(tmp_path / "whole")
+    assert [x[:2] for x in a] == [x[:2] for x in b]
+    for x, y in zip(a, b):
+        for u, v in zip(x[2:], y[2:]):
+            assert (u is None and v is None) or u == pytest.approx(v, rel=1e-4, abs=1e-5), (x, y)
+    first = [r for r in _metrics(out) if r["stage"] == "sdpo" and "loss" in r][0]
+    assert first["loss"] == pytest.approx(math.log(4), abs=1e-5)               # policy = reference
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    # One cache for every stage: built from the base by SFT, read back by S-DPO and the ranking.
+    assert sorted(p.name for p in (out / "cache").iterdir()) == ["test-layer2", "train-layer2", "val-layer2"]
+    assert not (out / "sft" / "cache").exists()
+    assert cached["stages"]["sft"]["cache_build_s"] > cached["stages"]["sdpo"]["cache_build_s"]
+    # The S-DPO adapter applies to the base model, and says so.
+    done = json.loads((out / "sdpo" / "done.json").read_text())
+    assert done["sdpo_init"] == "sft-adapter" and done["adapter_base"] == str(base.resolve())
+    adapter_config = json.loads((out / "sdpo" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(base.resolve())
+    assert adapter_config["layers_to_transform"] == [2]
+    # Evaluated = trained: the summary's ranking metrics are the trained model's, and recommend
+    # loads the same function; the SFT model + this adapter (the 'fresh' way) would not be.
+    tok = Tokenizer.from_dir(out / "sft" / "model")
+    rows = load_json_dir(data_dir)["test"]
+    direct = evaluate_ranking(model, tok, rows, "music", batch_size=4, max_len=512, progress=False)
+    for key in ("rank_hr@1", "rank_hr@5", "rank_ndcg@5"):
+        assert cached["models"]["sdpo"][key] == pytest.approx(direct[key]), key
+    ids = torch.tensor([tok.encode("Song A1 Song B2 Song C3", bos=True)])
+    loaded = recommend.load_model(out, "sdpo", torch.float32, torch.device("cpu"))
+    wrong = load_adapter(from_pretrained(str(out / "sft" / "model")), str(out / "sdpo" / "adapter")).eval()
+    with torch.no_grad():
+        want = model(ids)
+        assert (loaded(ids) - want).abs().max() <= 1e-5
+        assert (wrong(ids) - want).abs().max() > 1e-3
+
+
+@pytest.mark.usefixtures("one_thread")   # tests/conftest.py: tiny models, a busy machine
+def test_sdpo_from_the_sft_adapter_resumes_like_an_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+    base = _user_checkpoint(data_dir, tmp_path / "base")
+    flags = ["--model", str(base), "--dtype", "float32", "--sdpo-init", "sft-adapter", "--no-ranking", "--no-plots"]
+    start = tmp_path / "start"
+    train.main(_flags(data_dir, start, "--stage", "sft", "--max-steps", "2", *flags))
+    sdpo = ["--stage", "sdpo", "--max-steps", "5", "--ckpt-every", "2", *flags]   # dropout 0.1: the RNG resumes too
+    straight, out = tmp_path / "straight", tmp_path / "interrupted"
+    shutil.copytree(start, straight)
+    shutil.copytree(start, out)
+    train.main(_flags(data_dir, straight, *sdpo))
+
+    original, calls = trainer.micro_loss, []
+
+    def interrupted(*a, **kw):   # 2 micro-batches a step: the 5th call is step 3's first
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return original(*a, **kw)
+    monkeypatch.setattr(trainer, "micro_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(_flags(data_dir, out, *sdpo))
+    monkeypatch.setattr(trainer, "micro_loss", original)
+    assert torch.load(out / "sdpo" / "state.pt", weights_only=False)["step"] == 2
+    train.main(_flags(data_dir, out, *sdpo, "--resume"))
+
+    def curve(run: Path) -> list:
+        return [(r["step"], r.get("loss"), r.get("val_loss")) for r in _metrics(run) if r["stage"] == "sdpo"]
+    assert curve(out) == curve(straight) and len([c for c in curve(out) if c[1] is not None]) == 5
+    from safetensors.torch import load_file
+    a = load_file(out / "sdpo" / "adapter" / "adapter_model.safetensors")
+    b = load_file(straight / "sdpo" / "adapter" / "adapter_model.safetensors")
+    sft = load_file(start / "sft" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() == sft.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], sft[k]) for k in a)        # the SFT adapter trained on
