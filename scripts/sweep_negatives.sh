@@ -68,4 +68,24 @@ with open(out / "sweep.jsonl", "w") as f:
         f.write(json.dumps(r) + "\n")
         print(" ".join(f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}"
                        for key, value in r.items()), flush=True)
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+sdpo = [r for r in results if r["model"] == "sdpo"]
+ks = [r["negatives"] for r in sdpo]
+fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+a.plot(ks, [r["best_val_loss"] - r["start_val_loss"] for r in sdpo], "o-")
+a.axhline(0.0, color="gray", ls="--", lw=1)
+a.set(xlabel="negatives K", ylabel="validation loss - ln(1 + K)", xticks=ks,
+      title="S-DPO validation loss against its start")
+for key in ("rank_hr@1", "rank_hr@5", "rank_ndcg@5"):
+    line, = b.plot(ks, [r[key] for r in sdpo], "o-", label=f"S-DPO {key}")
+    b.axhline(results[0][key], color=line.get_color(), ls=":", lw=1)
+b.set(xlabel="negatives K", ylabel="validation metric", xticks=ks,
+      title=f"ranking of {results[0]['n']} validation rows (dotted: SFT)")
+b.legend(fontsize=8)
+fig.tight_layout()
+fig.savefig(out / "sweep.png", dpi=110)
+print(f"plot: {out / 'sweep.png'}")
 PY
