@@ -22,7 +22,11 @@ nothing of titles and prompts already finds.
   number of epochs on the validation split: after every epoch it measures HR@1 on the validation
   rows and keeps the best epoch's weights, stopping after ``patience`` epochs without a gain or at
   ``max_epochs``. Equal scores (two unknown candidates, say) count against the target, the
-  pessimistic rule of ``minisdpo.evaluate.rank_metrics``.
+  pessimistic rule of ``minisdpo.evaluate.rank_metrics``. Two choices made on the validation
+  splits: the embeddings start small (standard deviation dim^-1/2: the first softmax is nearly
+  flat; with unit-variance embeddings the first epochs went far worse and the curve collapsed
+  after its peak), and there is no dropout by default (dropout 0.2 makes an epoch about 1.5 times
+  as long and, for the same training time, did no better; docs/results.md, section "Baselines").
 
 Metrics (``evaluate_scores``): hr@1, hr@5 and ndcg@5 (1 / log2(1 + rank) when rank <= 5), the
 target's rank being 1 + the number of other candidates scored at least as high; with ``hits``,
@@ -52,10 +56,13 @@ from tqdm.auto import tqdm
 
 from minisdpo import data as D
 
-__all__ = ["BASELINES", "evaluate_scores", "Popularity", "SASRec", "SASRecRecommender", "train_sasrec",
-           "parse_baselines", "run_baselines", "main"]
+__all__ = ["BASELINES", "MAX_EPOCHS", "PATIENCE", "evaluate_scores", "Popularity", "SASRec", "SASRecRecommender",
+           "train_sasrec", "parse_baselines", "run_baselines", "main"]
 
 BASELINES = ("pop", "sasrec")
+# SASRec's epochs in python -m minisdpo.baselines: at most MAX_EPOCHS, stopping after PATIENCE
+# epochs without a better validation HR@1 (docs/results.md, section "Baselines").
+MAX_EPOCHS, PATIENCE = 10, 2
 
 PAD, UNKNOWN = 0, 1   # SASRec's reserved ids: left padding, and an item never seen in training
 
@@ -227,7 +234,7 @@ class SASRecRecommender:
 
 def train_sasrec(train: Sequence[D.Row], val: Sequence[D.Row], *, dim: int = 64, blocks: int = 2,
                  heads: int = 1, max_len: int = D.MAX_HISTORY, dropout: float = 0.0, lr: float = 1e-3,
-                 batch_size: int = 256, max_epochs: int = 30, patience: int = 3, seed: int = 0,
+                 batch_size: int = 256, max_epochs: int = MAX_EPOCHS, patience: int = PATIENCE, seed: int = 0,
                  progress: bool = True, log: Callable[[str], None] | None = None) -> SASRecRecommender:
     """SASRec trained on ``train`` (history -> target, cross-entropy over the catalogue), its
     epochs chosen by HR@1 on ``val`` (module docstring). The result's ``info`` holds the
@@ -333,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "NDCG@5 over each row's candidates) on the validation and test splits.")
     a = p.add_argument
     a("--data", choices=("movielens", "lastfm", "json"), default="movielens", help="data set")
-    a("--data-dir", default=None, help="directory of the data files (default: for movielens, the copy in "
-                                       "the recbole wheel)")
+    a("--data-dir", default=None, help="directory of the data files; without it, movielens is read from "
+                                       "the copy in the recbole wheel")
     a("--domain", choices=D.DOMAINS, default=None,
       help="accepted so that python -m minisdpo.train's data flags work here too; the baselines read "
            "no prompts, so it changes nothing")
@@ -342,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--limit-val", type=int, default=0, help="use at most N validation rows (0: all)")
     a("--limit-test", type=int, default=0, help="evaluate on at most N test rows (0: all); the same rows "
                                                 "as python -m minisdpo.train with the same --seed")
-    a("--max-epochs", type=int, default=30, help="SASRec: at most this many epochs")
-    a("--patience", type=int, default=3, help="SASRec: stop after this many epochs without a better "
+    a("--max-epochs", type=int, default=MAX_EPOCHS, help="SASRec: at most this many epochs")
+    a("--patience", type=int, default=PATIENCE, help="SASRec: stop after this many epochs without a better "
                                               "validation HR@1")
     a("--seed", type=int, default=0, help="random seed (MovieLens's split, the subsamples, the baselines)")
     a("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
