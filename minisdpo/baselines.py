@@ -46,7 +46,8 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -198,11 +199,29 @@ class SASRec(nn.Module):
         return out
 
 
-class SASRecRecommender:
-    """A trained ``SASRec`` with its vocabulary: titles in, candidate scores out."""
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """``n`` intra-op threads inside the block, the previous number after it.
 
-    def __init__(self, model: SASRec, vocab: dict[str, int], info: dict):
-        self.model, self.vocab, self.info = model, vocab, info
+    SASRec's tensors are small (256 rows of 10 items of dim 64): a second thread saves little, and
+    on a busy machine every parallel region waits for a thread that does not get a core. Measured
+    on the project's 2-core VM with other jobs running: a training step of 34 ms on one thread
+    took 1 s on two.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class SASRecRecommender:
+    """A trained ``SASRec`` with its vocabulary: titles in, candidate scores out (computed on
+    ``threads`` intra-op threads)."""
+
+    def __init__(self, model: SASRec, vocab: dict[str, int], info: dict, threads: int = 1):
+        self.model, self.vocab, self.info, self.threads = model, vocab, info, threads
 
     def encode(self, rows: Sequence[D.Row]) -> torch.Tensor:
         """(N, max_len) ids of the rows' histories: the last max_len items, left-padded, unknown
@@ -226,8 +245,9 @@ class SASRecRecommender:
     def _scores(self, seqs: torch.Tensor, cands: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         was_training = self.model.training
         self.model.eval()
-        out = torch.cat([self.model.logits(self.model(seqs[i:i + batch_size])).gather(1, cands[i:i + batch_size])
-                         for i in range(0, len(seqs), batch_size)])
+        with _threads(self.threads):
+            out = torch.cat([self.model.logits(self.model(seqs[i:i + batch_size])).gather(1, cands[i:i + batch_size])
+                             for i in range(0, len(seqs), batch_size)])
         self.model.train(was_training)
         return out
 
@@ -235,16 +255,19 @@ class SASRecRecommender:
 def train_sasrec(train: Sequence[D.Row], val: Sequence[D.Row], *, dim: int = 64, blocks: int = 2,
                  heads: int = 1, max_len: int = D.MAX_HISTORY, dropout: float = 0.0, lr: float = 1e-3,
                  batch_size: int = 256, max_epochs: int = MAX_EPOCHS, patience: int = PATIENCE, seed: int = 0,
-                 progress: bool = True, log: Callable[[str], None] | None = None) -> SASRecRecommender:
+                 threads: int = 1, progress: bool = True,
+                 log: Callable[[str], None] | None = None) -> SASRecRecommender:
     """SASRec trained on ``train`` (history -> target, cross-entropy over the catalogue), its
-    epochs chosen by HR@1 on ``val`` (module docstring). The result's ``info`` holds the
-    chosen epoch, the epochs trained, the validation HR@1 of each and the training seconds.
+    epochs chosen by HR@1 on ``val`` (module docstring), on ``threads`` intra-op threads (one by
+    default: see ``_threads``). The result's ``info`` holds the chosen epoch, the epochs
+    trained, the validation HR@1 of each and the training seconds.
     """
     _check_train(train)
     if not val:
         raise ValueError("the validation split is empty: SASRec chooses its epochs on it")
     for name, value in (("dim", dim), ("blocks", blocks), ("heads", heads), ("max_len", max_len),
-                        ("batch_size", batch_size), ("max_epochs", max_epochs), ("patience", patience)):
+                        ("batch_size", batch_size), ("max_epochs", max_epochs), ("patience", patience),
+                        ("threads", threads)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     start = time.time()
@@ -252,7 +275,7 @@ def train_sasrec(train: Sequence[D.Row], val: Sequence[D.Row], *, dim: int = 64,
     vocab = {title: i + 2 for i, title in enumerate(titles)}                  # 0 padding, 1 unknown
     torch.manual_seed(seed)
     model = SASRec(len(vocab) + 2, dim, blocks, heads, max_len, dropout)
-    rec = SASRecRecommender(model, vocab, {})
+    rec = SASRecRecommender(model, vocab, {}, threads)
     seqs, targets = rec.encode(train), torch.tensor([vocab[row.target] for row in train])
     val_seqs, val_cands = rec.encode(val), rec.candidate_ids(val)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -261,11 +284,12 @@ def train_sasrec(train: Sequence[D.Row], val: Sequence[D.Row], *, dim: int = 64,
     bar = tqdm(total=max_epochs, desc="sasrec", unit="epoch", disable=not progress)
     for epoch in range(1, max_epochs + 1):
         model.train()
-        for idx in torch.randperm(len(train), generator=order).split(batch_size):
-            loss = F.cross_entropy(model.logits(model(seqs[idx])), targets[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        with _threads(threads):
+            for idx in torch.randperm(len(train), generator=order).split(batch_size):
+                loss = F.cross_entropy(model.logits(model(seqs[idx])), targets[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
         hr1 = evaluate_scores(rec._scores(val_seqs, val_cands), val)["hr@1"]
         curve.append(hr1)
         bar.update(1)
@@ -353,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--patience", type=int, default=PATIENCE, help="SASRec: stop after this many epochs without a better "
                                               "validation HR@1")
     a("--seed", type=int, default=0, help="random seed (MovieLens's split, the subsamples, the baselines)")
-    a("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    a("--threads", type=int, default=1, help="SASRec's intra-op threads (its tensors are small: on a busy "
+                                             "machine more threads are slower)")
     a("--json", default=None, help="also write the metrics to this JSON file")
     a("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -369,14 +394,12 @@ def main(argv: list[str] | None = None) -> dict:
         names = parse_baselines(args.baselines)
     except ValueError as e:
         raise _fail(f"--baselines: {e}") from None
-    for name in ("limit_val", "limit_test", "threads"):
+    for name in ("limit_val", "limit_test"):
         if getattr(args, name) < 0:
             raise _fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("max_epochs", "patience"):
+    for name in ("max_epochs", "patience", "threads"):
         if getattr(args, name) < 1:
             raise _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     start = time.time()
     where = f"--data {args.data}" + (f" --data-dir {args.data_dir}" if args.data_dir else "")
     try:
@@ -396,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{len(splits['test'])} test rows")
     res = run_baselines(names, splits["train"], splits["val"], {"val": splits["val"], "test": splits["test"]},
                         seed=args.seed, progress=not args.no_progress, log=log,
-                        max_epochs=args.max_epochs, patience=args.patience)
+                        max_epochs=args.max_epochs, patience=args.patience, threads=args.threads)
     report = {split: {name: {k: m[k] for k in ("hr@1", "hr@5", "ndcg@5", "n")} for name, m in res[split].items()}
               for split in ("val", "test")}
     report["seconds"] = {"load": load_s, **res["seconds"], "total": time.time() - start}

@@ -484,7 +484,8 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
 def eval_baselines(args: argparse.Namespace, rows: list[D.Row], env: Env) -> tuple[dict, dict]:
     """The ``--baselines`` on ``rows`` (the language models' evaluation rows): each trained on the
     whole training split, reloaded here because ``--limit-train`` cut the run's copy; SASRec
-    chooses its epochs (at most ``--sasrec-epochs``) on the whole validation split.
+    chooses its epochs (at most ``--sasrec-epochs``) on the whole validation split, and runs on
+    one thread whatever ``--threads`` says (its tensors are small; see ``minisdpo.baselines``).
 
     Returns ({name: {"metrics": a row of the table, "seconds", ...}}, {name: hits}): a row of
     the table has the ranking hit as "hr@1", "valid_ratio" 1.0 (a ranking always names a

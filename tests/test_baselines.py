@@ -123,9 +123,15 @@ def test_sasrec_maps_unseen_items_to_the_unknown_id():
     assert rec.encode([long])[0].tolist() == [rec.vocab[t] for t in TITLES[5:15]]
 
 
-def test_sasrec_is_seeded():
+def test_sasrec_is_seeded_and_keeps_the_callers_threads():
     train, val = _toy(256, seed=0), _toy(32, seed=1)
-    a = B.train_sasrec(train, val, max_epochs=2, patience=2, progress=False, seed=4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a = B.train_sasrec(train, val, max_epochs=2, patience=2, progress=False, seed=4)
+        assert torch.get_num_threads() == 2   # SASRec ran on one thread, then gave the setting back
+    finally:
+        torch.set_num_threads(before)
     b = B.train_sasrec(train, val, max_epochs=2, patience=2, progress=False, seed=4)
     assert torch.equal(a.scores(val), b.scores(val))
 
