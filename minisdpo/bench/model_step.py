@@ -128,17 +128,22 @@ def build_ours(model_dir: str, mode: str, batches: dict, K: int, lora: dict, dro
     apply_lora(model, r=LORA_R, alpha=LORA_ALPHA, dropout=dropout)
     load_lora_state_dict(model, lora)
     mark_only_lora_as_trainable(model)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    batch = batches["packed"]
-    groups = batch.labels.shape[0] // (1 + K)
     cache = dict(ref_cache=RefCache(), ref_keys=[RefCache.key(i, [row.target, *n]) for i, (row, n) in
                                                  enumerate(zip(batches["rows"], batches["negatives"]))]
                  ) if ref_cached else {}
+    return _our_step(model, mode, batches["packed"], K, cache)
+
+
+def _our_step(model: torch.nn.Module, mode: str, batch, K: int, refs: dict):
+    """step() -> loss of our side: the S-DPO loss with the fused linear head (reference log-probs
+    from ``refs``' RefCache when given), backward, AdamW on the trainable parameters."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    groups = batch.labels.shape[0] // (1 + K)
 
     def step() -> float:
         with _mode_context(mode):
-            loss, _, _ = sdpo_loss_sum(model, batch, ops, BETA, K, head="linear", **cache)
+            loss, _, _ = sdpo_loss_sum(model, batch, ops, BETA, K, head="linear", **refs)
             loss = loss / groups
         loss.backward()
         opt.step()
@@ -224,18 +229,7 @@ def build_top(model_dir: str, mode: str, batches: dict, K: int, lora: dict, drop
                                                    for i, (r, n) in enumerate(zip(rows, negatives))])
     else:
         batch, refs = batches["packed"], {}
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    groups = len(rows)
-
-    def step() -> float:
-        with _mode_context(mode):
-            loss, _, _ = sdpo_loss_sum(model, batch, ops, BETA, K, head="linear", **refs)
-            loss = loss / groups
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
+    step = _our_step(model, mode, batch, K, refs)
     step.extra = extra
     return step
 
