@@ -197,30 +197,41 @@ def test_cache_errors(rows):
 # ------------------------------------------------------------------------------ a real checkpoint
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_smollm2_cached_equals_uncached(smollm2_dir, dtype):
-    """SmolLM2-135M (30 layers), LoRA on the top 4, MovieLens rows: S-DPO at K = 3 and 19 and
-    the ranking of all 20 candidates."""
+def test_smollm2_cached_equals_uncached(smollm2_dir):
+    """SmolLM2-135M (30 layers), LoRA on the top 4, MovieLens rows: S-DPO at K = 3 and 19 and the
+    ranking of all 20 candidates. float32: the cache equals the whole model to 1e-5. bfloat16:
+    both paths round differently, and the S-DPO loss and gradients, built from small differences
+    of log-probs, carry that rounding far (here about 10% of the loss, 100% of the gradients,
+    against float32); so the cached bfloat16 result must be no farther from the float32 truth
+    than twice the uncached bfloat16 one."""
     from minisdpo.checkpoint import from_pretrained
     from minisdpo.tokenizer import Tokenizer
     tok = Tokenizer.from_dir(str(smollm2_dir))
     rows = D.load_dataset("movielens")["train"][:3]
-    model = from_pretrained(str(smollm2_dir), dtype=dtype)
-    apply_lora(model, r=8, alpha=32.0, layers=top_layers(30, 4))
-    mark_only_lora_as_trainable(model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.01)
-    model.eval()
-    cache = PrefixCache.build(model, tok, rows, "movies", 512, 26, progress=False)
-    for k in (3, 19):
-        negs = random_negatives(rows, k, seed=k)
-        cached = cache.batch([0, 1, 2], [[r.target, *n] for r, n in zip(rows, negs)])
-        whole = build_batch(tok, rows, negs, 512, domain="movies")
-        got, want = loss_and_grads(model, cached, k), loss_and_grads(model, whole, k)
-        for what, a, b in zip(("loss", "logps", "ref_logps", "LoRA gradients"), got, want):
-            assert rel_err(a, b) <= TOL[dtype], f"K={k} {what}: relative error {rel_err(a, b):.2e}"
-    got = ranking_scores(model, tok, rows, "movies", progress=False, prefix=cache)
-    want = ranking_scores(model, tok, rows, "movies", progress=False)
-    assert rel_err(got, want) <= TOL[dtype]
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = from_pretrained(str(smollm2_dir), dtype=dtype)
+        apply_lora(model, r=8, alpha=32.0, layers=top_layers(30, 4))
+        mark_only_lora_as_trainable(model)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.01)
+        model.eval()
+        cache = PrefixCache.build(model, tok, rows, "movies", 512, 26, progress=False)
+        for k in (3, 19):
+            negs = random_negatives(rows, k, seed=k)
+            cached = cache.batch([0, 1, 2], [[r.target, *n] for r, n in zip(rows, negs)])
+            whole = build_batch(tok, rows, negs, 512, domain="movies")
+            results[dtype, k] = loss_and_grads(model, cached, k), loss_and_grads(model, whole, k)
+        results[dtype, "rank"] = (
+            (ranking_scores(model, tok, rows, "movies", progress=False, prefix=cache),),
+            (ranking_scores(model, tok, rows, "movies", progress=False),))
+    names = ("loss", "logps", "ref_logps", "LoRA gradients")
+    for key in (3, 19, "rank"):
+        (c32, w32), (c16, w16) = results[torch.float32, key], results[torch.bfloat16, key]
+        for what, a, b, a16, b16 in zip(names, c32, w32, c16, w16):
+            assert rel_err(a, b) <= TOL[torch.float32], f"{key} {what}: float32 relative error {rel_err(a, b):.2e}"
+            far, usual = rel_err(a16, b), rel_err(b16, b)
+            assert far <= 2 * usual + 1e-3, f"{key} {what}: bfloat16 cached {far:.2e} vs uncached {usual:.2e}"
