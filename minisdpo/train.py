@@ -4,8 +4,10 @@ The pipeline of "On Softmax Direct Preference Optimization for Recommendation" (
 NeurIPS 2024, arXiv 2406.09215), section 4 and its public scripts:
 
 1. ``sft``: supervised fine-tuning on the prompt -> title task (loss on the response only).
-   With ``--model DIR`` (a Hugging Face Llama) a LoRA adapter is trained and merged; by default
-   a small Llama is trained from scratch, with a SentencePiece tokenizer trained on the data.
+   On a pretrained model (by default SmolLM2-135M-Instruct, or ``--model DIR|FILE.gguf``) a
+   LoRA adapter is trained and merged, on every layer or on the top ``--lora-layers N`` from
+   the frozen-prefix cache (``minisdpo.prefix``); ``--model scratch`` trains a small Llama from
+   scratch instead, with a SentencePiece tokenizer trained on the data.
    The result is written as a Hugging Face directory, ``OUT/sft/model``.
 2. ``sdpo``: S-DPO from the SFT model. ``--sdpo-init fresh`` (default): a fresh LoRA adapter on
    the merged SFT model (loaded back through ``minisdpo.checkpoint``), whose disabled state is
