@@ -66,7 +66,7 @@ SASREC_EPOCHS = 5
 # Flags whose default depends on the model: a pretrained LLM learns the task's format from a
 # few hundred rows with a LoRA adapter, and each of its steps costs some 200x the small model's;
 # the small model trains all its weights from scratch on many rows. Chosen for a run of at most
-# 12 minutes on 2 CPU cores for the pretrained model (measured: 11 min 14 s; docs/results.md).
+# 12 minutes on 2 CPU cores for the pretrained model (its measured times: docs/results.md).
 MODEL_DEFAULTS = {
     "pretrained": {"limit_train": 512, "limit_val": 32, "limit_test": 200, "sft_lr": 5e-4, "sft_epochs": 0.5,
                    "sdpo_lr": 2e-4, "sdpo_epochs": 0.25},
