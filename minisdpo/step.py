@@ -21,7 +21,7 @@ and two LM heads (``head=``):
   (csrc/linear.cpp): no (S, R, V) logits, in the policy's pass or the reference's.
 
 All combinations give the same log-probs (tests/test_packing.py, tests/test_step.py); ``"none"``
-with ``"logits"`` and ``minisdpo.loss`` is the oracle. The S-DPO reference (Chen et al.,
+with ``"logits"`` and ``minisdpo.loss`` (the PyTorch twin) is the tests' oracle. The S-DPO reference (Chen et al.,
 NeurIPS 2024, eq. 11) is the same model inside ``minisdpo.lora.reference``: its LoRA adapter
 disabled, or, when the stage trains the SFT adapter itself (``--sdpo-init sft-adapter``), the
 frozen copy of that adapter in place of the trained one; run without gradients on the same

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minisdpo import loss as reference
+from minisdpo import loss as torch_loss
 from minisdpo import ops
 from minisdpo.lora import apply_lora, mark_only_lora_as_trainable
 from minisdpo.batches import build_batch
@@ -35,7 +35,7 @@ def test_sdpo_steps_raise_reward_accuracy_and_margin(head):
     def evaluate():
         with torch.no_grad():
             loss, logps, ref_logps = sdpo_loss_sum(model, batch, ops, beta, K, head=head)
-        return loss.item(), reference.metrics(logps, ref_logps, beta, K)
+        return loss.item(), torch_loss.metrics(logps, ref_logps, beta, K)
 
     loss0, before = evaluate()
     # lora_B starts at zero: the policy is the reference, every implicit reward is 0 up to the

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minisdpo import loss as reference
+from minisdpo import loss as torch_loss
 from minisdpo import ops
 from minisdpo.batches import build_batch
 from minisdpo.lora import apply_lora
@@ -63,7 +63,7 @@ def test_sdpo_step_matches_oracle(model, k):
     rows = random_rows(3, seed=10 + k)
     negs = random_negatives(rows, k, seed=k)
     oracle = sdpo_run(model, build_batch(TOK, rows, negs, 512, domain="music", packing="none"),
-                      reference, k, "logits")
+                      torch_loss, k, "logits")
     for packing, head in COMBOS:
         batch = build_batch(TOK, rows, negs, 512, domain="music", packing=packing)
         got = sdpo_run(model, batch, ops, k, head)
@@ -76,7 +76,7 @@ def test_sdpo_step_matches_oracle(model, k):
 def test_sft_step_matches_oracle(model):
     rows = random_rows(4, seed=20)
     want_loss = sft_loss_sum(model, build_batch(TOK, rows, None, 512, domain="movies", packing="none"),
-                             reference, head="logits")
+                             torch_loss, head="logits")
     want_loss.backward()
     want = grads(model)
     for packing, head in COMBOS:
@@ -93,9 +93,9 @@ def test_default_head(model):
     plain = build_batch(TOK, rows, None, 512, domain="music", packing="none")
     assert resolve_head(None, packed, ops, model) == "linear"
     assert resolve_head(None, plain, ops, model) == "logits"
-    assert resolve_head(None, packed, reference, model) == "logits"
+    assert resolve_head(None, packed, torch_loss, model) == "logits"
     with pytest.raises(ValueError, match="head"):
-        resolve_head("linear", packed, reference, model)
+        resolve_head("linear", packed, torch_loss, model)
     with pytest.raises(ValueError, match="head"):
         resolve_head("full", packed, ops, model)
     lora_head = apply_lora(tiny_llama(), r=2, target_modules=["lm_head"])
