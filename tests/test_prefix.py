@@ -202,8 +202,9 @@ def test_smollm2_cached_equals_uncached(smollm2_dir):
     ranking of all 20 candidates. float32: the cache equals the whole model to 1e-5. bfloat16:
     both paths round differently, and the S-DPO loss and gradients, built from small differences
     of log-probs, carry that rounding far (here about 10% of the loss, 100% of the gradients,
-    against float32); so the cached bfloat16 result must be no farther from the float32 truth
-    than twice the uncached bfloat16 one."""
+    against float32): there the cached bfloat16 log-probs must equal the uncached ones to
+    bfloat16's tolerance, and the loss and gradients must be about as far from the float32
+    truth as the uncached bfloat16 ones (at most 4x + 0.02; a wrong boundary is off by 100%)."""
     from minisdpo.checkpoint import from_pretrained
     from minisdpo.tokenizer import Tokenizer
     tok = Tokenizer.from_dir(str(smollm2_dir))
@@ -233,5 +234,8 @@ def test_smollm2_cached_equals_uncached(smollm2_dir):
         (c32, w32), (c16, w16) = results[torch.float32, key], results[torch.bfloat16, key]
         for what, a, b, a16, b16 in zip(names, c32, w32, c16, w16):
             assert rel_err(a, b) <= TOL[torch.float32], f"{key} {what}: float32 relative error {rel_err(a, b):.2e}"
-            far, usual = rel_err(a16, b), rel_err(b16, b)
-            assert far <= 2 * usual + 1e-3, f"{key} {what}: bfloat16 cached {far:.2e} vs uncached {usual:.2e}"
+            if what in ("logps", "ref_logps") or key == "rank":   # what the cache itself changes
+                assert rel_err(a16, b16) <= TOL[torch.bfloat16], f"{key} {what}: {rel_err(a16, b16):.2e}"
+            else:   # built from small differences of those: rounding dominates either path
+                far, usual = rel_err(a16, b), rel_err(b16, b)
+                assert far <= 4 * usual + 0.02, f"{key} {what}: bfloat16 cached {far:.2e} vs uncached {usual:.2e}"

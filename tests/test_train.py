@@ -433,7 +433,7 @@ def test_recipe_paper_runs_end_to_end_with_the_official_values(data_dir, tmp_pat
         assert [r["step"] for r in records if r["stage"] == stage and "loss" in r] == list(range(1, steps + 1))
         assert [r["step"] for r in records if r["stage"] == stage and "val_loss" in r] == list(range(1, steps + 1))
         assert all(r["lr"] <= 1e-5 for r in records if r["stage"] == stage and "lr" in r)
-    assert summary["test_rows"] == 8 and set(summary["models"]) == {"sft", "sdpo"}
+    assert summary["test_rows"] == 8 and set(summary["models"]) == {"pop", "sasrec", "sft", "sdpo"}
 
 
 def test_recipe_grad_accum_follows_the_processes_and_explicit_flags_win(tmp_path, monkeypatch):
