@@ -394,6 +394,8 @@ def main(argv: list[str] | None = None) -> dict:
         names = parse_baselines(args.baselines)
     except ValueError as e:
         raise _fail(f"--baselines: {e}") from None
+    if not names:
+        raise _fail(f"--baselines none leaves nothing to run; name {', '.join(BASELINES)} or both")
     for name in ("limit_val", "limit_test"):
         if getattr(args, name) < 0:
             raise _fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")

@@ -256,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sasrec-epochs", type=int, default=SASREC_EPOCHS,
       help="SASRec trains for at most N epochs and keeps the best by validation HR@1")
     a("--zero-shot", action="store_true", help="also evaluate the pretrained model before SFT (the paper's "
-                                               "untuned-LLM row); not with --model scratch")
+                                               "untuned-LLM row); not with --model scratch. '--stage eval "
+                                               "--zero-shot' before any training evaluates it (and the "
+                                               "baselines) alone")
     # system
     a("--seed", type=int, default=0, help="random seed (data split, model init, negatives, dropout)")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -703,25 +705,33 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
     rows = splits[args.eval_split]
     progress = not args.no_progress
     results, hits = {}, {}
-    baselines, baseline_hits = eval_baselines(args, rows, env)
-    results |= {name: info.pop("metrics") for name, info in baselines.items()}
-    sft_model = load_sft_model(out, env)
-    # The ranking runs on the preference adapters' top layers from a frozen-prefix cache of the
-    # rows (with --lora-layers N), the same for the SFT model and every adapter.
-    layer = lora_boundary(sft_model.args, args.lora_layers, "--lora-layers")
     data = StageData(tok, domain, splits["train"], splits["val"])
-    prefix = (prefix_cache(sft_model, rows, args.eval_split, layer, args, data, env, out, {})
-              if layer and not args.no_ranking else None)
+    prefix: PrefixCache | None = None
+
+    def ranking_prefix(model: Llama, name: str) -> PrefixCache | None:
+        """With --lora-layers N the ranking runs the adapters' top layers from one frozen-prefix
+        cache of the rows, for every model whose layers below are the ones that built it: the
+        SFT model and its adapters always, the pretrained model where SFT left them alone."""
+        nonlocal prefix
+        layer = lora_boundary(model.args, args.lora_layers, "--lora-layers")
+        if not layer or args.no_ranking or (name == "zero-shot" and layer > sft_boundary(args, model.args)):
+            return None
+        if prefix is None:
+            prefix = prefix_cache(model, rows, args.eval_split, layer, args, data, env, out, {})
+        return prefix
+
+    sft_model = None
     for name in ("zero-shot",) * args.zero_shot + ("sft", "sdpo", "dpo"):
         if name == "zero-shot":  # the pretrained model before SFT, in the run's dtype
             model = from_pretrained(resolve_model(args, env), dtype=env.dtype, device=env.device)
+        elif name == "sft":
+            if args.zero_shot and not sft_model_dir(out).exists():
+                break  # --stage eval --zero-shot before any training: the pretrained model only
+            model = sft_model = load_sft_model(out, env)
         else:
-            path = adapter_dir(out, name) if name != "sft" else sft_model_dir(out)
-            if not path.exists():
+            if not adapter_dir(out, name).exists():
                 continue
-            model = sft_model if name == "sft" else load_preference_model(out, name, env, sft_model)
-        # The cache serves the pretrained model only where SFT left the layers below it alone.
-        model_prefix = prefix if name != "zero-shot" or layer <= sft_boundary(args, sft_model.args) else None
+            model = load_preference_model(out, name, env, sft_model)
         log(env, f"[eval] {name}: generation on {len(rows)} {args.eval_split} rows")
         gen = evaluate_generation(model, tok, rows, domain, batch_size=args.eval_batch_size,
                                   max_len=args.max_len, progress=progress)
@@ -730,9 +740,13 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
         if not args.no_ranking:
             res |= {k: v for k, v in evaluate_ranking(model, tok, rows, domain, batch_size=args.rank_batch_size,
                                                        max_len=args.max_len, progress=progress,
-                                                       prefix=model_prefix).items() if k != "n"}
+                                                       prefix=ranking_prefix(model, name)).items() if k != "n"}
         results[name] = res
         atomic_write_json({"answers": gen["answers"]}, out / f"answers_{name}.json")
+    # The baselines, first in the table as in the paper's (after the models, so that a missing
+    # SFT model stops the stage before they are trained).
+    baselines, baseline_hits = eval_baselines(args, rows, env)
+    results = {name: info.pop("metrics") for name, info in baselines.items()} | results
     # HR@1 of each other language model against SFT's on the same rows, with its noise.
     paired = {f"{name}_vs_sft": mcnemar(hits["sft"], hits[name]) for name in hits if name != "sft" and "sft" in hits}
     # Each language model against each baseline (a baseline's hit: the target ranked first).
@@ -762,28 +776,26 @@ def eval_baselines(args: argparse.Namespace, rows: list[D.Row], env: Env) -> tup
     chooses its epochs (at most ``--sasrec-epochs``) on the whole validation split, and runs on
     one thread whatever ``--threads`` says (its tensors are small; see ``minisdpo.baselines``).
 
-    Returns ({name: {"metrics": a row of the table, "seconds", ...}}, {name: hits}): a row of
-    the table has the ranking hit as "hr@1", "valid_ratio" 1.0 (a ranking always names a
-    candidate) and the ranking metrics under the language models' keys.
+    Returns ({name: {"metrics": a row of the table, "seconds" (training and scoring), ...}},
+    {name: hits}): a row of the table has the ranking hit as "hr@1", "valid_ratio" 1.0 (a
+    ranking always names a candidate) and the ranking metrics under the language models' keys.
     """
     names = parse_baselines(args.baselines)
     if not names:
         return {}, {}
-    start = time.time()
     full = D.load_dataset(args.data, args.data_dir, seed=args.seed)  # load_rows read it already
     log(env, f"[eval] baselines {', '.join(names)}: trained on {len(full['train'])} train rows, "
              f"evaluated on {len(rows)} {args.eval_split} rows")
     res = run_baselines(names, full["train"], full["val"], {"eval": rows}, seed=args.seed,
                         progress=not args.no_progress, log=lambda msg: log(env, msg),
                         max_epochs=args.sasrec_epochs)
-    load_s = (time.time() - start) - sum(res["seconds"].values())
     info, hits = {}, {}
     for name in names:
         m = res["eval"][name]
         hits[name] = m["hits"]
         info[name] = {"metrics": {"hr@1": m["hr@1"], "valid_ratio": 1.0, "rank_hr@1": m["hr@1"],
                                   "rank_hr@5": m["hr@5"], "rank_ndcg@5": m["ndcg@5"]},
-                      "seconds": res["seconds"][name] + load_s / len(names), "train_rows": len(full["train"])}
+                      "seconds": res["seconds"][name], "train_rows": len(full["train"])}
         if name == "sasrec":
             info[name] |= {k: res["info"][name][k] for k in ("epoch", "epochs_trained", "val_hr@1_curve")}
     return info, hits

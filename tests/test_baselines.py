@@ -57,9 +57,12 @@ def test_popularity_counts_targets_then_histories_then_a_seeded_order():
     assert hits == [False, False, True]
     order = sorted(["x", "y", "z"], key=pop.key, reverse=True)
     assert order == ["y", "z", "x"]
+
     # b and d tie on both counts: the seeded order decides, the same for any rows scored, and
     # another seed may decide the other way.
-    first = lambda p: "b" if p.key("b") > p.key("d") else "d"   # noqa: E731
+    def first(p: B.Popularity) -> str:
+        return "b" if p.key("b") > p.key("d") else "d"
+
     rows_bd = [row("h", "b d", "b"), row("h", "d b q", "d")]
     for r in rows_bd:
         s = pop.scores([r])[0].tolist()
@@ -194,6 +197,7 @@ def test_command_line_scores_the_rows_train_evaluates(data_dir):
 
 @pytest.mark.parametrize("case, message", [
     ("unknown baseline", "error: --baselines: unknown baseline 'knn'"),
+    ("no baseline", "error: --baselines none leaves nothing to run"),
     ("empty training split", "the train split is empty"),
     ("no validation rows", "the val split is empty"),
     ("missing directory", "nowhere"),
@@ -205,6 +209,7 @@ def test_command_line_errors_are_one_line(data_dir, tmp_path, case, message):
     for split in ("train", "val", "test"):
         (bad / f"toy-{split}.json").write_text(json.dumps([] if split == empty else toy_rows(20, 0, TITLES)))
     argv = {"unknown baseline": ["--data-dir", str(data_dir), "--baselines", "pop,knn"],
+            "no baseline": ["--data-dir", str(data_dir), "--baselines", "none"],
             "empty training split": ["--data-dir", str(bad)],
             "no validation rows": ["--data-dir", str(bad)],
             "missing directory": ["--data-dir", str(tmp_path / "nowhere")]}[case]

@@ -147,6 +147,10 @@ def _user_checkpoint(data_dir: Path, base: Path, n_layers: int = 2) -> Path:
 
 def test_user_checkpoint_with_lora_sft(data_dir, tmp_path):
     base = _user_checkpoint(data_dir, tmp_path / "base")
+    # Before any training, --stage eval --zero-shot evaluates the pretrained model (and the baselines).
+    alone = train.main(_flags(data_dir, tmp_path / "untrained", "--model", str(base), "--stage", "eval",
+                              "--zero-shot", "--no-ranking", "--baselines", "pop"))
+    assert list(alone["models"]) == ["pop", "zero-shot"] and set(alone["paired_hr@1"]) == {"zero-shot_vs_pop"}
     out = tmp_path / "run"
     summary = train.main(_flags(data_dir, out, "--model", str(base), "--max-steps", "2", "--no-ranking",
                                 "--zero-shot", "--baselines", "none"))
@@ -239,6 +243,11 @@ def test_two_processes_match_one_with_the_same_global_batch(data_dir, tmp_path):
 def test_bad_flags_name_the_flag(data_dir, tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
         train.main(_flags(data_dir, tmp_path / "run", *flags))
+
+
+def test_eval_without_an_sft_model_is_refused(data_dir, tmp_path):
+    with pytest.raises(SystemExit, match="no SFT model"):
+        train.main(_flags(data_dir, tmp_path / "run", "--stage", "eval", "--no-plots"))
 
 
 def test_existing_run_needs_resume_or_overwrite(data_dir, tmp_path):
