@@ -33,7 +33,7 @@ linear head). "Reference" here always means the frozen reference model, never th
 """
 from __future__ import annotations
 
-from typing import Any, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
 from torch import nn
@@ -41,9 +41,10 @@ from torch import nn
 from minisdpo.batches import PackedBatch, PlainBatch
 from minisdpo.loss import LinearLossBackend, LossBackend
 from minisdpo.lora import reference
+from minisdpo.prefix import PrefixCache
 
 __all__ = ["HEADS", "RefCache", "resolve_head", "response_hidden", "final_hidden", "response_logits",
-           "sft_loss_sum", "reference_logps", "sdpo_loss_sum"]
+           "sft_loss_sum", "reference_logps", "fill_reference", "sdpo_loss_sum"]
 
 HEADS = ("linear", "logits")
 
@@ -199,6 +200,20 @@ def reference_logps(model: Any, batch: PlainBatch | PackedBatch, backend: LossBa
     head = resolve_head(head, batch, backend, model)
     with reference(model):
         return _token_logps(model, batch, backend, head).sum(-1)                 # (S,)
+
+
+def fill_reference(model: Any, prefix: PrefixCache, ids: Sequence[int], ref_cache: RefCache, backend: LossBackend,
+                   *, key: Callable[[int], Hashable] = lambda i: i, batch_size: int = 8,
+                   device: torch.device | str = "cpu") -> None:
+    """Put the reference log-probs of every candidate of the prefix cache's rows ``ids`` (keyed
+    ``key(i)`` in ``ref_cache``) that it does not hold yet: one pass of the top layers a row,
+    after which any negatives of the row are a lookup."""
+    need = [i for i in ids if RefCache.key(key(i), prefix.rows[i].candidates) not in ref_cache]
+    for start in range(0, len(need), batch_size):
+        part = need[start:start + batch_size]
+        batch = prefix.batch(part, [prefix.rows[i].candidates for i in part]).to(device)
+        ref_cache.put([RefCache.key(key(i), prefix.rows[i].candidates) for i in part],
+                      reference_logps(model, batch, backend))
 
 
 def _check_ref_keys(ref_cache: RefCache | None, ref_keys: Sequence[Hashable] | None,

@@ -49,7 +49,7 @@ from minisdpo.baselines import BASELINES, parse_baselines, run_baselines
 from minisdpo.checkpoint import from_pretrained, load_config, save_pretrained
 from minisdpo.evaluate import evaluate_generation, evaluate_ranking, mcnemar
 from minisdpo.lora import (DEFAULT_TARGETS, apply_lora, freeze_reference, load_adapter, mark_only_lora_as_trainable,
-                           merge_and_unload, save_adapter, top_layers)
+                           merge_and_unload, save_adapter)
 from minisdpo.model import Llama, ModelArgs
 from minisdpo.plots import plot_results, write_plots
 from minisdpo.prefix import PrefixCache
@@ -516,19 +516,19 @@ def scratch_model(args: argparse.Namespace, tok: Tokenizer) -> Llama:
     return model
 
 
-def lora_boundary(model_args: ModelArgs, n: str | int, flag: str) -> int:
-    """The first layer with LoRA for ``--lora-layers``-style ``n`` (0 for 'all')."""
+def lora_boundary(n_layers: int, n: str | int, flag: str) -> int:
+    """The first of ``n_layers`` layers with LoRA for ``--lora-layers``-style ``n`` (0 for 'all')."""
     if n == "all":
         return 0
-    if n > model_args.n_layers:
-        raise SystemExit(f"error: {flag} {n} exceeds the model's {model_args.n_layers} layers")
-    return model_args.n_layers - n
+    if n > n_layers:
+        raise SystemExit(f"error: {flag} {n} exceeds the model's {n_layers} layers")
+    return n_layers - n
 
 
 def add_lora(model: Llama, args: argparse.Namespace, seed: int, n: str | int, flag: str) -> Llama:
     """A LoRA adapter on the model's top ``n`` layers (every layer for 'all')."""
-    lora_boundary(model.args, n, flag)
-    layers = None if n == "all" else top_layers(model.args.n_layers, n)
+    first = lora_boundary(model.args.n_layers, n, flag)
+    layers = None if n == "all" else list(range(first, model.args.n_layers))
     torch.manual_seed(seed)
     apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                target_modules=[t.strip() for t in args.lora_targets.split(",") if t.strip()], layers=layers)
@@ -540,7 +540,7 @@ def sft_boundary(args: argparse.Namespace, model_args: ModelArgs) -> int:
     """The lowest layer the SFT stage changes: the layers below it are the base model's."""
     if args.model == "scratch":
         return 0
-    return lora_boundary(model_args, args.sft_lora_layers, "--sft-lora-layers")
+    return lora_boundary(model_args.n_layers, args.sft_lora_layers, "--sft-lora-layers")
 
 
 def prefix_cache(model: Llama, rows: list[D.Row], split: str, layer: int, args: argparse.Namespace,
@@ -574,7 +574,7 @@ def prefix_cache(model: Llama, rows: list[D.Row], split: str, layer: int, args: 
 def stage_data(model: Llama, data: StageData, n: str | int, flag: str, args: argparse.Namespace, env: Env,
                out: Path, stats: dict) -> StageData:
     """``data`` with the frozen-prefix caches of its splits when LoRA is on the top ``n`` layers."""
-    layer = lora_boundary(model.args, n, flag)
+    layer = lora_boundary(model.args.n_layers, n, flag)
     stats |= {"lora_layers": n, "cache_mb": 0.0, "cache_build_s": 0.0}
     if not layer:
         return data
@@ -713,7 +713,7 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
         cache of the rows, for every model whose layers below are the ones that built it: the
         SFT model and its adapters always, the pretrained model where SFT left them alone."""
         nonlocal prefix
-        layer = lora_boundary(model.args, args.lora_layers, "--lora-layers")
+        layer = lora_boundary(model.args.n_layers, args.lora_layers, "--lora-layers")
         if not layer or args.no_ranking or (name == "zero-shot" and layer > sft_boundary(args, model.args)):
             return None
         if prefix is None:
@@ -833,10 +833,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     model_dir = resolve_model(args, env)
     tok = load_model_tokenizer(args, model_dir) if model_dir else None
     n_layers = load_config(model_dir).n_layers if model_dir else args.layers
-    for flag in ("--lora-layers", "--sft-lora-layers"):
-        n = getattr(args, flag[2:].replace("-", "_"))
-        if n != "all" and n > n_layers:
-            raise SystemExit(f"error: {flag} {n} exceeds the model's {n_layers} layers")
+    lora_boundary(n_layers, args.lora_layers, "--lora-layers")
+    lora_boundary(n_layers, args.sft_lora_layers, "--sft-lora-layers")
     out = prepare_out(args, env)
     log(env, f"data {args.data}: {len(splits['train'])} train / {len(splits['val'])} val / "
              f"{len(splits['test'])} test rows, domain {domain}; out {out}")

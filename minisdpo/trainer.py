@@ -46,7 +46,7 @@ from minisdpo.loss import metrics as preference_metrics, start_loss
 from minisdpo.run import append_jsonl, atomic_save, truncate_metrics
 from minisdpo.batches import build_batch, group_responses
 from minisdpo.prefix import PrefixCache
-from minisdpo.step import RefCache, reference_logps, sdpo_loss_sum, sft_loss_sum
+from minisdpo.step import RefCache, fill_reference, sdpo_loss_sum, sft_loss_sum
 
 __all__ = ["Env", "TrainConfig", "StageSpec", "StageData", "barrier", "log", "lr_lambda", "eval_interval",
            "sft_terms", "micro_loss", "validation_loss", "train_stage"]
@@ -153,18 +153,6 @@ def _batch(cfg: TrainConfig, data: StageData, prefix: PrefixCache | None, rows: 
     return build_batch(data.tok, part, negatives, cfg.max_len, domain=data.domain, packing=cfg.packing).to(device)
 
 
-def _fill_reference(model: torch.nn.Module, prefix: PrefixCache, ids: Sequence[int], key, ref_cache: RefCache,
-                    cfg: TrainConfig, env: Env, backend) -> None:
-    """Put the reference log-probs of every candidate of rows ``ids`` not yet in ``ref_cache``
-    (rows keyed by ``key(i)``): one pass of the top layers per row, for any negatives later."""
-    need = [i for i in ids if RefCache.key(key(i), prefix.rows[i].candidates) not in ref_cache]
-    for start in range(0, len(need), cfg.batch_size):
-        part = need[start:start + cfg.batch_size]
-        batch = prefix.batch(part, [prefix.rows[i].candidates for i in part]).to(env.device)
-        ref_cache.put([RefCache.key(key(i), prefix.rows[i].candidates) for i in part],
-                      reference_logps(model, batch, backend))
-
-
 def micro_loss(model: torch.nn.Module, batch, spec: StageSpec, cfg: TrainConfig, backend,
                ref_cache: RefCache | None = None, ref_keys=None) -> tuple[torch.Tensor, dict]:
     """(sum of the loss terms, stats) of one micro-batch; the caller divides by the terms of the
@@ -190,7 +178,8 @@ def validation_loss(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, d
         part = [rows[i] for i in ids]
         negs = [negatives[i] for i in ids] if negatives else None
         if negs and data.val_prefix is not None:
-            _fill_reference(model, data.val_prefix, ids, lambda i: ("val", i), ref_cache, cfg, env, backend)
+            fill_reference(model, data.val_prefix, ids, ref_cache, backend, key=lambda i: ("val", i),
+                           batch_size=cfg.batch_size, device=env.device)
         batch = _batch(cfg, data, data.val_prefix, rows, ids, negs, env.device)
         keys = [RefCache.key(("val", i), [rows[i].target, *negatives[i]]) for i in ids] if negs else None
         value, _ = micro_loss(model, batch, spec, cfg, backend, ref_cache, keys)
@@ -304,7 +293,7 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data:
         for m in range(0, len(mine), cfg.batch_size):
             part = mine[m:m + cfg.batch_size]
             if ref_cache is not None and prefix is not None:
-                _fill_reference(model, prefix, part, lambda i: i, ref_cache, cfg, env, backend)
+                fill_reference(model, prefix, part, ref_cache, backend, batch_size=cfg.batch_size, device=env.device)
             batch = _batch(cfg, data, prefix, rows, part, [negatives[i] for i in part] if negatives else None,
                            env.device)
             keys = ([RefCache.key(i, [rows[i].target, *negatives[i]]) for i in part] if ref_cache is not None

@@ -43,7 +43,7 @@ splits, domain, _ = train.load_rows(args)
 rows = splits["val"]
 tok = Tokenizer.from_dir(str(sft_model_dir(run)))
 model = from_pretrained(str(sft_model_dir(run)), dtype=default_dtype(args.dtype, torch.device("cpu"), args.model))
-layer = train.lora_boundary(model.args, args.lora_layers, "--lora-layers")
+layer = train.lora_boundary(model.args.n_layers, args.lora_layers, "--lora-layers")
 # The run's own cache of these rows when it has one (the same rows: read back), else built there.
 data = StageData(tok, domain, splits["train"], rows)
 prefix = train.prefix_cache(model, rows, "val", layer, args, data, Env(), run, {}) if layer else None

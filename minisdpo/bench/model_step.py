@@ -44,7 +44,7 @@ from minisdpo.lora import (DEFAULT_TARGETS, apply_lora, load_lora_state_dict, lo
                            mark_only_lora_as_trainable, top_layers)
 from minisdpo.model import Llama
 from minisdpo.prefix import PrefixCache
-from minisdpo.step import RefCache, reference_logps, sdpo_loss_sum
+from minisdpo.step import RefCache, fill_reference, sdpo_loss_sum
 from minisdpo.tokenizer import Tokenizer
 
 MODEL_SIDES = ("ours", "hf_peft")
@@ -217,10 +217,7 @@ def build_top(model_dir: str, mode: str, batches: dict, K: int, lora: dict, drop
         cache = PrefixCache.build(model, tok, rows, domain, MAX_LEN, layers[0], batch_size=4, progress=False)
         t1 = time.perf_counter()
         ref_cache = RefCache()
-        for start in range(0, len(rows), 4):
-            ids = list(range(start, min(start + 4, len(rows))))
-            ref_cache.put([RefCache.key(i, rows[i].candidates) for i in ids],
-                          reference_logps(model, cache.batch(ids, [rows[i].candidates for i in ids]), ops))
+        fill_reference(model, cache, range(len(rows)), ref_cache, ops, batch_size=4)
         t2 = time.perf_counter()
         extra = {"build_ms_per_row": (t1 - t0) * 1e3 / len(rows), "ref_ms_per_row": (t2 - t1) * 1e3 / len(rows),
                  "cache_mb": cache.nbytes / 2**20}
