@@ -204,9 +204,8 @@ def _threads(n: int) -> Iterator[None]:
     """``n`` intra-op threads inside the block, the previous number after it.
 
     SASRec's tensors are small (256 rows of 10 items of dim 64): a second thread saves little, and
-    on a busy machine every parallel region waits for a thread that does not get a core. Measured
-    on the project's 2-core VM with other jobs running: a training step of 34 ms on one thread
-    took 1 s on two.
+    on a busy machine every parallel region waits for a thread that does not get a core
+    (docs/results.md, "Baselines", measures both).
     """
     before = torch.get_num_threads()
     torch.set_num_threads(n)

