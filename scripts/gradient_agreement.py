@@ -30,7 +30,7 @@ from minisdpo.batches import build_batch
 from minisdpo.checkpoint import from_pretrained
 from minisdpo.lora import apply_lora, mark_only_lora_as_trainable
 from minisdpo.run import default_dtype, sft_model_dir
-from minisdpo.step import sdpo_loss_sum
+from minisdpo.step import StageLoss
 from minisdpo.tokenizer import Tokenizer
 
 
@@ -69,14 +69,15 @@ def main() -> None:
                target_modules=[t for t in cfg["lora_targets"].split(",") if t])
     mark_only_lora_as_trainable(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    objective = StageLoss(model, ops, packing=cfg["packing"], negatives=k, beta=cfg["beta"])
 
     def gradient(rows: list[D.Row], seed: int) -> torch.Tensor:
         negatives = D.epoch_negatives(rows, k, seed, 0, fixed=True)
         for s in range(0, len(rows), args.batch_size):
             batch = build_batch(tok, rows[s:s + args.batch_size], negatives[s:s + args.batch_size],
                                 cfg["max_len"], domain=domain, packing=cfg["packing"])
-            loss, _, _ = sdpo_loss_sum(model, batch, ops, cfg["beta"], k)
-            (loss / len(rows)).backward()
+            loss, _ = objective(batch, len(rows))
+            loss.backward()
         g = torch.cat([p.grad.float().flatten() for p in params])
         for p in params:
             p.grad = None

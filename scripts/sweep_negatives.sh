@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from minisdpo import train
+from minisdpo import config, train
 from minisdpo.checkpoint import from_pretrained
 from minisdpo.evaluate import evaluate_ranking
 from minisdpo.lora import load_adapter
@@ -37,8 +37,8 @@ from minisdpo.tokenizer import Tokenizer
 from minisdpo.trainer import Env, StageData
 
 run, out, val_rows, flags = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
-args = train.build_parser().parse_args(flags + (["--limit-val", str(val_rows)] if val_rows else []))
-train.check_args(args)
+args = config.build_parser().parse_args(flags + (["--limit-val", str(val_rows)] if val_rows else []))
+config.check_args(args)
 splits, domain, _ = train.load_rows(args)
 rows = splits["val"]
 tok = Tokenizer.from_dir(str(sft_model_dir(run)))

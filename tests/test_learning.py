@@ -16,7 +16,7 @@ from minisdpo import loss as torch_loss
 from minisdpo import ops
 from minisdpo.lora import apply_lora, mark_only_lora_as_trainable
 from minisdpo.batches import build_batch
-from minisdpo.step import sdpo_loss_sum
+from minisdpo.step import StageLoss
 
 from conftest import TOK, random_negatives, random_rows, tiny_llama
 
@@ -31,10 +31,12 @@ def test_sdpo_steps_raise_reward_accuracy_and_margin(head):
     rows = random_rows(4, seed=50)
     batch = build_batch(TOK, rows, random_negatives(rows, K, seed=51), 512, domain="music")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    objective = StageLoss(model, ops, negatives=K, beta=beta, head=head)
 
     def evaluate():
         with torch.no_grad():
-            loss, logps, ref_logps = sdpo_loss_sum(model, batch, ops, beta, K, head=head)
+            ref_logps = objective.reference(batch)
+            loss, logps = objective(batch, ref_logps=ref_logps)
         return loss.item(), torch_loss.metrics(logps, ref_logps, beta, K)
 
     loss0, before = evaluate()
@@ -42,7 +44,7 @@ def test_sdpo_steps_raise_reward_accuracy_and_margin(head):
     # rounding of two differently summed float32 log-probs (so the accuracy is a coin toss).
     assert abs(before["rewards/margins"]) < 1e-4
     for _ in range(steps):
-        loss, _, _ = sdpo_loss_sum(model, batch, ops, beta, K, head=head)
+        loss, _ = objective(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

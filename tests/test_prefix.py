@@ -19,8 +19,9 @@ from minisdpo.evaluate import ranking_scores
 from minisdpo.lora import apply_lora, mark_only_lora_as_trainable, top_layers
 from minisdpo.model import Llama, ModelArgs
 from minisdpo.prefix import PrefixCache
-from minisdpo.step import RefCache, sdpo_loss_sum, sft_loss_sum
-from minisdpo.trainer import Env, StageData, StageSpec, TrainConfig, validation_loss
+from minisdpo.step import RefCache, StageLoss
+from minisdpo.config import build_parser
+from minisdpo.trainer import Env, StageData, validation_loss
 
 from conftest import TOK, random_negatives, random_rows
 
@@ -61,10 +62,9 @@ def lora_grads(model: Llama) -> torch.Tensor:
 
 def loss_and_grads(model: Llama, batch, k: int):
     model.zero_grad(set_to_none=True)
-    if k:
-        loss, logps, ref = sdpo_loss_sum(model, batch, ops, 1.0, k)
-    else:
-        loss, logps, ref = sft_loss_sum(model, batch, ops), None, None
+    objective = StageLoss(model, ops, negatives=k)
+    ref = objective.reference(batch) if k else None
+    loss, logps = objective(batch, ref_logps=ref)
     loss.backward()
     return loss.detach(), logps, ref, lora_grads(model)
 
@@ -145,10 +145,10 @@ def test_validation_loss_with_and_without_the_cache(rows, k):
     cache = PrefixCache.build(model, TOK, rows, "music", 512, BOUNDARY, progress=False)
     plain = StageData(TOK, "music", rows, rows)
     cached = dataclasses.replace(plain, train_prefix=cache, val_prefix=cache)
-    spec, cfg = StageSpec("sdpo" if k else "sft", 1e-3, 1.0, negatives=k), TrainConfig(batch_size=4)
+    cfg = build_parser().parse_args(["--batch-size", "4"])
     refs = [RefCache() if k else None for _ in range(2)]
-    want = validation_loss(model, spec, cfg, plain, Env(), ops, refs[0])
-    got = validation_loss(model, spec, cfg, cached, Env(), ops, refs[1])
+    want = validation_loss(StageLoss(model, ops, negatives=k), cfg, plain, Env(), refs[0])
+    got = validation_loss(StageLoss(model, ops, negatives=k), cfg, cached, Env(), refs[1])
     assert math.isfinite(want) and got == pytest.approx(want, rel=1e-5)
     if k:   # every candidate of every row, not only the validation groups' 1 + K
         assert len(refs[1]) == 6 * 20 and len(refs[0]) == 6 * (1 + k)

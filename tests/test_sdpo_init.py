@@ -29,7 +29,7 @@ from minisdpo.batches import build_batch  # noqa: E402
 from minisdpo.checkpoint import from_pretrained  # noqa: E402
 from minisdpo.lora import DEFAULT_TARGETS, apply_lora, has_frozen_reference, save_adapter  # noqa: E402
 from minisdpo.run import adapter_dir  # noqa: E402
-from minisdpo.step import sdpo_loss_sum  # noqa: E402
+from minisdpo.step import StageLoss  # noqa: E402
 from minisdpo.trainer import Env  # noqa: E402
 
 from conftest import TOK, random_negatives, random_rows  # noqa: E402
@@ -66,7 +66,6 @@ def test_sft_adapter_step_matches_transformers_peft(setup, capsys):
     negatives = random_negatives(rows, K, seed=6)
     packed = build_batch(TOK, rows, negatives, 512, domain="music", packing="shared")
     plain = build_batch(TOK, rows, negatives, 512, domain="music", packing="none")
-    groups = len(rows)
 
     # ours: the stage's model as train.py builds it
     args = argparse.Namespace(sdpo_init="sft-adapter", seed=0)
@@ -92,8 +91,9 @@ def test_sft_adapter_step_matches_transformers_peft(setup, capsys):
 
     diffs = []
     for step in range(2):
-        loss_sum, logps, ref_logps = sdpo_loss_sum(ours, packed, ops, BETA, K)
-        ours_loss = loss_sum / groups
+        objective = StageLoss(ours, ops, negatives=K, beta=BETA)
+        ref_logps = objective.reference(packed)
+        ours_loss, logps = objective(packed, ref_logps=ref_logps)
         ours_loss.backward()
         ours_loss = ours_loss.detach()
         with torch.no_grad():

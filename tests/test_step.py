@@ -1,10 +1,11 @@
 """Tests of minisdpo.step: every (layout, LM head) of the S-DPO and SFT micro-batch loss against
 the oracle, the plain layout with materialised logits and the PyTorch twin (minisdpo.loss).
+Each loss is a ``StageLoss``, which fixes the model, backend, layout and head once.
 
 A tiny random float32 Llama with LoRA on every projection, its B matrices non-zero so that the
 policy differs from the reference (adapter disabled); loss, policy and reference log-probs and
 the gradients of every parameter (LM head included) must agree within 1e-5. Also the reference
-cache (RefCache), the choice of head and the batch types step accepts.
+cache (RefCache), the choice of head and the batch types a StageLoss accepts.
 """
 from __future__ import annotations
 
@@ -15,8 +16,7 @@ from minisdpo import loss as torch_loss
 from minisdpo import ops
 from minisdpo.batches import build_batch
 from minisdpo.lora import apply_lora
-from minisdpo.step import (RefCache, final_hidden, resolve_head, response_hidden, response_logits, sdpo_loss_sum,
-                           sft_loss_sum)
+from minisdpo.step import RefCache, StageLoss, final_hidden, response_hidden, response_logits
 
 from conftest import TOK, random_negatives, random_rows, tiny_llama
 
@@ -51,8 +51,10 @@ def assert_grads_close(got, want):
         torch.testing.assert_close(got[name], want[name], **TOL, msg=lambda m: f"{name}: {m}")
 
 
-def sdpo_run(model, batch, ops_module, k, head, **kw):
-    loss, logps, ref_logps = sdpo_loss_sum(model, batch, ops_module, 0.8, k, head=head, **kw)
+def sdpo_run(model, batch, ops_module, k, packing, head):
+    objective = StageLoss(model, ops_module, packing=packing, negatives=k, beta=0.8, head=head)
+    ref_logps = objective.reference(batch)
+    loss, logps = objective(batch, ref_logps=ref_logps)
     mix = torch.linspace(-1, 1, logps.numel())
     (loss + 0.1 * (mix * logps).sum()).backward()   # through both outputs
     return loss.detach(), logps.detach(), ref_logps, grads(model)
@@ -63,10 +65,10 @@ def test_sdpo_step_matches_oracle(model, k):
     rows = random_rows(3, seed=10 + k)
     negs = random_negatives(rows, k, seed=k)
     oracle = sdpo_run(model, build_batch(TOK, rows, negs, 512, domain="music", packing="none"),
-                      torch_loss, k, "logits")
+                      torch_loss, k, "none", "logits")
     for packing, head in COMBOS:
         batch = build_batch(TOK, rows, negs, 512, domain="music", packing=packing)
-        got = sdpo_run(model, batch, ops, k, head)
+        got = sdpo_run(model, batch, ops, k, packing, head)
         for a, b in zip(got[:3], oracle[:3]):
             torch.testing.assert_close(a, b, **TOL)
         assert_grads_close(got[3], oracle[3])
@@ -75,33 +77,37 @@ def test_sdpo_step_matches_oracle(model, k):
 
 def test_sft_step_matches_oracle(model):
     rows = random_rows(4, seed=20)
-    want_loss = sft_loss_sum(model, build_batch(TOK, rows, None, 512, domain="movies", packing="none"),
-                             torch_loss, head="logits")
+    want_loss, _ = StageLoss(model, torch_loss, packing="none", head="logits")(
+        build_batch(TOK, rows, None, 512, domain="movies", packing="none"))
     want_loss.backward()
     want = grads(model)
     for packing, head in COMBOS:
         batch = build_batch(TOK, rows, None, 512, domain="movies", packing=packing)
-        loss = sft_loss_sum(model, batch, ops, head=head)
+        loss, logps = StageLoss(model, ops, packing=packing, head=head)(batch)
+        assert logps is None
         loss.backward()
         torch.testing.assert_close(loss, want_loss, **TOL)
         assert_grads_close(grads(model), want)
 
 
 def test_default_head(model):
-    rows = random_rows(2, seed=30)
-    packed = build_batch(TOK, rows, None, 512, domain="music", packing="shared")
-    plain = build_batch(TOK, rows, None, 512, domain="music", packing="none")
-    assert resolve_head(None, packed, ops, model) == "linear"
-    assert resolve_head(None, plain, ops, model) == "logits"
-    assert resolve_head(None, packed, torch_loss, model) == "logits"
+    def head(backend, packing="shared", m=model, **kw):
+        return StageLoss(m, backend, packing=packing, **kw).head
+    assert head(ops) == "linear"
+    assert head(ops, "none") == "logits"
+    assert head(torch_loss) == "logits"
     with pytest.raises(ValueError, match="head"):
-        resolve_head("linear", packed, torch_loss, model)
+        head(torch_loss, head="linear")
     with pytest.raises(ValueError, match="head"):
-        resolve_head("full", packed, ops, model)
+        head(ops, head="full")
     lora_head = apply_lora(tiny_llama(), r=2, target_modules=["lm_head"])
-    assert resolve_head(None, packed, ops, lora_head) == "logits"
+    assert head(ops, m=lora_head) == "logits"
     with pytest.raises(ValueError, match="lm_head"):
-        resolve_head("linear", packed, ops, lora_head)
+        head(ops, m=lora_head, head="linear")
+    with pytest.raises(ValueError, match="packing"):
+        head(ops, "packed")
+    with pytest.raises(ValueError, match="negatives"):
+        head(ops, negatives=-1)
 
 
 def test_unknown_batch_type_rejected(model):
@@ -110,13 +116,41 @@ def test_unknown_batch_type_rejected(model):
     rows = random_rows(2, seed=35)
     plain = build_batch(TOK, rows, None, 512, domain="music", packing="none")
     as_dict = {"input_ids": plain.input_ids, "attention_mask": plain.attention_mask, "labels": plain.labels}
-    for call in (lambda b: resolve_head(None, b, ops, model), lambda b: resolve_head("logits", b, ops, model),
-                 lambda b: final_hidden(model, b), lambda b: response_logits(model, b),
-                 lambda b: sft_loss_sum(model, b, ops), lambda b: sdpo_loss_sum(model, b, ops, 1.0, 1)):
+    sft, sdpo = StageLoss(model, ops), StageLoss(model, ops, negatives=1)
+    for call in (lambda b: final_hidden(model, b), lambda b: response_logits(model, b), sft, sdpo,
+                 sdpo.reference, sft.token_logps):
         with pytest.raises(TypeError, match="PlainBatch or PackedBatch.*got dict"):
             call(as_dict)
     with pytest.raises(TypeError, match="PackedBatch.*got PlainBatch"):
         response_hidden(model, plain)
+    # A StageLoss is made for one layout: the other is refused, naming both.
+    with pytest.raises(TypeError, match="PackedBatch \\(packing 'shared'\\).*got PlainBatch"):
+        sft(plain)
+    packed = build_batch(TOK, rows, None, 512, domain="music", packing="shared")
+    with pytest.raises(TypeError, match="PlainBatch \\(packing 'none'\\).*got PackedBatch"):
+        StageLoss(model, ops, packing="none")(packed)
+    with pytest.raises(ValueError, match="ref_logps is for S-DPO"):
+        sft(packed, ref_logps=torch.zeros(2))
+
+
+def test_loss_is_divided_by_the_steps_terms(model):
+    """``n_terms``: the micro-batch's loss terms summed and divided by the optimizer step's, so
+    that two halves of a batch, each divided by the whole batch's terms, add up to its mean."""
+    k = 3
+    rows = random_rows(4, seed=36)
+    negs = random_negatives(rows, k, seed=37)
+    sdpo = StageLoss(model, ops, negatives=k)
+    whole, _ = sdpo(build_batch(TOK, rows, negs, 512, domain="music"))
+    halves = [sdpo(build_batch(TOK, rows[i:i + 2], negs[i:i + 2], 512, domain="music"), 4)[0] for i in (0, 2)]
+    torch.testing.assert_close(halves[0] + halves[1], whole, **TOL)
+    # SFT: its terms are response tokens, counted independently of the loss from the labels.
+    sft = StageLoss(model, ops)
+    batches = [build_batch(TOK, rows[i:i + 2], None, 512, domain="music") for i in (0, 2)]
+    tokens = [int((b.labels != -100).sum()) for b in batches]
+    whole, _ = sft(build_batch(TOK, rows, None, 512, domain="music"))
+    parts = [sft(b, sum(tokens))[0] for b in batches]
+    torch.testing.assert_close(parts[0] + parts[1], whole, **TOL)
+    torch.testing.assert_close(sft(batches[0])[0], parts[0] * sum(tokens) / tokens[0], **TOL)
 
 
 def test_ref_cache(model):
@@ -125,38 +159,38 @@ def test_ref_cache(model):
     negs = random_negatives(rows, k, seed=41)
     keys = [RefCache.key(i, [r.target, *n]) for i, (r, n) in enumerate(zip(rows, negs))]
     batch = build_batch(TOK, rows, negs, 512, domain="music")
+    objective = StageLoss(model, ops, negatives=k)
     cache = RefCache()
-    first = sdpo_loss_sum(model, batch, ops, 1.0, k, ref_cache=cache, ref_keys=keys)
+    first = objective.reference(batch, cache, keys)
     assert len(cache) == 16 and cache.misses == 1 and cache.hits == 0      # 4 groups of 1 + K responses
     assert all(key in cache for key in keys)
+    torch.testing.assert_close(first, objective.reference(batch), rtol=0, atol=0)
     # The same batch again: every group cached, a hit, and the same results.
-    second = sdpo_loss_sum(model, batch, ops, 1.0, k, ref_cache=cache, ref_keys=keys)
+    second = objective.reference(batch, cache, keys)
     assert cache.hits == 1
-    for a, b in zip(first, second):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    # A batch of other groups, some of them cached: a miss, computed again as a whole (the
-    # cached groups' values again), and the new groups stored.
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    # A batch in which two groups are cached and two are new: a miss, computed again as a
+    # whole (the cached groups' values again), and the new groups stored.
     new_rows = random_rows(2, seed=42)
     new_negs = random_negatives(new_rows, k, seed=43)
     mixed_keys = keys[2:] + [RefCache.key(4 + i, [r.target, *n]) for i, (r, n) in enumerate(zip(new_rows, new_negs))]
     mixed = build_batch(TOK, rows[2:] + new_rows, negs[2:] + new_negs, 512, domain="music")
-    _, _, ref_mixed = sdpo_loss_sum(model, mixed, ops, 1.0, k, ref_cache=cache, ref_keys=mixed_keys)
+    ref_mixed = objective.reference(mixed, cache, mixed_keys)
     assert cache.misses == 2 and cache.hits == 1 and len(cache) == 6 * (1 + k)
-    torch.testing.assert_close(ref_mixed[:8], first[2][8:], **TOL)
+    torch.testing.assert_close(ref_mixed[:8], first[8:], **TOL)
     # The reference pass is skipped on a hit: planted values come back as they are.
     planted = RefCache()
     fake = torch.arange(16, dtype=torch.float32) - 50.0
     planted.put(keys, fake)
-    _, _, ref_logps = sdpo_loss_sum(model, batch, ops, 1.0, k, ref_cache=planted, ref_keys=keys)
-    torch.testing.assert_close(ref_logps, fake, rtol=0, atol=0)
+    torch.testing.assert_close(objective.reference(batch, planted, keys), fake, rtol=0, atol=0)
     # Groups are looked up by key, in the batch's order.
     sub = build_batch(TOK, rows[2:0:-1], negs[2:0:-1], 512, domain="music")
-    _, _, ref_sub = sdpo_loss_sum(model, sub, ops, 1.0, k, ref_cache=cache, ref_keys=keys[2:0:-1])
-    torch.testing.assert_close(ref_sub, torch.cat([first[2][8:12], first[2][4:8]]), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="ref_keys"):
-        sdpo_loss_sum(model, batch, ops, 1.0, k, ref_cache=cache, ref_keys=keys[:3])
-    with pytest.raises(ValueError, match="ref_keys"):
-        sdpo_loss_sum(model, batch, ops, 1.0, k, ref_cache=cache)
+    ref_sub = objective.reference(sub, cache, keys[2:0:-1])
+    torch.testing.assert_close(ref_sub, torch.cat([first[8:12], first[4:8]]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="keys"):
+        objective.reference(batch, cache, keys[:3])
+    with pytest.raises(ValueError, match="keys"):
+        objective.reference(batch, cache)
     with pytest.raises(ValueError, match="groups"):
         cache.put(keys, torch.zeros(15))
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 from conftest import toy_rows
 
-from minisdpo import train, trainer
+from minisdpo import config, train, trainer
+from minisdpo.step import StageLoss
 from minisdpo.checkpoint import from_pretrained, save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -325,22 +326,22 @@ def test_a_run_that_cannot_start_leaves_nothing(data_dir, tmp_path, capsys, case
 def test_a_diverging_run_stops_and_resumes_from_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     flags = _flags(data_dir, out, "--stage", "sft", "--max-steps", "5", "--ckpt-every", "2", "--no-plots")
-    original = trainer.micro_loss
+    original = StageLoss.__call__
     calls = []
 
     def diverging(*a, **kw):  # step 3's first micro-batch gives NaN (2 micro-batches a step)
-        value, stats = original(*a, **kw)
+        value, logps = original(*a, **kw)
         calls.append(1)
-        return (value * float("nan") if len(calls) == 5 else value), stats
+        return (value * float("nan") if len(calls) == 5 else value), logps
 
-    monkeypatch.setattr(trainer, "micro_loss", diverging)
+    monkeypatch.setattr(StageLoss, "__call__", diverging)
     with pytest.raises(SystemExit, match=r"\[sft\] step 3: .*not finite.*step 2.*--resume"):
         train.main(flags)
     state = torch.load(out / "sft" / "state.pt", weights_only=False)
     assert state["step"] == 2                                         # the last good checkpoint
     assert all(math.isfinite(v.abs().sum()) for v in state["params"].values())
     assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2]  # no record of the bad step
-    monkeypatch.setattr(trainer, "micro_loss", original)
+    monkeypatch.setattr(StageLoss, "__call__", original)
     train.main(flags + ["--resume"])
     assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2, 3, 4, 5]
 
@@ -379,7 +380,7 @@ def test_a_preference_stage_worse_than_its_start_on_validation_is_reported(data_
     # K = 3: the stage starts at ln(4) = 1.386 on every group (policy = reference).
     base = tmp_path / "base"
     train.main(_flags(data_dir, base, "--stage", "sft", "--max-steps", "1", "--no-plots"))
-    monkeypatch.setattr(trainer, "validation_loss", lambda model, spec, *a, **kw: val_loss if spec.negatives else 1.0)
+    monkeypatch.setattr(trainer, "validation_loss", lambda objective, *a, **kw: val_loss if objective.negatives else 1.0)
     train.main(_flags(data_dir, base, "--stage", "sdpo", "--max-steps", "2", "--negatives", "3", "--no-plots"))
     done = json.loads((base / "sdpo" / "done.json").read_text())
     assert done["best_val_loss"] == val_loss
@@ -395,15 +396,15 @@ def test_the_recorded_start_of_a_preference_stage_is_the_measured_loss_of_a_fres
     out = tmp_path / "run"
     train.main(_flags(data_dir, out, "--stage", "sft", "--max-steps", "1", "--no-plots"))
     train.main(_flags(data_dir, out, "--stage", "sdpo", "--max-steps", "1", "--negatives", "3", "--no-plots"))
-    args = train.build_parser().parse_args(_flags(data_dir, out, "--negatives", "3"))
-    train.check_args(args)
+    args = config.build_parser().parse_args(_flags(data_dir, out, "--negatives", "3"))
+    config.check_args(args)
     splits, domain, _ = train.load_rows(args)
     model = train.load_sft_model(out, trainer.Env(dtype=torch.float32))
     train.add_lora(model, args, 1, "all", "--lora-layers")
     data = trainer.StageData(train.Tokenizer(out / "tokenizer" / "tokenizer.model"), domain, splits["train"],
                              splits["val"])
-    measured = trainer.validation_loss(model, trainer.StageSpec("sdpo", 1e-3, 1.0, negatives=3),
-                                       train.train_config(args), data, trainer.Env(), torch_loss, RefCache())
+    objective = StageLoss(model, torch_loss, packing=args.packing, negatives=3, beta=args.beta)
+    measured = trainer.validation_loss(objective, args, data, trainer.Env(), RefCache())
     done = json.loads((out / "sdpo" / "done.json").read_text())
     assert done["start_val_loss"] == pytest.approx(measured, abs=1e-6)
     assert not math.isclose(done["best_val_loss"], measured, abs_tol=1e-9)   # one step moved the adapter
@@ -448,8 +449,8 @@ def test_recipe_paper_runs_end_to_end_with_the_official_values(data_dir, tmp_pat
 def test_recipe_grad_accum_follows_the_processes_and_explicit_flags_win(tmp_path, monkeypatch):
     def configure(*flags: str) -> argparse.Namespace:
         argv = ["--model", "scratch", "--recipe", "paper", *flags]
-        args = train.build_parser().parse_args(argv)
-        train.check_args(args, train.given_flags(argv))
+        args = config.build_parser().parse_args(argv)
+        config.check_args(args, config.given_flags(argv))
         return args
     for world, batch, accum in (("1", [], 32), ("4", [], 8), ("4", ["--batch-size", "8"], 4), ("2", ["--batch-size", "16"], 4)):
         monkeypatch.setenv("WORLD_SIZE", world)
@@ -463,8 +464,8 @@ def test_recipe_grad_accum_follows_the_processes_and_explicit_flags_win(tmp_path
     assert (args.grad_accum, args.sdpo_lr, args.sft_lr) == (2, 1e-4, 1e-5)
     assert {"grad_accum", "sdpo_lr", "lora_dropout"} <= set(args.recipe_overridden)
     monkeypatch.setenv("WORLD_SIZE", "1")
-    plain = train.build_parser().parse_args(["--model", "scratch"])
-    train.check_args(plain, set())
+    plain = config.build_parser().parse_args(["--model", "scratch"])
+    config.check_args(plain, set())
     assert not hasattr(plain, "recipe_set") and plain.adam_betas == [0.9, 0.95] and plain.sdpo_init == "fresh"
     model_dir = tmp_path / "model"
     model_dir.mkdir()
@@ -480,10 +481,10 @@ def test_eval_every_in_steps_or_as_a_fraction_of_the_stage():
     for bad in (-1, 2.5):
         with pytest.raises(ValueError, match="eval_every"):
             trainer.eval_interval(bad, 10)
-    assert train._every_flag("16") == 16 and train._every_flag("0.2") == 0.2 and train._every_flag("0") == 0
+    assert config._every_flag("16") == 16 and config._every_flag("0.2") == 0.2 and config._every_flag("0") == 0
     for bad in ("2.5", "-1", "nan", "x"):
         with pytest.raises(argparse.ArgumentTypeError):
-            train._every_flag(bad)
+            config._every_flag(bad)
 
 
 def _capture_trained(monkeypatch) -> dict:
@@ -569,17 +570,17 @@ def test_sdpo_from_the_sft_adapter_resumes_like_an_uninterrupted_run(data_dir, t
     shutil.copytree(start, out)
     train.main(_flags(data_dir, straight, *sdpo))
 
-    original, calls = trainer.micro_loss, []
+    original, calls = StageLoss.__call__, []
 
     def interrupted(*a, **kw):   # 2 micro-batches a step: the 5th call is step 3's first
         calls.append(1)
         if len(calls) == 5:
             raise KeyboardInterrupt
         return original(*a, **kw)
-    monkeypatch.setattr(trainer, "micro_loss", interrupted)
+    monkeypatch.setattr(StageLoss, "__call__", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train.main(_flags(data_dir, out, *sdpo))
-    monkeypatch.setattr(trainer, "micro_loss", original)
+    monkeypatch.setattr(StageLoss, "__call__", original)
     assert torch.load(out / "sdpo" / "state.pt", weights_only=False)["step"] == 2
     train.main(_flags(data_dir, out, *sdpo, "--resume"))
 

@@ -44,7 +44,7 @@ from minisdpo.lora import (DEFAULT_TARGETS, apply_lora, load_lora_state_dict, lo
                            mark_only_lora_as_trainable, top_layers)
 from minisdpo.model import Llama
 from minisdpo.prefix import PrefixCache
-from minisdpo.step import RefCache, fill_reference, sdpo_loss_sum
+from minisdpo.step import RefCache, StageLoss
 from minisdpo.tokenizer import Tokenizer
 
 MODEL_SIDES = ("ours", "hf_peft")
@@ -128,8 +128,8 @@ def build_ours(model_dir: str, mode: str, batches: dict, K: int, lora: dict, dro
     apply_lora(model, r=LORA_R, alpha=LORA_ALPHA, dropout=dropout)
     load_lora_state_dict(model, lora)
     mark_only_lora_as_trainable(model)
-    cache = dict(ref_cache=RefCache(), ref_keys=[RefCache.key(i, [row.target, *n]) for i, (row, n) in
-                                                 enumerate(zip(batches["rows"], batches["negatives"]))]
+    cache = dict(ref_cache=RefCache(), keys=[RefCache.key(i, [row.target, *n]) for i, (row, n) in
+                                             enumerate(zip(batches["rows"], batches["negatives"]))]
                  ) if ref_cached else {}
     return _our_step(model, mode, batches["packed"], K, cache)
 
@@ -139,12 +139,11 @@ def _our_step(model: torch.nn.Module, mode: str, batch, K: int, refs: dict):
     from ``refs``' RefCache when given), backward, AdamW on the trainable parameters."""
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    groups = batch.labels.shape[0] // (1 + K)
+    objective = StageLoss(model, ops, negatives=K, beta=BETA, head="linear")
 
     def step() -> float:
         with _mode_context(mode):
-            loss, _, _ = sdpo_loss_sum(model, batch, ops, BETA, K, head="linear", **refs)
-            loss = loss / groups
+            loss, _ = objective(batch, ref_logps=objective.reference(batch, **refs))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -217,12 +216,12 @@ def build_top(model_dir: str, mode: str, batches: dict, K: int, lora: dict, drop
         cache = PrefixCache.build(model, tok, rows, domain, MAX_LEN, layers[0], batch_size=4, progress=False)
         t1 = time.perf_counter()
         ref_cache = RefCache()
-        fill_reference(model, cache, range(len(rows)), ref_cache, ops, batch_size=4)
+        StageLoss(model, ops, negatives=K).fill_reference(cache, range(len(rows)), ref_cache, batch_size=4)
         t2 = time.perf_counter()
         extra = {"build_ms_per_row": (t1 - t0) * 1e3 / len(rows), "ref_ms_per_row": (t2 - t1) * 1e3 / len(rows),
                  "cache_mb": cache.nbytes / 2**20}
         batch = cache.batch(range(len(rows)), [[r.target, *n] for r, n in zip(rows, negatives)])
-        refs = dict(ref_cache=ref_cache, ref_keys=[RefCache.key(i, [r.target, *n])
+        refs = dict(ref_cache=ref_cache, keys=[RefCache.key(i, [r.target, *n])
                                                    for i, (r, n) in enumerate(zip(rows, negatives))])
     else:
         batch, refs = batches["packed"], {}

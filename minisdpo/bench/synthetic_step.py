@@ -33,7 +33,7 @@ from minisdpo.batches import build_batch
 from minisdpo.bench.common import DTYPES, WordTokenizer, peak_rss
 from minisdpo.lora import apply_lora, mark_only_lora_as_trainable
 from minisdpo.model import Llama, ModelArgs
-from minisdpo.step import sdpo_loss_sum
+from minisdpo.step import StageLoss
 
 # The small model is what train.py's defaults build (vocab 2048 after its tokenizer);
 # intermediate sizes follow train.py's rule, 8/3 * dim rounded up to a multiple of 64.
@@ -81,9 +81,9 @@ def step_setup(model_name: str, K: int, groups: int, dtype: torch.dtype):
 
 def step_once(model, batch: dict, variant: str, K: int) -> torch.Tensor:
     """One S-DPO step without the optimizer: reference, policy, loss, backward. Returns the
-    loss (summed over groups), detached."""
-    backend, head = (torch_loss, "logits") if variant == "naive" else (ops, "linear")
-    loss, _, _ = sdpo_loss_sum(model, batch, backend, 1.0, K, head=head)
+    loss (the mean over groups), detached."""
+    backend, head, packing = (torch_loss, "logits", "none") if variant == "naive" else (ops, "linear", "shared")
+    loss, _ = StageLoss(model, backend, packing=packing, negatives=K, head=head)(batch)
     loss.backward()
     model.zero_grad(set_to_none=True)
     return loss.detach()
