@@ -45,7 +45,7 @@ from minisdpo.loss import LinearLossBackend, LossBackend
 from minisdpo.lora import reference
 from minisdpo.prefix import PrefixCache
 
-__all__ = ["HEADS", "StageLoss", "RefCache", "response_hidden", "final_hidden", "response_logits"]
+__all__ = ["HEADS", "StageLoss", "RefCache", "response_hidden", "response_logits"]
 
 HEADS = ("linear", "logits")
 
@@ -90,14 +90,6 @@ def response_hidden(model: Any, batch: PackedBatch) -> torch.Tensor:
     # index_select: its backward adds the gradients of the prompt's last position, shared by
     # every response of a group.
     return h.flatten(0, 1).index_select(0, batch.index.flatten()).view(S, R, -1)  # (S, R, dim)
-
-
-def final_hidden(model: Any, batch: PlainBatch | PackedBatch) -> torch.Tensor:
-    """The final hidden states aligned with ``batch.labels``: response rows only for a packed
-    batch, every position for the plain layout."""
-    if _is_packed(batch):
-        return response_hidden(model, batch)                                     # (S, R, dim)
-    return model(batch.input_ids, attention_mask=batch.attention_mask, return_hidden=True)  # (S, T, dim)
 
 
 def response_logits(model: Any, batch: PlainBatch | PackedBatch) -> torch.Tensor:
@@ -195,18 +187,25 @@ class StageLoss:
         self.head = head
 
     def _check(self, batch: PlainBatch | PackedBatch) -> None:
-        if _is_packed(batch) != self.packed:
+        if not isinstance(batch, PackedBatch if self.packed else PlainBatch):
+            _is_packed(batch)          # not a batch at all: a TypeError that names both types
             want = "PackedBatch (packing 'shared')" if self.packed else "PlainBatch (packing 'none')"
             raise TypeError(f"batch must be a minisdpo.batches.{want}, as this StageLoss was made for, "
                             f"got {type(batch).__name__}")
+
+    def _hidden(self, batch: PlainBatch | PackedBatch) -> torch.Tensor:
+        """The final hidden states aligned with ``batch.labels``: the response rows only for a
+        packed batch (``response_hidden``), every position for the plain layout."""
+        if self.packed:
+            return response_hidden(self.model, batch)                                 # (S, R, dim)
+        return self.model(batch.input_ids, attention_mask=batch.attention_mask, return_hidden=True)  # (S, T, dim)
 
     def token_logps(self, batch: PlainBatch | PackedBatch) -> torch.Tensor:
         """The policy's log-prob of every labelled token, (S, R) (0 where ignored)."""
         self._check(batch)
         if self.head == "linear":
-            return self.backend.linear_token_logps(final_hidden(self.model, batch), self.model.lm_head.weight,
-                                                   batch.labels)
-        return self.backend.token_logps(response_logits(self.model, batch), batch.labels)
+            return self.backend.linear_token_logps(self._hidden(batch), self.model.lm_head.weight, batch.labels)
+        return self.backend.token_logps(self.model.lm_head(self._hidden(batch)), batch.labels)
 
     @torch.no_grad()
     def reference(self, batch: PlainBatch | PackedBatch, ref_cache: RefCache | None = None,
@@ -263,11 +262,10 @@ class StageLoss:
             ref_logps = self.reference(batch)
         ref_logps = ref_logps.to(labels.device)
         if self.head == "linear":
-            loss, logps = self.backend.sdpo_linear_loss(final_hidden(self.model, batch), self.model.lm_head.weight,
-                                                        labels, ref_logps, beta=self.beta,
-                                                        num_negatives=self.negatives)
+            loss, logps = self.backend.sdpo_linear_loss(self._hidden(batch), self.model.lm_head.weight, labels,
+                                                        ref_logps, beta=self.beta, num_negatives=self.negatives)
         else:
-            loss, logps = self.backend.sdpo_loss(response_logits(self.model, batch), labels, ref_logps,
+            loss, logps = self.backend.sdpo_loss(self.model.lm_head(self._hidden(batch)), labels, ref_logps,
                                                  beta=self.beta, num_negatives=self.negatives)
         groups = labels.shape[0] // (1 + self.negatives)
         # The backends return the batch's mean over groups: back to the sum, then the step's mean.

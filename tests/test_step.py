@@ -16,7 +16,7 @@ from minisdpo import loss as torch_loss
 from minisdpo import ops
 from minisdpo.batches import build_batch
 from minisdpo.lora import apply_lora
-from minisdpo.step import RefCache, StageLoss, final_hidden, response_hidden, response_logits
+from minisdpo.step import RefCache, StageLoss, response_hidden, response_logits
 
 from conftest import TOK, random_negatives, random_rows, tiny_llama
 
@@ -117,7 +117,7 @@ def test_unknown_batch_type_rejected(model):
     plain = build_batch(TOK, rows, None, 512, domain="music", packing="none")
     as_dict = {"input_ids": plain.input_ids, "attention_mask": plain.attention_mask, "labels": plain.labels}
     sft, sdpo = StageLoss(model, ops), StageLoss(model, ops, negatives=1)
-    for call in (lambda b: final_hidden(model, b), lambda b: response_logits(model, b), sft, sdpo,
+    for call in (lambda b: response_logits(model, b), sft, sdpo,
                  sdpo.reference, sft.token_logps):
         with pytest.raises(TypeError, match="PlainBatch or PackedBatch.*got dict"):
             call(as_dict)
