@@ -33,8 +33,9 @@ logits::
     logits = model.lm_head(h)                      # (S, R, V)
     loss, logps = sdpo_loss(logits, batch.labels, ref_logps, beta, K)
 
-With K = 3, a prompt of ~230 tokens and titles of ~6, that is about 4x fewer transformer tokens
-and about 30x fewer LM-head rows than the concatenated layout. The idea is the "shared prefix"
+For a prompt of P tokens and titles of t, a group costs P + (1 + K) t transformer tokens instead
+of (1 + K)(P + t), and (1 + K) t LM-head rows instead of (1 + K)(P + t): with P much longer than
+t, about 1 + K times fewer tokens and far fewer LM-head rows than the concatenated layout. The idea is the "shared prefix"
 packing of multi-response preference training (the prefix sharing of Wang & Hegde, 2024,
 "Accelerating Direct Preference Optimization with Prefix Sharing", arXiv 2410.20305).
 """
