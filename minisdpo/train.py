@@ -47,7 +47,8 @@ import torch.distributed as dist
 from minisdpo import data as D
 from minisdpo.baselines import parse_baselines, run_baselines
 from minisdpo.checkpoint import from_pretrained, load_config, save_pretrained
-from minisdpo.config import DEFAULT_MODEL, HARMLESS, build_parser, check_args, given_flags, recipe_summary
+from minisdpo.config import (DEFAULT_MODEL, HARMLESS, build_parser, check_args, fit_lora_layers, given_flags,
+                             recipe_summary)
 from minisdpo.evaluate import evaluate_generation, evaluate_ranking, mcnemar
 from minisdpo.lora import (apply_lora, freeze_reference, load_adapter, mark_only_lora_as_trainable,
                            merge_and_unload, save_adapter)
@@ -487,7 +488,8 @@ def print_table(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = build_parser().parse_args(argv)
-    check_args(args, given_flags(argv))
+    given = given_flags(argv)
+    check_args(args, given)
     wall_start = time.time()
     env = setup_env(args)
     if args.recipe:
@@ -502,6 +504,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     model_dir = resolve_model(args, env)
     tok = load_model_tokenizer(args, model_dir) if model_dir else None
     n_layers = load_config(model_dir).n_layers if model_dir else args.layers
+    fit_lora_layers(args, given, n_layers)
     lora_boundary(n_layers, args.lora_layers, "--lora-layers")
     lora_boundary(n_layers, args.sft_lora_layers, "--sft-lora-layers")
     out = prepare_out(args, env)

@@ -165,11 +165,12 @@ def test_user_checkpoint_with_lora_sft(data_dir, tmp_path):
 
 
 def test_top_layers_from_the_prefix_cache_train_and_rank_like_the_whole_model(data_dir, tmp_path, monkeypatch):
-    """--lora-layers 1 on a 3-layer checkpoint: every stage, validation and the ranking run from
-    the frozen-prefix cache. Twin: the same top-layer adapters with the whole model run on every
-    batch (the cache switched off), which must give the same curves and metrics."""
+    """--lora-layers 1 --sft-lora-layers 1 on a 3-layer checkpoint: every stage, validation and the
+    ranking run from the frozen-prefix cache. Twin: the same top-layer adapters with the whole
+    model run on every batch (the cache switched off), which must give the same curves and metrics."""
     base = _user_checkpoint(data_dir, tmp_path / "base", n_layers=3)
-    flags = ["--model", str(base), "--dtype", "float32", "--lora-layers", "1", "--max-steps", "3", "--lora-dropout", "0",
+    flags = ["--model", str(base), "--dtype", "float32", "--lora-layers", "1", "--sft-lora-layers", "1",
+             "--max-steps", "3", "--lora-dropout", "0",
              "--eval-every", "2", "--negatives", "19", "--compare-dpo"]
     cached = train.main(_flags(data_dir, tmp_path / "cached", *flags))
     monkeypatch.setattr(train, "prefix_cache", lambda *a, **kw: None)
@@ -233,7 +234,7 @@ def test_two_processes_match_one_with_the_same_global_batch(data_dir, tmp_path):
     (["--beta", "nan"], "--beta"),
     (["--model", "/nonexistent/dir"], "--model"),
     (["--lora-layers", "3"], "--lora-layers 3 exceeds the model's 2 layers"),
-    (["--packing", "none", "--lora-layers", "1"], "needs --packing shared"),
+    (["--packing", "none", "--lora-layers", "1"], "--lora-layers is 1, --sft-lora-layers all\) need --packing shared"),
     (["--sdpo-init", "sft-adapter"], "--sdpo-init sft-adapter needs a pretrained --model: --model scratch"),
     (["--recipe", "paper", "--sdpo-init", "sft-adapter"], "--sdpo-init sft-adapter needs a pretrained --model"),
     (["--test-rows", "last"], "--test-rows last is for --data movielens only"),
@@ -473,6 +474,33 @@ def test_recipe_grad_accum_follows_the_processes_and_explicit_flags_win(tmp_path
     assert args.sdpo_init == "sft-adapter" and "sdpo_init" in args.recipe_set
     with pytest.raises(SystemExit, match="--lora-layers \\(2\\) must equal --sft-lora-layers \\(all\\)"):
         configure("--model", str(model_dir), "--lora-layers", "2", "--sft-lora-layers", "all")
+
+
+def test_a_pretrained_model_trains_sft_on_every_layer_and_s_dpo_on_the_top_4(tmp_path):
+    """The defaults chosen on the validation split (docs/results.md): SFT's adapter on every layer,
+    the preference stages' on the top 4 from the frozen-prefix cache; --sdpo-init sft-adapter
+    continues the SFT adapter, so SFT then takes --lora-layers' layers; a model of at most 4
+    layers takes every layer, unless a flag says otherwise (then lora_boundary checks it)."""
+    def configure(*flags: str, n_layers: int = 30) -> argparse.Namespace:
+        argv = ["--model", str(tmp_path), *flags]
+        args = config.build_parser().parse_args(argv)
+        given = config.given_flags(argv)
+        config.check_args(args, given)
+        config.fit_lora_layers(args, given, n_layers)
+        return args
+    args = configure()
+    assert (args.lora_layers, args.sft_lora_layers, args.sdpo_epochs, args.sft_epochs) == (4, "all", 2.0, 0.5)
+    assert (configure("--sdpo-init", "sft-adapter").sft_lora_layers, configure("--lora-layers", "2").sft_lora_layers) \
+        == (4, "all")
+    assert (configure(n_layers=4).lora_layers, configure(n_layers=5).lora_layers) == ("all", 4)
+    small = configure("--sdpo-init", "sft-adapter", n_layers=3)
+    assert (small.lora_layers, small.sft_lora_layers) == ("all", "all")
+    assert configure("--lora-layers", "4", n_layers=3).lora_layers == 4     # given: train.main rejects it
+    scratch = config.build_parser().parse_args(["--model", "scratch"])
+    config.check_args(scratch)
+    assert (scratch.lora_layers, scratch.sft_lora_layers) == ("all", "all")
+    with pytest.raises(SystemExit, match="need --packing shared: with --packing none pass --lora-layers all"):
+        configure("--packing", "none")
 
 
 def test_eval_every_in_steps_or_as_a_fraction_of_the_stage():
