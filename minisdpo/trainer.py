@@ -199,8 +199,9 @@ def _all_reduce_floats(values: list[float]) -> list[float]:
 def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: LoopConfig, data: StageData, *, env: Env,
                 out: Path, backend) -> dict:
     """Train ``model``'s trainable parameters in place; returns the stage's summary (steps,
-    examples_seen, best_step, best_val_loss, train_s, and start_val_loss for a preference stage). Resumes from
-    OUT/<stage>/state.pt when it exists."""
+    examples_seen, best_step, best_val_loss, start_val_loss for a preference stage, and train_s:
+    the seconds of its steps, those a resumed stage kept from before the interruption included).
+    Resumes from OUT/<stage>/state.pt when it exists."""
     stage_dir = out / spec.name
     stage_dir.mkdir(parents=True, exist_ok=True)
     rows = data.train
@@ -219,6 +220,7 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: LoopConfig, data: 
     metrics_path = out / "metrics.jsonl"
 
     step, best = 0, {"val_loss": math.inf, "step": -1}
+    done_s = 0.0     # seconds of the steps a resumed stage kept from before the interruption
     if state_path.exists():
         try:
             # Tensors and plain values only: a state.pt from elsewhere cannot run code here.
@@ -233,6 +235,7 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: LoopConfig, data: 
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, best = state["step"], state["best"]
+        done_s = state.get("train_s", 0.0)
         torch.set_rng_state(state["rng"])
         log(env, f"[{spec.name}] resuming at step {step}/{total}")
         if env.main:
@@ -246,7 +249,7 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: LoopConfig, data: 
         if env.main:
             atomic_save({"params": {n: p.detach().cpu() for n, p in params}, "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "step": step, "best": best,
-                         "rng": torch.get_rng_state()}, state_path)
+                         "rng": torch.get_rng_state(), "train_s": done_s + time.time() - t_start}, state_path)
         barrier(env)
 
     def validate(step: int) -> None:
@@ -347,7 +350,7 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: LoopConfig, data: 
                 p.copy_(saved[n])
     seen = sum(min(global_batch, len(rows) - (s % steps_per_epoch) * global_batch) for s in range(total))
     info = {"steps": total, "examples_seen": seen, "best_step": best["step"], "best_val_loss": best["val_loss"],
-            "train_s": time.time() - t_start}
+            "train_s": done_s + time.time() - t_start}
     if spec.negatives:
         # A preference stage starts with the policy equal to its reference (a zero adapter on
         # the SFT model, or the SFT adapter and its frozen copy), where the loss of every group

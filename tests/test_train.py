@@ -609,8 +609,14 @@ def test_sdpo_from_the_sft_adapter_resumes_like_an_uninterrupted_run(data_dir, t
     with pytest.raises(KeyboardInterrupt):
         train.main(_flags(data_dir, out, *sdpo))
     monkeypatch.setattr(StageLoss, "__call__", original)
-    assert torch.load(out / "sdpo" / "state.pt", weights_only=False)["step"] == 2
+    state = torch.load(out / "sdpo" / "state.pt", weights_only=True)
+    assert state["step"] == 2 and state["train_s"] > 0
+    # The stage's seconds count the steps kept from before the interruption: planted as 1,000.
+    torch.save(state | {"train_s": 1000.0}, out / "sdpo" / "state.pt")
+    t0 = time.time()
     train.main(_flags(data_dir, out, *sdpo, "--resume"))
+    resumed = time.time() - t0
+    assert 1000.0 < json.loads((out / "sdpo" / "done.json").read_text())["train_s"] < 1000.0 + resumed
 
     def curve(run: Path) -> list:
         return [(r["step"], r.get("loss"), r.get("val_loss")) for r in _metrics(run) if r["stage"] == "sdpo"]
