@@ -29,7 +29,7 @@ SASREC_EPOCHS = 5
 # few hundred rows with a LoRA adapter on every layer, and its S-DPO stage trains the top 4
 # layers from the frozen-prefix cache, where a group costs a fraction of a full-depth one; the
 # small model trains all its weights from scratch on many rows. Chosen on the validation split
-# for a run of at most 12 minutes on 2 CPU cores for the pretrained model (docs/results.md).
+# for a short run on 2 CPU cores (the pretrained model's: docs/results.md, which times it).
 MODEL_DEFAULTS = {
     "pretrained": {"limit_train": 512, "limit_val": 32, "limit_test": 200, "sft_lr": 5e-4, "sft_epochs": 0.5,
                    "sdpo_lr": 2e-4, "sdpo_epochs": 2.0, "lora_layers": 4},
