@@ -478,7 +478,8 @@ def test_recipe_grad_accum_follows_the_processes_and_explicit_flags_win(tmp_path
 
 def test_a_pretrained_model_trains_sft_on_every_layer_and_s_dpo_on_the_top_4(tmp_path):
     """The defaults chosen on the validation split (docs/results.md): SFT's adapter on every layer,
-    the preference stages' on the top 4 from the frozen-prefix cache; --sdpo-init sft-adapter
+    the preference stages' on the top 4 from the frozen-prefix cache, no LoRA dropout (0.1 for
+    the small model and the paper's recipe); --sdpo-init sft-adapter
     continues the SFT adapter, so SFT then takes --lora-layers' layers; a model of at most 4
     layers takes every layer, unless a flag says otherwise (then lora_boundary checks it)."""
     def configure(*flags: str, n_layers: int = 30) -> argparse.Namespace:
@@ -490,6 +491,8 @@ def test_a_pretrained_model_trains_sft_on_every_layer_and_s_dpo_on_the_top_4(tmp
         return args
     args = configure()
     assert (args.lora_layers, args.sft_lora_layers, args.sdpo_epochs, args.sft_epochs) == (4, "all", 2.0, 0.5)
+    assert (args.lora_dropout, configure("--lora-dropout", "0.05").lora_dropout,
+            configure("--recipe", "paper").lora_dropout) == (0.0, 0.05, 0.1)
     assert (configure("--sdpo-init", "sft-adapter").sft_lora_layers, configure("--lora-layers", "2").sft_lora_layers) \
         == (4, "all")
     assert (configure(n_layers=4).lora_layers, configure(n_layers=5).lora_layers) == ("all", 4)
@@ -498,7 +501,7 @@ def test_a_pretrained_model_trains_sft_on_every_layer_and_s_dpo_on_the_top_4(tmp
     assert configure("--lora-layers", "4", n_layers=3).lora_layers == 4     # given: train.main rejects it
     scratch = config.build_parser().parse_args(["--model", "scratch"])
     config.check_args(scratch)
-    assert (scratch.lora_layers, scratch.sft_lora_layers) == ("all", "all")
+    assert (scratch.lora_layers, scratch.sft_lora_layers, scratch.lora_dropout) == ("all", "all", 0.1)
     with pytest.raises(SystemExit, match="need --packing shared: with --packing none pass --lora-layers all"):
         configure("--packing", "none")
 
