@@ -15,7 +15,9 @@ log-probability logp(title + EOS | prompt), the quantity S-DPO trains; the targe
 the pessimistic rule). Reported: rank_hr@1, rank_hr@5 and rank_ndcg@5 (1 / log2(1 + rank) when
 rank <= 5, else 0), averaged over rows. The 20 candidates of a row share one pass over its
 prompt (``minisdpo.batches.packed_batch``) and the LM head runs on their tokens only
-(``minisdpo.step.response_logits``), which scores exactly as 20 separate prompt + title passes.
+(``minisdpo.step.StageLoss.token_logps``), which scores exactly as 20 separate prompt + title
+passes; ``python -m minisdpo.train`` scores them with its loss backend's LM head, by default the
+fused one of ``minisdpo.ops``.
 
 Prompts and responses are tokenised by ``minisdpo.data`` exactly as in training.
 """
@@ -31,9 +33,10 @@ from tqdm.auto import tqdm
 
 from minisdpo.batches import collate, packed_batch
 from minisdpo.data import Row, TokenizerLike, encode_group, encode_prompt, padding_id, truncate_prompt
-from minisdpo.loss import sequence_logps
+from minisdpo import loss
+from minisdpo.loss import LossBackend, sequence_logps
 from minisdpo.prefix import PrefixCache
-from minisdpo.step import response_logits
+from minisdpo.step import StageLoss, response_logits
 
 __all__ = ["judge", "named_candidate", "generate_answers", "evaluate_generation", "mcnemar", "ranking_scores",
            "evaluate_ranking", "rank_metrics"]
@@ -185,7 +188,7 @@ def _check_candidates(rows: Sequence[Row]) -> int:
 @torch.no_grad()
 def ranking_scores(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: str,
                    batch_size: int = 8, max_len: int = 512, progress: bool = True,
-                   prefix: PrefixCache | None = None) -> torch.Tensor:
+                   prefix: PrefixCache | None = None, backend: LossBackend = loss) -> torch.Tensor:
     """logp(title + EOS | prompt) of every candidate, (N, C) float32, candidates in row order.
 
     ``batch_size`` counts rows: each forward pass packs batch_size prompts with all their
@@ -197,9 +200,13 @@ def ranking_scores(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: 
     ``generate_answers``, only ``row.history`` and ``row.candidates`` are read. With ``prefix``,
     a frozen-prefix cache of exactly these rows (``minisdpo.prefix``), the model runs only the
     layers above its boundary; its layers below must be the ones that built the cache.
+    ``backend``: ``minisdpo.loss`` scores the response tokens' logits; ``minisdpo.ops`` scores
+    them from the final hidden states with its fused LM head (``StageLoss``'s "linear" head),
+    which never forms the (B * C, R, V) logits and skips the padding of short titles.
     """
     _check_common(rows, batch_size)
     n_cands = _check_candidates(rows)
+    scorer = StageLoss(model, backend)
     if prefix is not None and (len(prefix.rows) != len(rows) or any(a != b for a, b in zip(prefix.rows, rows))):
         raise ValueError("prefix must be a PrefixCache of exactly these rows, in this order")
     device = _device(model)
@@ -211,9 +218,7 @@ def ranking_scores(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: 
             part = [rows[i] for i in idx]
             batch = (prefix.batch(idx, [r.candidates for r in part]) if prefix is not None
                      else packed_batch(tok, part, [r.candidates for r in part], max_len, domain=domain))
-            batch = batch.to(device)
-            logits = response_logits(model, batch)                                 # (B*C, R, V)
-            logps = sequence_logps(logits, batch.labels)                           # (B*C,)
+            logps = scorer.token_logps(batch.to(device)).sum(-1)                  # (B*C,)
             scores[idx] = logps.float().cpu().view(len(idx), n_cands)             # (B, C)
     return scores
 
@@ -241,11 +246,11 @@ def _ranking_scores_unpacked(model: Any, tok: TokenizerLike, rows: Sequence[Row]
 
 def evaluate_ranking(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: str,
                      batch_size: int = 8, max_len: int = 512, progress: bool = True,
-                     prefix: PrefixCache | None = None) -> dict[str, float]:
+                     prefix: PrefixCache | None = None, backend: LossBackend = loss) -> dict[str, float]:
     """Ranking metrics from the summed log-prob of each candidate's response (title + EOS),
     scored by ``ranking_scores`` (same arguments).
     Returns {"rank_hr@1", "rank_hr@5", "rank_ndcg@5", "n"}.
     """
-    scores = ranking_scores(model, tok, rows, domain, batch_size, max_len, progress, prefix)  # (N, C)
+    scores = ranking_scores(model, tok, rows, domain, batch_size, max_len, progress, prefix, backend)  # (N, C)
     target_index = torch.tensor([row.candidates.index(row.target) for row in rows])
     return {**rank_metrics(scores, target_index), "n": len(rows)}

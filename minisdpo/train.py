@@ -371,7 +371,7 @@ def load_preference_model(out: Path, name: str, env: Env, sft_model: Llama) -> L
 
 
 def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.Row]], domain: str, env: Env,
-             out: Path, wall_start: float) -> dict:
+             out: Path, wall_start: float, backend) -> dict:
     rows = splits[args.eval_split]
     progress = not args.no_progress
     results, hits = {}, {}
@@ -410,7 +410,8 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
         if not args.no_ranking:
             res |= {k: v for k, v in evaluate_ranking(model, tok, rows, domain, batch_size=args.rank_batch_size,
                                                        max_len=args.max_len, progress=progress,
-                                                       prefix=ranking_prefix(model, name)).items() if k != "n"}
+                                                       prefix=ranking_prefix(model, name),
+                                                       backend=backend).items() if k != "n"}
         results[name] = res
         atomic_write_json({"answers": gen["answers"]}, out / f"answers_{name}.json")
     # The baselines, first in the table as in the paper's (after the models, so that a missing
@@ -524,7 +525,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         if env.main and not args.no_plots:
             write_plots(out)
         if args.stage in ("all", "eval") and env.main:
-            summary = run_eval(args, tok, splits, domain, env, out, wall_start)
+            summary = run_eval(args, tok, splits, domain, env, out, wall_start, backend)
     finally:
         if env.world > 1:
             dist.destroy_process_group()

@@ -229,6 +229,26 @@ def test_packed_ranking_scores_equal_unpacked_on_tiny_llama(max_len):
     assert packed.std(1).min() > 0.1               # candidates really score differently
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_ranking_scores_with_the_fused_lm_head_equal_the_logits_path(dtype, tol):
+    # backend=minisdpo.ops scores from the hidden states with the fused LM head and skips the
+    # padding of the shorter titles; the scores are the logits path's, in float32 and bfloat16
+    # (there the logits path rounds the logits to bfloat16 first, the fused head does not).
+    model_mod = pytest.importorskip("minisdpo.model")
+    ops = pytest.importorskip("minisdpo.ops")
+    torch.manual_seed(1)
+    args = model_mod.ModelArgs(vocab_size=ByteTokenizer.vocab_size, dim=64, n_layers=2, n_heads=4,
+                               n_kv_heads=2, intermediate_size=128)
+    model = model_mod.Llama(args).to(dtype).eval()
+    names = [f"{'Title' * (i % 4)} {i}" for i in range(20)]       # titles of 3 to 22 bytes
+    rows = [Row(("H" * (20 - 4 * i), "Blur"), tuple(names), names[3 * i]) for i in range(5)]
+    plain = ranking_scores(model, TOK, rows, "music", batch_size=2, progress=False)
+    fused = ranking_scores(model, TOK, rows, "music", batch_size=2, progress=False, backend=ops)
+    assert fused.dtype == plain.dtype == torch.float32 and fused.shape == (5, 20)
+    torch.testing.assert_close(fused, plain, rtol=tol, atol=tol)
+    assert plain.std(1).min() > 0.1
+
+
 def test_mcnemar_exact_test_by_hand():
     from minisdpo.evaluate import mcnemar
     a = [True, True, False, False, True, False, False, False]
