@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from minisdpo import loss
 from minisdpo.batches import collate, packed_batch
 from minisdpo.data import Row, TokenizerLike, encode_group, encode_prompt, padding_id, truncate_prompt
-from minisdpo import loss
 from minisdpo.loss import LossBackend, sequence_logps
 from minisdpo.prefix import PrefixCache
 from minisdpo.step import StageLoss, response_logits
