@@ -210,18 +210,25 @@ def test_both_evaluators_on_tiny_random_llama():
     assert rank["rank_hr@5"] == 1.0            # 5 candidates: every target is in the top 5
 
 
+def _twenty_candidates_on_tiny_llama(seed: int, dtype: torch.dtype = torch.float32):
+    """A random 2-layer Llama and 5 rows of 20 candidate titles of 3 to 22 bytes, prompts of
+    decreasing length."""
+    model_mod = pytest.importorskip("minisdpo.model")
+    torch.manual_seed(seed)
+    args = model_mod.ModelArgs(vocab_size=ByteTokenizer.vocab_size, dim=64, n_layers=2, n_heads=4,
+                               n_kv_heads=2, intermediate_size=128)
+    model = model_mod.Llama(args).to(dtype).eval()
+    names = [f"{'Title' * (i % 4)} {i}" for i in range(20)]
+    rows = [Row(("H" * (20 - 4 * i), "Blur"), tuple(names), names[3 * i]) for i in range(5)]
+    return model, rows
+
+
 @pytest.mark.parametrize("max_len", [512, 80])
 def test_packed_ranking_scores_equal_unpacked_on_tiny_llama(max_len):
     # 20 candidates share one prompt pass: the scores must equal 20 full prompt + title passes,
     # in the rows' order although batches are formed by prompt length (here longest first),
     # also when max_len cuts the prompts.
-    model_mod = pytest.importorskip("minisdpo.model")
-    torch.manual_seed(0)
-    args = model_mod.ModelArgs(vocab_size=ByteTokenizer.vocab_size, dim=64, n_layers=2, n_heads=4,
-                               n_kv_heads=2, intermediate_size=128)
-    model = model_mod.Llama(args).eval()
-    names = [f"{'Title' * (i % 4)} {i}" for i in range(20)]
-    rows = [Row(("H" * (20 - 4 * i), "Blur"), tuple(names), names[3 * i]) for i in range(5)]
+    model, rows = _twenty_candidates_on_tiny_llama(seed=0)
     packed = ranking_scores(model, TOK, rows, "music", batch_size=2, max_len=max_len, progress=False)
     unpacked = _ranking_scores_unpacked(model, TOK, rows, "music", batch_size=2, max_len=max_len)
     assert packed.shape == (5, 20)
@@ -234,14 +241,8 @@ def test_ranking_scores_with_the_fused_lm_head_equal_the_logits_path(dtype, tol)
     # backend=minisdpo.ops scores from the hidden states with the fused LM head and skips the
     # padding of the shorter titles; the scores are the logits path's, in float32 and bfloat16
     # (there the logits path rounds the logits to bfloat16 first, the fused head does not).
-    model_mod = pytest.importorskip("minisdpo.model")
     ops = pytest.importorskip("minisdpo.ops")
-    torch.manual_seed(1)
-    args = model_mod.ModelArgs(vocab_size=ByteTokenizer.vocab_size, dim=64, n_layers=2, n_heads=4,
-                               n_kv_heads=2, intermediate_size=128)
-    model = model_mod.Llama(args).to(dtype).eval()
-    names = [f"{'Title' * (i % 4)} {i}" for i in range(20)]       # titles of 3 to 22 bytes
-    rows = [Row(("H" * (20 - 4 * i), "Blur"), tuple(names), names[3 * i]) for i in range(5)]
+    model, rows = _twenty_candidates_on_tiny_llama(seed=1, dtype=dtype)
     plain = ranking_scores(model, TOK, rows, "music", batch_size=2, progress=False)
     fused = ranking_scores(model, TOK, rows, "music", batch_size=2, progress=False, backend=ops)
     assert fused.dtype == plain.dtype == torch.float32 and fused.shape == (5, 20)
