@@ -23,17 +23,19 @@ NeurIPS 2024, arXiv 2406.09215), section 4 and its public scripts:
    paired test against them.
 
 Every stage checkpoints atomically; ``--resume`` continues an interrupted run where it stopped
-and gives the same results as an uninterrupted run (same seed, CPU). ``torchrun`` runs the
-training stages data-parallel (gloo on the CPU, nccl on GPUs). ``--recipe paper`` sets the
-public scripts' hyperparameters (``minisdpo.config.RECIPES``; docs/design.md section 1 says what
-is the same as the official code and what differs), each of which an explicit flag still
-overrides. The command line is ``minisdpo.config``, the training loop ``minisdpo.trainer``; this
-module keeps the stages' order, their models and caches, and the report.
+(in the evaluation, at the first model not evaluated yet) and gives the same results as an
+uninterrupted run (same seed, CPU). ``torchrun`` runs the training stages data-parallel (gloo
+on the CPU, nccl on GPUs). ``--recipe paper`` sets the public scripts' hyperparameters
+(``minisdpo.config.RECIPES``; docs/design.md section 1 says what is the same as the official
+code and what differs), each of which an explicit flag still overrides. The command line is
+``minisdpo.config``, the training loop ``minisdpo.trainer``; this module keeps the stages'
+order, their models and caches, and the report.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -370,6 +372,13 @@ def load_preference_model(out: Path, name: str, env: Env, sft_model: Llama) -> L
     return load_adapter(from_pretrained(str(base), dtype=env.dtype, device=env.device), str(adapter_dir(out, name)))
 
 
+def made_by(out: Path, name: str) -> dict[str, dict | None]:
+    """The records (``done.json``) of the stages that made model ``name``, None where missing."""
+    stages = {"zero-shot": (), "sft": ("sft",)}.get(name, ("sft", name))
+    return {s: json.loads((out / s / "done.json").read_text()) if (out / s / "done.json").exists() else None
+            for s in stages}
+
+
 def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.Row]], domain: str, env: Env,
              out: Path, wall_start: float, backend) -> dict:
     rows = splits[args.eval_split]
@@ -391,16 +400,28 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
         return prefix
 
     sft_model = None
+    rows_digest = hashlib.sha256(json.dumps([dataclasses.astuple(r) for r in rows]).encode()).hexdigest()
     for name in ("zero-shot",) * args.zero_shot + ("sft", "sdpo", "dpo"):
+        if name == "sft" and args.zero_shot and not sft_model_dir(out).exists():
+            break  # --stage eval --zero-shot before any training: the pretrained model only
+        if name in ("sdpo", "dpo") and not adapter_dir(out, name).exists():
+            continue
+        # With --resume a model already evaluated on these rows is read back: its record names
+        # the rows and the records of the stages that made it, which a retrained stage changes.
+        record = out / f"answers_{name}.json"
+        key = {"rows": rows_digest, "ranking": not args.no_ranking, "stages": made_by(out, name)}
+        saved = json.loads(record.read_text()) if args.resume and record.exists() else {}
+        if None not in key["stages"].values() and saved.get("key") == key:
+            log(env, f"[eval] {name}: read back from {record}")
+            results[name], hits[name] = saved["metrics"], saved["hits"]
+            continue
         if name == "zero-shot":  # the pretrained model before SFT, in the run's dtype
             model = from_pretrained(resolve_model(args, env), dtype=env.dtype, device=env.device)
         elif name == "sft":
-            if args.zero_shot and not sft_model_dir(out).exists():
-                break  # --stage eval --zero-shot before any training: the pretrained model only
             model = sft_model = load_sft_model(out, env)
         else:
-            if not adapter_dir(out, name).exists():
-                continue
+            if sft_model is None:   # the SFT model's evaluation was read back
+                sft_model = load_sft_model(out, env)
             model = load_preference_model(out, name, env, sft_model)
         log(env, f"[eval] {name}: generation on {len(rows)} {args.eval_split} rows")
         gen = evaluate_generation(model, tok, rows, domain, batch_size=args.eval_batch_size,
@@ -413,7 +434,7 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
                                                        prefix=ranking_prefix(model, name),
                                                        backend=backend).items() if k != "n"}
         results[name] = res
-        atomic_write_json({"answers": gen["answers"]}, out / f"answers_{name}.json")
+        atomic_write_json({"answers": gen["answers"], "hits": gen["hits"], "metrics": res, "key": key}, record)
     # The baselines, first in the table as in the paper's (after the models, so that a missing
     # SFT model stops the stage before they are trained).
     baselines, baseline_hits = eval_baselines(args, rows, env)

@@ -92,6 +92,31 @@ def test_all_stages_end_to_end(data_dir, tmp_path, capsys):
     assert again["models"] == summary["models"]
 
 
+def test_resume_reads_back_the_models_already_evaluated(data_dir, tmp_path, monkeypatch):
+    """An evaluation interrupted after some models continues from the first model not evaluated
+    yet; a model whose stage was trained again is evaluated again."""
+    out = tmp_path / "run"
+    flags = ["--negatives", "3", "--max-steps", "2", "--baselines", "none"]
+    first = train.main(_flags(data_dir, out, *flags))
+    generated = []
+    real = train.evaluate_generation
+    monkeypatch.setattr(train, "evaluate_generation", lambda *a, **k: generated.append(1) or real(*a, **k))
+
+    (out / "answers_sdpo.json").unlink()   # as if stopped while the S-DPO model was generating
+    again = train.main(_flags(data_dir, out, *flags, "--resume"))
+    assert len(generated) == 1
+    assert again["models"] == first["models"] and again["paired_hr@1"] == first["paired_hr@1"]
+    assert json.loads((out / "answers_sdpo.json").read_text())["metrics"] == first["models"]["sdpo"]
+
+    train.main(_flags(data_dir, out, *flags, "--resume"))   # nothing left to evaluate
+    assert len(generated) == 1
+    train.main(_flags(data_dir, out, *flags, "--stage", "sdpo"))   # S-DPO trained again
+    train.main(_flags(data_dir, out, *flags, "--stage", "eval", "--resume"))
+    assert len(generated) == 2
+    train.main(_flags(data_dir, out, *flags, "--stage", "eval"))   # without --resume: every model
+    assert len(generated) == 4
+
+
 @pytest.mark.parametrize("variant", [("--loss", "pytorch"), ("--packing", "none")])
 def test_fused_packed_step_trains_like_the_plain_reference(data_dir, tmp_path, variant):
     """The default step (fused kernel, shared-prompt packing, response-only LM head) against its
@@ -234,7 +259,7 @@ def test_two_processes_match_one_with_the_same_global_batch(data_dir, tmp_path):
     (["--beta", "nan"], "--beta"),
     (["--model", "/nonexistent/dir"], "--model"),
     (["--lora-layers", "3"], "--lora-layers 3 exceeds the model's 2 layers"),
-    (["--packing", "none", "--lora-layers", "1"], "--lora-layers is 1, --sft-lora-layers all\) need --packing shared"),
+    (["--packing", "none", "--lora-layers", "1"], r"--lora-layers is 1, --sft-lora-layers all\) need --packing shared"),
     (["--sdpo-init", "sft-adapter"], "--sdpo-init sft-adapter needs a pretrained --model: --model scratch"),
     (["--recipe", "paper", "--sdpo-init", "sft-adapter"], "--sdpo-init sft-adapter needs a pretrained --model"),
     (["--test-rows", "last"], "--test-rows last is for --data movielens only"),
