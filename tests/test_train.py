@@ -87,7 +87,8 @@ def test_all_stages_end_to_end(data_dir, tmp_path, capsys):
         assert (out / name / "adapter" / "adapter_model.safetensors").exists()
     assert (out / "plots" / "sft.png").exists() and (out / "plots" / "sdpo.png").exists()
     assert (out / "plots" / "results.png").exists()
-    # A second call with --resume finds every stage done and only evaluates again.
+    # A second call with --resume finds every stage and every model's evaluation done, and reads
+    # the evaluations back.
     again = train.main(_flags(data_dir, out, "--compare-dpo", "--negatives", "3", "--resume"))
     assert again["models"] == summary["models"]
 
