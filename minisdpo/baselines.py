@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -66,6 +67,7 @@ BASELINES = ("pop", "sasrec")
 MAX_EPOCHS, PATIENCE = 10, 2
 
 PAD, UNKNOWN = 0, 1   # SASRec's reserved ids: left padding, and an item never seen in training
+SASREC_WEIGHTS, SASREC_CONFIG = "model.safetensors", "config.json"   # SASRecRecommender.save
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,6 +224,38 @@ class SASRecRecommender:
     def __init__(self, model: SASRec, vocab: dict[str, int], info: dict, threads: int = 1):
         self.model, self.vocab, self.info, self.threads = model, vocab, info, threads
 
+    def save(self, directory: str | Path, key: dict | None = None) -> None:
+        """Write the model (``model.safetensors``), its vocabulary and ``info`` into
+        ``directory``, with ``key``: what trained it, for a later ``load`` to check."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        m = self.model
+        config = {"num_items": m.items.num_embeddings, "dim": m.items.embedding_dim, "blocks": len(m.blocks),
+                  "heads": m.blocks[0].heads, "max_len": m.max_len, "dropout": m.dropout,
+                  "vocab": sorted(self.vocab, key=self.vocab.get), "info": self.info, "key": key}
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(directory / SASREC_WEIGHTS))
+        tmp = directory / (SASREC_CONFIG + ".tmp")
+        tmp.write_text(json.dumps(config) + "\n")
+        tmp.replace(directory / SASREC_CONFIG)         # written last: the directory is complete
+
+    @classmethod
+    def load(cls, directory: str | Path, key: dict | None = None, threads: int = 1) -> SASRecRecommender | None:
+        """A recommender written by ``save``, or None when ``directory`` holds none, or one
+        trained otherwise than ``key`` says (when given)."""
+        directory = Path(directory)
+        try:
+            config = json.loads((directory / SASREC_CONFIG).read_text())
+        except (OSError, ValueError):
+            return None
+        if key is not None and config.get("key") != key:
+            return None
+        model = SASRec(config["num_items"], config["dim"], config["blocks"], config["heads"], config["max_len"],
+                       config["dropout"])
+        model.load_state_dict(load_file(str(directory / SASREC_WEIGHTS)))
+        model.eval()
+        vocab = {title: i + 2 for i, title in enumerate(config["vocab"])}
+        return cls(model, vocab, config["info"], threads)
+
     def encode(self, rows: Sequence[D.Row]) -> torch.Tensor:
         """(N, max_len) ids of the rows' histories: the last max_len items, left-padded, unknown
         titles as the unknown id."""
@@ -326,9 +360,11 @@ def parse_baselines(text: str) -> tuple[str, ...]:
 
 def run_baselines(names: Sequence[str], train: Sequence[D.Row], val: Sequence[D.Row],
                   evaluate: dict[str, Sequence[D.Row]], seed: int = 0, progress: bool = True,
-                  log: Callable[[str], None] | None = None, **sasrec_kwargs) -> dict:
+                  log: Callable[[str], None] | None = None, sasrec: SASRecRecommender | None = None,
+                  **sasrec_kwargs) -> dict:
     """Train the baselines ``names`` on ``train`` (SASRec chooses its epochs on ``val``) and
-    score each split of ``evaluate`` (a name -> rows mapping).
+    score each split of ``evaluate`` (a name -> rows mapping). ``sasrec``: a SASRec trained
+    already (``train_sasrec``), used instead of training one.
 
     Returns ``{split: {name: metrics}}`` for the splits of ``evaluate`` (metrics as
     ``evaluate_scores``, with ``hits``), plus ``"seconds": {name: training and scoring time}``
@@ -343,7 +379,7 @@ def run_baselines(names: Sequence[str], train: Sequence[D.Row], val: Sequence[D.
             scorer = Popularity(train, seed).scores
             result["info"][name] = {}
         elif name == "sasrec":
-            rec = train_sasrec(train, val, seed=seed, progress=progress, log=log, **sasrec_kwargs)
+            rec = sasrec or train_sasrec(train, val, seed=seed, progress=progress, log=log, **sasrec_kwargs)
             scorer, result["info"][name] = rec.scores, rec.info
         else:
             raise ValueError(f"unknown baseline {name!r}; expected one of {', '.join(BASELINES)}")

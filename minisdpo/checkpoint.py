@@ -272,7 +272,9 @@ def save_pretrained(model: Llama, path: str, max_shard_size: int | str = "5GB") 
     """
     limit = _parse_size(max_shard_size)
     os.makedirs(path, exist_ok=True)
-    state = model.state_dict()
+    # Item tokens' projector (Llama.items) is no part of a Hugging Face checkpoint: minisdpo.items
+    # saves it in a file of its own.
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("items.")}
     lora_keys = [k for k in state if ".lora_A." in k or ".lora_B." in k]
     if lora_keys:
         raise ValueError(f"the model has LoRA tensors ({lora_keys[0]}, ...): save them with "

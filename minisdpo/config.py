@@ -14,6 +14,7 @@ import os
 from minisdpo import data as D
 from minisdpo.baselines import BASELINES, parse_baselines
 from minisdpo.batches import LAYOUTS
+from minisdpo.items import ITEM_TOKENS
 from minisdpo.lora import DEFAULT_TARGETS
 from minisdpo.run import model_kind
 
@@ -34,9 +35,11 @@ SASREC_EPOCHS = 5
 # (the pretrained model's: docs/results.md, which times it).
 MODEL_DEFAULTS = {
     "pretrained": {"limit_train": 512, "limit_val": 32, "limit_test": 200, "sft_lr": 5e-4, "sft_epochs": 0.5,
-                   "sdpo_lr": 2e-4, "sdpo_epochs": 2.0, "lora_layers": 4, "lora_dropout": 0.0},
+                   "sdpo_lr": 2e-4, "sdpo_epochs": 2.0, "lora_layers": 4, "lora_dropout": 0.0,
+                   "item_tokens": "sasrec"},
     "scratch": {"limit_train": 8000, "limit_val": 200, "limit_test": 1000, "sft_lr": 2e-3, "sft_epochs": 2.0,
-                "sdpo_lr": 1e-3, "sdpo_epochs": 1.0, "lora_layers": "all", "lora_dropout": 0.1},
+                "sdpo_lr": 1e-3, "sdpo_epochs": 1.0, "lora_layers": "all", "lora_dropout": 0.1,
+                "item_tokens": "none"},
 }
 
 
@@ -66,6 +69,7 @@ RECIPES = {
         "clip": 0.3, "warmup": 0.05,                     # max_grad_norm, warmup_ratio (cosine schedule)
         "beta": 1.0, "negatives": 3,                     # --beta 1 --neg_num 3
         "max_len": 512,                                  # cutoff_len
+        "item_tokens": "none",                           # the prompts hold titles only
     },
 }
 # The effective batch of a recipe: 4 GPUs x batch 4 x 8 accumulation steps in the public scripts.
@@ -207,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     a("--loss", choices=("fused", "pytorch"), default="fused",
       help="the loss backend: 'fused', the C++/CUDA kernels (minisdpo.ops), or 'pytorch', their plain "
            "PyTorch twin (minisdpo.loss)")
+    # collaborative item tokens
+    a("--item-tokens", choices=ITEM_TOKENS, default=None,
+      help="'sasrec': every history and candidate title in the prompt is followed by an item token, the run's "
+           "SASRec embedding of the item through a trainable projector (LLaRA's hybrid prompt; the SASRec is "
+           "trained once into OUT/sasrec and is also the baseline); 'none': titles only" + _dflt("item_tokens"))
+    a("--item-layer", choices=("boundary", "input"), default="boundary",
+      help="where the item tokens' projection enters the model: 'boundary', the residual stream entering the "
+           "first layer of the S-DPO adapter (--lora-layers; the layers below read a placeholder token, so the "
+           "frozen-prefix cache stays valid while the projector trains); 'input', the input embeddings as in "
+           "LLaRA (the projector then trains in SFT only, which must run on every layer)")
+    a("--item-projector", choices=("train", "freeze"), default="train",
+      help="whether the S-DPO and DPO stages keep training the item tokens' projector that SFT trained "
+           "(the reference keeps SFT's) or freeze it; --item-layer input needs 'freeze' with --lora-layers N")
     # evaluation
     a("--eval-split", choices=("test", "val"), default="test",
       help="the split the final evaluation runs on ('val' for tuning, so the test split stays unseen)")
@@ -348,13 +365,23 @@ def check_args(args: argparse.Namespace, given: set[str] | None = None) -> None:
 def fit_lora_layers(args: argparse.Namespace, given: set[str], n_layers: int) -> None:
     """The model-dependent default ``--lora-layers`` (the top 4) on a model of at most that many
     layers is every layer; a value given on the command line (in ``given``) stays, and
-    ``lora_boundary`` rejects it when it exceeds the model."""
+    ``lora_boundary`` rejects it when it exceeds the model. Then the item-token flags are
+    checked against the LoRA layers."""
     for name in ("lora_layers", "sft_lora_layers"):
         if name not in given and getattr(args, name) != "all" and getattr(args, name) >= n_layers:
             setattr(args, name, "all")
+    if args.item_tokens != "none" and args.item_layer == "input":
+        if args.sft_lora_layers != "all":
+            raise SystemExit(f"error: --item-layer input trains the projector below the frozen-prefix cache of "
+                             f"--sft-lora-layers {args.sft_lora_layers}: pass --sft-lora-layers all or "
+                             f"--item-layer boundary")
+        if args.item_projector == "train" and args.lora_layers != "all":
+            raise SystemExit(f"error: --item-layer input with --lora-layers {args.lora_layers}: the frozen-prefix "
+                             f"cache holds the projection, so the preference stages need --item-projector freeze "
+                             f"(or --item-layer boundary)")
 
 
 # Flags that cannot change a run's results; a resumed run must repeat every other flag.
 HARMLESS = {"stage", "out", "resume", "overwrite", "cache_dir", "eval_split", "eval_batch_size",
              "rank_batch_size", "no_ranking", "threads", "ckpt_every", "no_progress", "no_plots",
-             "baselines", "sasrec_epochs", "zero_shot"}
+             "baselines", "zero_shot"}

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 __all__ = [
-    "Row", "TokenizerLike", "DOMAINS", "MIN_HISTORY", "MAX_HISTORY", "NUM_CANDIDATES", "TEST_ROWS",
+    "Row", "TokenizerLike", "DOMAINS", "ITEM_MARK", "MIN_HISTORY", "MAX_HISTORY", "NUM_CANDIDATES", "TEST_ROWS",
     "clean_title", "load_dataset", "load_movielens", "load_json_dir", "load_json_file",
     "default_domain", "subsample", "format_prompt", "encode_prompt", "encode_response",
     "truncate_prompt", "encode_group", "padding_id",
@@ -30,6 +30,9 @@ MIN_HISTORY = 3        # LLaRA keeps steps with len_seq >= 3
 TEST_ROWS = ("all", "last")   # MovieLens validation and test rows: every step of a user, or the last
 MAX_HISTORY = 10       # the last 10 items are shown
 NUM_CANDIDATES = 20    # the target and 19 others
+# Marks where a title ends in the prompt text, for its item token (encode_prompt): a
+# private-use character, which no data set's titles hold.
+ITEM_MARK = "\ue000"
 
 
 class TokenizerLike(Protocol):
@@ -407,17 +410,35 @@ def _check_domain(domain: str) -> None:
         raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
 
 
-def format_prompt(row: Row, domain: str) -> str:
-    """The instruction text: the history and the candidates, one title per line, then "Answer:"."""
+def format_prompt(row: Row, domain: str, mark: str = "") -> str:
+    """The instruction text: the history and the candidates, one title per line, then "Answer:";
+    ``mark`` follows every title (the place of its item token, ``encode_prompt``)."""
     _check_domain(domain)
-    return _TEMPLATES[domain].format(history="\n".join(row.history),
-                                     candidates="\n".join(row.candidates))
+    return _TEMPLATES[domain].format(history="\n".join(t + mark for t in row.history),
+                                     candidates="\n".join(t + mark for t in row.candidates))
 
 
 def encode_prompt(tok: TokenizerLike, row: Row, domain: str) -> list[int]:
     """The prompt's ids (chat template or [BOS] + tokens, see ``Tokenizer.prompt_ids``), no EOS:
-    the context of SFT, S-DPO and generation alike."""
-    return tok.prompt_ids(format_prompt(row, domain))
+    the context of SFT, S-DPO and generation alike.
+
+    A tokenizer with item tokens (one with ``item_token(title) -> id``, ``minisdpo.items``)
+    puts the title's item token after each history and candidate title: the text is cut
+    where the titles end (``Tokenizer.prompt_pieces``) and the ids joined around them."""
+    item_token = getattr(tok, "item_token", None)
+    if item_token is None:
+        return tok.prompt_ids(format_prompt(row, domain))
+    if any(ITEM_MARK in t for t in (*row.history, *row.candidates)):
+        raise ValueError(f"a title contains {ITEM_MARK!r}, the character that marks item tokens")
+    pieces = tok.prompt_pieces(format_prompt(row, domain, ITEM_MARK), ITEM_MARK)
+    titles = (*row.history, *row.candidates)
+    if len(pieces) != len(titles) + 1:
+        raise RuntimeError(f"the prompt has {len(pieces) - 1} item marks for {len(titles)} titles: the chat "
+                           f"template changed them")
+    ids = list(pieces[0])
+    for title, piece in zip(titles, pieces[1:]):
+        ids += [item_token(title), *piece]
+    return ids
 
 
 def encode_response(tok: TokenizerLike, title: str) -> list[int]:

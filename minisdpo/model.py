@@ -13,6 +13,7 @@ attention of the real tokens.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ModelArgs", "RMSNorm", "Attention", "MLP", "Block", "KVCache", "Llama", "rope_inv_freq"]
+__all__ = ["ModelArgs", "RMSNorm", "Attention", "MLP", "Block", "KVCache", "ItemTokens", "Llama", "rope_inv_freq"]
 
 
 @dataclass
@@ -207,6 +208,49 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
 
+class ItemTokens(nn.Module):
+    """Extra input tokens that stand for the rows of a frozen feature table (LLaRA's hybrid
+    prompt, docs/design.md section 8): input id ``vocab_size + i`` is feature row ``i``.
+
+    Such a token goes through the embedding and the layers below ``layer`` as the ordinary
+    token ``placeholder_id``; on entering layer ``layer`` its residual stream gets
+    ``proj(features[i])`` added, where ``proj`` is LLaRA's trainable projector, Linear(f, dim),
+    GELU, Linear(dim, dim). ``layer`` 0 is LLaRA's way (at the input embeddings); a layer b > 0
+    leaves the residual stream entering b a function of the text alone, so a frozen-prefix
+    cache built below b stays valid while the projector trains.
+
+    The features are a buffer outside the state dict; the projector is float32 whatever the
+    model's dtype (as LoRA's weights are), its output rounded to the activations' dtype.
+    ``freeze_reference`` keeps a frozen copy of the projector that ``use_reference`` selects:
+    the S-DPO reference when a preference stage trains the projector further.
+    """
+
+    def __init__(self, features: torch.Tensor, dim: int, layer: int, placeholder_id: int):
+        super().__init__()
+        if features.dim() != 2 or features.shape[0] < 1:
+            raise ValueError(f"features must be (items, f) with items >= 1, got shape {tuple(features.shape)}")
+        if not (isinstance(layer, int) and layer >= 0):
+            raise ValueError(f"layer must be an int >= 0, got {layer!r}")
+        self.layer, self.placeholder_id = layer, placeholder_id
+        self.register_buffer("features", features.detach().float().clone(), persistent=False)
+        f = features.shape[1]
+        self.proj = nn.Sequential(nn.Linear(f, dim), nn.GELU(), nn.Linear(dim, dim)).to(features.device)
+        self.reference: nn.Module | None = None     # the frozen copy (freeze_reference)
+        self.use_reference = False
+
+    def freeze_reference(self) -> None:
+        """Keep a frozen copy of the projector's current weights as the reference's projector."""
+        self.reference = copy.deepcopy(self.proj).requires_grad_(False)
+
+    def add(self, x: torch.Tensor, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """``x`` (B, T, dim) with the projected features added at the item tokens of ``input_ids``."""
+        is_item = input_ids >= vocab_size                                       # (B, T)
+        rows = (input_ids - vocab_size).clamp(0, self.features.shape[0] - 1)    # (B, T)
+        proj = self.reference if self.use_reference and self.reference is not None else self.proj
+        v = proj(self.features[rows]).to(x.dtype)                               # (B, T, dim)
+        return x + v * is_item.unsqueeze(-1).to(x.dtype)
+
+
 class Llama(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -216,6 +260,9 @@ class Llama(nn.Module):
         self.tie_weights()
         # A plain attribute, not a buffer: .to(bfloat16) must not round the frequencies.
         self._inv_freq: torch.Tensor | None = None
+        # Collaborative item tokens (ItemTokens; minisdpo.items attaches them): ids from
+        # vocab_size on. Kept out of the Hugging Face checkpoint (save_pretrained).
+        self.items: ItemTokens | None = None
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head when the config says so (again after loading)."""
@@ -235,10 +282,21 @@ class Llama(nn.Module):
                 stop_layer: int | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
         # The residual stream enters layer first_layer as `hidden` (the embedding when first_layer
         # is 0); with stop_layer it is returned as it enters that layer, before the final norm.
-        x = self.model.embed_tokens(input_ids) if hidden is None else hidden   # (B, T, dim)
+        # Item tokens (ItemTokens) read as their placeholder below items.layer and get their
+        # features added on entering it: a model split at that layer splits before the addition.
+        items = self.items
+        if hidden is None:
+            ids = input_ids if items is None else input_ids.masked_fill(input_ids >= self.args.vocab_size,
+                                                                        items.placeholder_id)
+            x = self.model.embed_tokens(ids)                                   # (B, T, dim)
+        else:
+            x = hidden
         cos, sin = self._rope(position_ids, x.dtype)
-        for block in self.model.layers[first_layer:stop_layer]:
-            x = block(x, cos, sin, mask, cache, start)
+        stop = self.args.n_layers if stop_layer is None else stop_layer
+        for i in range(first_layer, stop):
+            if items is not None and i == items.layer:
+                x = items.add(x, input_ids, self.args.vocab_size)
+            x = self.model.layers[i](x, cos, sin, mask, cache, start)
         return x if stop_layer is not None else self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -36,8 +36,10 @@ from typing import Any
 import torch
 
 from minisdpo import data as D
-from minisdpo.checkpoint import from_pretrained
+from minisdpo.baselines import SASRecRecommender
+from minisdpo.checkpoint import from_pretrained, load_config
 from minisdpo.evaluate import generate_answers, named_candidate, ranking_scores
+from minisdpo.items import PROJECTOR_FILE, ItemTokenizer, attach, load_projector, projector_layout
 from minisdpo.lora import load_adapter
 from minisdpo.tokenizer import Tokenizer
 from minisdpo.run import STAGES, adapter_base, adapter_dir, default_dtype, sft_model_dir
@@ -293,7 +295,25 @@ def load_run_tokenizer(run_dir: Path, config: dict) -> Tokenizer:
         raise RecommendError(f"RUN_DIR {run_dir}: cannot load the tokenizer ({e})") from None
 
 
-def load_model(run_dir: Path, stage: str, dtype: torch.dtype, device: torch.device):
+def item_tokens(run_dir: Path, config: dict, stage: str) -> tuple[SASRecRecommender, Path, int, int] | None:
+    """For a run trained with --item-tokens sasrec: its SASRec (RUN_DIR/sasrec) and the stage's
+    projector file, with the layer and placeholder it was trained for; None for a run on titles
+    only. A missing file is an error that names it."""
+    if config.get("item_tokens", "none") == "none":
+        return None
+    rec = SASRecRecommender.load(run_dir / "sasrec")
+    if rec is None:
+        raise RecommendError(f"RUN_DIR {run_dir}: the run reads item tokens (--item-tokens "
+                             f"{config['item_tokens']}), but its SASRec ({run_dir / 'sasrec'}) is missing")
+    projector = run_dir / stage / PROJECTOR_FILE
+    try:
+        layer, placeholder = projector_layout(projector)
+    except (OSError, ValueError) as e:
+        raise RecommendError(f"RUN_DIR {run_dir}: the {_NAMES[stage]} reads item tokens: {e}") from None
+    return rec, projector, layer, placeholder
+
+
+def load_model(run_dir: Path, stage: str, dtype: torch.dtype, device: torch.device, items=None):
     # An adapter applies to the run's SFT model, or, when its stage continued the SFT adapter
     # (--sdpo-init sft-adapter), to the base model that stage recorded.
     base = sft_model_dir(run_dir) if stage == "sft" else adapter_base(run_dir, stage)
@@ -302,6 +322,10 @@ def load_model(run_dir: Path, stage: str, dtype: torch.dtype, device: torch.devi
                              f"not there")
     try:
         model = from_pretrained(str(base), dtype=dtype, device=device)
+        if items is not None:
+            rec, projector, layer, placeholder = items
+            attach(model, rec, layer, placeholder)
+            load_projector(model, projector)
         if stage != "sft":
             load_adapter(model, str(adapter_dir(run_dir, stage)))   # LoRA weights on the model's device
     except (OSError, ValueError, RuntimeError, KeyError) as e:
@@ -415,12 +439,15 @@ def run(argv: list[str] | None = None, stdin=None) -> list[dict]:
     except (KeyError, ValueError, TypeError) as e:
         raise RecommendError(f"{run_dir / 'config.json'}: no usable domain or max_len ({e})") from None
     tok = load_run_tokenizer(run_dir, config)
+    items = item_tokens(run_dir, config, stage)
+    if items is not None:   # item token ids continue the SFT model's vocabulary
+        tok = ItemTokenizer(tok, items[0].vocab, load_config(str(sft_model_dir(run_dir))).vocab_size)
     check_lengths(tok, queries, wheres, domain, max_len, args.max_new_tokens)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = run_dtype(config, args.dtype, device)
     print(f"recommend: {run_dir}, {_NAMES[stage]} ({why}), {len(queries)} user(s), domain {domain}, "
           f"{str(dtype).removeprefix('torch.')} on {device}", file=sys.stderr)
-    model = load_model(run_dir, stage, dtype, device)
+    model = load_model(run_dir, stage, dtype, device, items)
     results = recommend(model, tok, queries, domain, max_len, batch_size=args.batch_size,
                         max_new_tokens=args.max_new_tokens, top=args.top,
                         progress=from_file and not args.no_progress)

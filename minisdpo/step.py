@@ -35,7 +35,8 @@ linear head). "Reference" here always means the frozen reference model, never th
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -154,6 +155,21 @@ class RefCache:
         self._logps.update(zip(wanted, ref_logps.detach().cpu().tolist()))
 
 
+@contextmanager
+def _reference_items(model: Any) -> Iterator[None]:
+    """Within the block, the model's item tokens (``minisdpo.model.ItemTokens``, if any) use the
+    frozen copy of their projector: the reference's, when a preference stage trains it."""
+    items = getattr(model, "items", None)
+    if items is None:
+        yield
+        return
+    before, items.use_reference = items.use_reference, True
+    try:
+        yield
+    finally:
+        items.use_reference = before
+
+
 class StageLoss:
     """The loss of a stage's micro-batches: SFT (``negatives=0``) or S-DPO with K = ``negatives``
     (K = 1: DPO), with what the stage fixes chosen once: model, loss backend, batch layout
@@ -225,7 +241,7 @@ class StageLoss:
             cached = ref_cache.get(keys)
             if cached is not None:
                 return cached.to(batch.labels.device)
-        with reference(self.model):
+        with reference(self.model), _reference_items(self.model):
             logps = self.token_logps(batch).sum(-1)                                   # (S,)
         if ref_cache is not None:
             ref_cache.put(keys, logps)

@@ -175,9 +175,18 @@ class Tokenizer:
         """The ids a model reads for the instruction ``text``, its answer to follow: the chat
         template with the assistant's turn opened, or ``[BOS] + encode(text)`` without one
         (no BOS when the tokenizer has none). The template writes its own special tokens."""
+        return self.prompt_pieces(text)[0]
+
+    def prompt_pieces(self, text: str, sep: str | None = None) -> list[list[int]]:
+        """``prompt_ids`` cut at every ``sep`` in ``text``: the ids of the pieces between the
+        separators, each piece encoded on its own (BOS goes with the first), so that the
+        caller can put ids of its own where the separators were. No ``sep``: one piece."""
         if self.chat_template is not None:
-            return self.encode(self.render_chat([{"role": "user", "content": text}]))
-        return self.encode(text, bos=self.bos_id is not None)
+            rendered, bos = self.render_chat([{"role": "user", "content": text}]), False
+        else:
+            rendered, bos = text, self.bos_id is not None
+        pieces = [rendered] if sep is None else rendered.split(sep)
+        return [self.encode(piece, bos=bos and i == 0) for i, piece in enumerate(pieces)]
 
     def save(self, directory: str | os.PathLike) -> str:
         """Write the tokenizer file (and ``tokenizer_config.json`` when it has one) into

@@ -47,11 +47,12 @@ import torch
 import torch.distributed as dist
 
 from minisdpo import data as D
-from minisdpo.baselines import parse_baselines, run_baselines
+from minisdpo.baselines import SASRecRecommender, parse_baselines, run_baselines, train_sasrec
 from minisdpo.checkpoint import from_pretrained, load_config, save_pretrained
 from minisdpo.config import (DEFAULT_MODEL, HARMLESS, build_parser, check_args, fit_lora_layers, given_flags,
                              recipe_summary)
 from minisdpo.evaluate import evaluate_generation, evaluate_ranking, mcnemar
+from minisdpo.items import PROJECTOR_FILE, ItemTokenizer, attach, load_projector, placeholder_id, save_projector
 from minisdpo.lora import (apply_lora, freeze_reference, load_adapter, mark_only_lora_as_trainable,
                            merge_and_unload, save_adapter)
 from minisdpo.model import Llama, ModelArgs
@@ -177,6 +178,78 @@ def scratch_tokenizer(args: argparse.Namespace, env: Env, out: Path, splits, dom
 
 
 # --------------------------------------------------------------------------------------------
+# The run's SASRec and the item tokens
+
+@dataclasses.dataclass(frozen=True)
+class ItemSetup:
+    """The run's item tokens (--item-tokens sasrec, minisdpo.items): the SASRec whose item
+    embeddings they carry, the layer where their projection enters and the placeholder token."""
+
+    rec: SASRecRecommender
+    layer: int
+    placeholder: int
+
+
+def run_sasrec(args: argparse.Namespace, env: Env, out: Path) -> SASRecRecommender:
+    """The run's SASRec: trained once on the whole training split (its epochs chosen on the whole
+    validation split) into OUT/sasrec, read back from there afterwards (--resume, evaluation).
+    It is the baseline row and, with --item-tokens sasrec, the source of the item tokens."""
+    where, key = out / "sasrec", sasrec_key(args)
+    rec = SASRecRecommender.load(where, key)
+    if rec is None:
+        if env.main:
+            full = D.load_dataset(args.data, args.data_dir, seed=args.seed)   # the training split in full
+            log(env, f"[sasrec] training on {len(full['train'])} train rows, epochs chosen on "
+                     f"{len(full['val'])} validation rows")
+            rec = train_sasrec(full["train"], full["val"], seed=args.seed, progress=not args.no_progress,
+                               log=lambda msg: log(env, msg), max_epochs=args.sasrec_epochs)
+            rec.save(where, key)
+        barrier(env)
+        if not env.main:
+            rec = SASRecRecommender.load(where, key)
+    else:
+        log(env, f"[sasrec] read back from {where}")
+    return rec
+
+
+def sasrec_key(args: argparse.Namespace) -> dict:
+    """What the run's SASRec depends on: a saved one is reused only when these agree."""
+    return {"data": args.data, "data_dir": args.data_dir, "seed": args.seed, "max_epochs": args.sasrec_epochs}
+
+
+def check_item_files(args: argparse.Namespace) -> None:
+    """Before a run continues models trained on item tokens (--resume, or a later stage), the
+    files they need: the SASRec they came from and each trained stage's projector. One error
+    line, and nothing written, when one is missing."""
+    out = Path(args.out)
+    if args.item_tokens == "none" or args.overwrite or not (out / "sft" / "done.json").exists() or (
+            not args.resume and args.stage in ("all", "sft")):
+        return
+    if SASRecRecommender.load(out / "sasrec", sasrec_key(args)) is None:
+        # The trained projectors belong to that SASRec: a new one would not be theirs.
+        raise SystemExit(f"error: {out} holds models trained on item tokens, but not the SASRec they came from "
+                         f"({out / 'sasrec' / 'config.json'} is missing or was trained otherwise)")
+    for name in ("sft", "sdpo", "dpo"):
+        projector = out / name / PROJECTOR_FILE
+        if (out / name / "done.json").exists() and not projector.is_file():
+            raise SystemExit(f"error: the {name} model reads item tokens, but its projector {projector} is missing")
+
+
+def with_items(model: Llama, items: ItemSetup | None, projector: Path | None = None, seed: int = 0) -> Llama:
+    """``model`` with the run's item tokens attached (nothing without them): a fresh projector
+    (seeded), or the one saved in ``projector``."""
+    if items is None:
+        return model
+    attach(model, items.rec, items.layer, items.placeholder, seed=seed)
+    if projector is not None:
+        try:
+            load_projector(model, projector)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {e}") from None
+    return model
+
+
+# --------------------------------------------------------------------------------------------
 # Models
 
 def scratch_model(args: argparse.Namespace, tok: Tokenizer) -> Llama:
@@ -231,13 +304,16 @@ def prefix_cache(model: Llama, rows: list[D.Row], split: str, layer: int, args: 
     below ``layer`` are the base model's and it shares OUT/cache, as the merged SFT model does
     when SFT changed only the layers from ``layer`` on. ``stats`` gathers its size and build time
     for the stage's summary."""
-    base = layer <= sft_boundary(args, model.args)
+    # With item tokens entering below ``layer`` the states hold the SFT projector's output too.
+    items = model.items is not None
+    base = layer <= sft_boundary(args, model.args) and not (items and model.items.layer < layer)
     where = (out / "cache" if base else out / "sft" / "cache") / f"{split}-layer{layer}"
     t0 = time.time()
     for turn in ("main", "others") if env.world > 1 else ("main",):   # the main process writes it
         if (turn == "main") == env.main:
             cache = PrefixCache.build(model, data.tok, rows, data.domain, args.max_len, layer,
-                                      batch_size=args.rank_batch_size, path=where, source="base" if base else "sft",
+                                      batch_size=args.rank_batch_size, path=where,
+                                      source=("base" if base else "sft") + ("+items" if items else ""),
                                       progress=not args.no_progress and env.main, desc=f"prefix cache {split}")
         barrier(env)
     seconds = time.time() - t0
@@ -261,11 +337,13 @@ def stage_data(model: Llama, data: StageData, n: str | int, flag: str, args: arg
     return dataclasses.replace(data, train_prefix=caches["train"], val_prefix=caches["val"])
 
 
-def load_sft_model(out: Path, env: Env) -> Llama:
+def load_sft_model(out: Path, env: Env, items: ItemSetup | None) -> Llama:
+    """The merged SFT model, with the SFT stage's item-token projector."""
     path = sft_model_dir(out)
     if not (path / "config.json").exists():
         raise SystemExit(f"error: no SFT model in {path}: run the 'sft' stage first")
-    return from_pretrained(str(path), dtype=env.dtype, device=env.device)
+    return with_items(from_pretrained(str(path), dtype=env.dtype, device=env.device), items,
+                      out / "sft" / PROJECTOR_FILE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,7 +358,7 @@ def fresh_stage(name: str, args, env: Env, out: Path) -> None:
 
 
 def run_sft(args: argparse.Namespace, data: StageData, env: Env, out: Path, backend,
-            model_dir: str | None) -> None:
+            model_dir: str | None, items: ItemSetup | None) -> None:
     fresh_stage("sft", args, env, out)
     done = out / "sft" / "done.json"
     if done.exists():
@@ -290,14 +368,18 @@ def run_sft(args: argparse.Namespace, data: StageData, env: Env, out: Path, back
     if model_dir:
         model = from_pretrained(model_dir, dtype=env.dtype, device=env.device)
         add_lora(model, args, args.seed, args.sft_lora_layers, "--sft-lora-layers")
+        with_items(model, items, seed=args.seed)
         data = stage_data(model, data, args.sft_lora_layers, "--sft-lora-layers", args, env, out, stats)
     else:
         model = scratch_model(args, data.tok).to(device=env.device, dtype=env.dtype)
+        with_items(model, items, seed=args.seed)
         stats |= {"lora_layers": None, "cache_mb": 0.0, "cache_build_s": 0.0}
     eval_every = args.eval_every if args.sft_eval_every is None else args.sft_eval_every
     info = train_stage(model, StageSpec("sft", args.sft_lr, args.sft_epochs, eval_every=eval_every),
                        args, data, env=env, out=out, backend=backend) | stats | {"negatives": 0}
     if env.main:
+        if items is not None:
+            save_projector(model, out / "sft" / PROJECTOR_FILE)
         if model_dir:
             save_adapter(model, str(adapter_dir(out, "sft")))
             if env.dtype != torch.float32:
@@ -315,7 +397,8 @@ def run_sft(args: argparse.Namespace, data: StageData, env: Env, out: Path, back
     barrier(env)
 
 
-def preference_model(args: argparse.Namespace, env: Env, out: Path, model_dir: str | None) -> tuple[Llama, str | None]:
+def preference_model(args: argparse.Namespace, env: Env, out: Path, model_dir: str | None,
+                     items: ItemSetup | None) -> tuple[Llama, str | None]:
     """The model a preference stage trains, with its frozen reference (``minisdpo.lora.reference``),
     and the directory of the base its adapter applies to (None: the run's SFT model).
 
@@ -326,27 +409,37 @@ def preference_model(args: argparse.Namespace, env: Env, out: Path, model_dir: s
     (OUT/sft/adapter), unmerged and trainable, and a frozen copy of the adapter as the reference.
     """
     if args.sdpo_init == "fresh":
-        model = load_sft_model(out, env)
-        return add_lora(model, args, args.seed + 1, args.lora_layers, "--lora-layers"), None
+        model = add_lora(load_sft_model(out, env, items), args, args.seed + 1, args.lora_layers, "--lora-layers")
+        return item_training(model, args), None
     sft_adapter = adapter_dir(out, "sft")
     if not (sft_adapter / "adapter_config.json").exists() or model_dir is None:
         raise SystemExit(f"error: --sdpo-init sft-adapter: no SFT adapter in {sft_adapter}: run the 'sft' stage "
                          f"of a pretrained --model first")
     model = load_adapter(from_pretrained(model_dir, dtype=env.dtype, device=env.device), str(sft_adapter))
+    with_items(model, items, out / "sft" / PROJECTOR_FILE)
     mark_only_lora_as_trainable(model)
     freeze_reference(model)
     torch.manual_seed(args.seed + 1)      # the stage's dropout, as after add_lora
-    return model, str(Path(model_dir).resolve())
+    return item_training(model, args), str(Path(model_dir).resolve())
+
+
+def item_training(model: Llama, args: argparse.Namespace) -> Llama:
+    """A preference stage's item-token projector: trained further (--item-projector train) with
+    SFT's as the reference's frozen copy, or frozen."""
+    if model.items is not None:
+        model.items.freeze_reference()
+        model.items.proj.requires_grad_(args.item_projector == "train")
+    return model
 
 
 def run_preference(name: str, k: int, args: argparse.Namespace, data: StageData, env: Env, out: Path,
-                   backend, model_dir: str | None = None) -> None:
+                   backend, model_dir: str | None = None, items: ItemSetup | None = None) -> None:
     fresh_stage(name, args, env, out)
     done = out / name / "done.json"
     if done.exists():
         log(env, f"[{name}] already done: {adapter_dir(out, name)}")
         return
-    model, base = preference_model(args, env, out, model_dir)
+    model, base = preference_model(args, env, out, model_dir, items)
     stats: dict = {}
     data = stage_data(model, data, args.lora_layers, "--lora-layers", args, env, out, stats)
     eval_every = args.eval_every if args.sdpo_eval_every is None else args.sdpo_eval_every
@@ -354,22 +447,32 @@ def run_preference(name: str, k: int, args: argparse.Namespace, data: StageData,
                        args, data, env=env, out=out, backend=backend) | stats | {
         "negatives": k, "sdpo_init": args.sdpo_init, "adapter_base": base}
     if env.main:
+        if items is not None:
+            save_projector(model, out / name / PROJECTOR_FILE)
         atomic_dir(lambda path: save_adapter(model, path, base_model=base), adapter_dir(out, name))
         atomic_write_json(info, done)
     barrier(env)
 
 
-def load_preference_model(out: Path, name: str, env: Env, sft_model: Llama) -> Llama:
+def load_preference_model(out: Path, name: str, env: Env, sft_model: Llama, items: ItemSetup | None) -> Llama:
     """The trained model of preference stage ``name`` for evaluation: its adapter on the base it
     applies to (``minisdpo.run.adapter_base``): loaded into ``sft_model`` (replacing an adapter
     loaded before), or, for a stage that continued the SFT adapter, on a fresh copy of the base."""
     base = adapter_base(out, name)
+    projector = out / name / PROJECTOR_FILE
     if base == sft_model_dir(out):
-        return load_adapter(sft_model, str(adapter_dir(out, name)))
+        model = load_adapter(sft_model, str(adapter_dir(out, name)))
+        if items is not None:
+            try:
+                load_projector(model, projector)
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"error: {e}") from None
+        return model
     if not (base / "config.json").exists():
         raise SystemExit(f"error: the {name} adapter applies to the base model {base} (--sdpo-init sft-adapter), "
                          f"which is not there any more")
-    return load_adapter(from_pretrained(str(base), dtype=env.dtype, device=env.device), str(adapter_dir(out, name)))
+    model = from_pretrained(str(base), dtype=env.dtype, device=env.device)
+    return load_adapter(with_items(model, items, projector), str(adapter_dir(out, name)))
 
 
 def made_by(out: Path, name: str) -> dict[str, dict | None]:
@@ -380,7 +483,7 @@ def made_by(out: Path, name: str) -> dict[str, dict | None]:
 
 
 def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.Row]], domain: str, env: Env,
-             out: Path, wall_start: float, backend) -> dict:
+             out: Path, wall_start: float, backend, items: ItemSetup | None = None) -> dict:
     rows = splits[args.eval_split]
     progress = not args.no_progress
     results, hits = {}, {}
@@ -393,7 +496,8 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
         SFT model and its adapters always, the pretrained model where SFT left them alone."""
         nonlocal prefix
         layer = lora_boundary(model.args.n_layers, args.lora_layers, "--lora-layers")
-        if not layer or args.no_ranking or (name == "zero-shot" and layer > sft_boundary(args, model.args)):
+        # The pretrained model reads titles only (it has no projector): not the run's prompts.
+        if not layer or args.no_ranking or (name == "zero-shot" and (items or layer > sft_boundary(args, model.args))):
             return None
         if prefix is None:
             prefix = prefix_cache(model, rows, args.eval_split, layer, args, data, env, out, {})
@@ -415,21 +519,23 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
             log(env, f"[eval] {name}: read back from {record}")
             results[name], hits[name] = saved["metrics"], saved["hits"]
             continue
-        if name == "zero-shot":  # the pretrained model before SFT, in the run's dtype
+        model_tok = tok
+        if name == "zero-shot":  # the pretrained model before SFT, in the run's dtype, on titles only
             model = from_pretrained(resolve_model(args, env), dtype=env.dtype, device=env.device)
+            model_tok = getattr(tok, "tok", tok)
         elif name == "sft":
-            model = sft_model = load_sft_model(out, env)
+            model = sft_model = load_sft_model(out, env, items)
         else:
             if sft_model is None:   # the SFT model's evaluation was read back
-                sft_model = load_sft_model(out, env)
-            model = load_preference_model(out, name, env, sft_model)
+                sft_model = load_sft_model(out, env, items)
+            model = load_preference_model(out, name, env, sft_model, items)
         log(env, f"[eval] {name}: generation on {len(rows)} {args.eval_split} rows")
-        gen = evaluate_generation(model, tok, rows, domain, batch_size=args.eval_batch_size,
+        gen = evaluate_generation(model, model_tok, rows, domain, batch_size=args.eval_batch_size,
                                   max_len=args.max_len, progress=progress)
         res = {"hr@1": gen["hr@1"], "valid_ratio": gen["valid_ratio"]}
         hits[name] = gen["hits"]
         if not args.no_ranking:
-            res |= {k: v for k, v in evaluate_ranking(model, tok, rows, domain, batch_size=args.rank_batch_size,
+            res |= {k: v for k, v in evaluate_ranking(model, model_tok, rows, domain, batch_size=args.rank_batch_size,
                                                        max_len=args.max_len, progress=progress,
                                                        prefix=ranking_prefix(model, name),
                                                        backend=backend).items() if k != "n"}
@@ -437,7 +543,7 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
         atomic_write_json({"answers": gen["answers"], "hits": gen["hits"], "metrics": res, "key": key}, record)
     # The baselines, first in the table as in the paper's (after the models, so that a missing
     # SFT model stops the stage before they are trained).
-    baselines, baseline_hits = eval_baselines(args, rows, env)
+    baselines, baseline_hits = eval_baselines(args, rows, env, out)
     results = {name: info.pop("metrics") for name, info in baselines.items()} | results
     # HR@1 of each other language model against SFT's on the same rows, with its noise.
     paired = {f"{name}_vs_sft": mcnemar(hits["sft"], hits[name]) for name in hits if name != "sft" and "sft" in hits}
@@ -452,7 +558,9 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
                             "negatives": info.get("negatives"), "cache_mb": info.get("cache_mb"),
                             "cache_build_s": info.get("cache_build_s")}
     summary = {"models": results, "paired_hr@1": paired, f"{args.eval_split}_rows": len(rows),
-               "stages": stages, "wall_s": time.time() - wall_start}
+               "stages": stages, "wall_s": time.time() - wall_start,
+               "item_tokens": None if items is None else {"source": args.item_tokens, "layer": items.layer,
+                                                          "projector": args.item_projector}}
     if baselines:
         summary["baselines"] = baselines
     atomic_write_json(summary, out / "summary.json")
@@ -462,7 +570,7 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
     return summary
 
 
-def eval_baselines(args: argparse.Namespace, rows: list[D.Row], env: Env) -> tuple[dict, dict]:
+def eval_baselines(args: argparse.Namespace, rows: list[D.Row], env: Env, out: Path) -> tuple[dict, dict]:
     """The ``--baselines`` on ``rows`` (the language models' evaluation rows): each trained on the
     whole training split, reloaded here because ``--limit-train`` cut the run's copy; SASRec
     chooses its epochs (at most ``--sasrec-epochs``) on the whole validation split, and runs on
@@ -480,7 +588,7 @@ def eval_baselines(args: argparse.Namespace, rows: list[D.Row], env: Env) -> tup
              f"evaluated on {len(rows)} {args.eval_split} rows")
     res = run_baselines(names, full["train"], full["val"], {"eval": rows}, seed=args.seed,
                         progress=not args.no_progress, log=lambda msg: log(env, msg),
-                        max_epochs=args.sasrec_epochs)
+                        sasrec=run_sasrec(args, env, out) if "sasrec" in names else None)
     info, hits = {}, {}
     for name in names:
         m = res["eval"][name]
@@ -529,24 +637,34 @@ def main(argv: list[str] | None = None) -> dict | None:
     fit_lora_layers(args, given, n_layers)
     lora_boundary(n_layers, args.lora_layers, "--lora-layers")
     lora_boundary(n_layers, args.sft_lora_layers, "--sft-lora-layers")
+    check_item_files(args)
     out = prepare_out(args, env)
     log(env, f"data {args.data}: {len(splits['train'])} train / {len(splits['val'])} val / "
              f"{len(splits['test'])} test rows, domain {domain}; out {out}")
     if tok is None:
         tok = scratch_tokenizer(args, env, out, splits, domain, titles)
+    items = None
+    if args.item_tokens == "sasrec":
+        rec = run_sasrec(args, env, out)
+        vocab_size = load_config(model_dir).vocab_size if model_dir else tok.vocab_size
+        layer = 0 if args.item_layer == "input" else lora_boundary(n_layers, args.lora_layers, "--lora-layers")
+        items = ItemSetup(rec, layer, placeholder_id(tok))
+        tok = ItemTokenizer(tok, rec.vocab, vocab_size)
+        log(env, f"[items] an item token after every title: {len(rec.vocab)} SASRec items, projected into the "
+                 f"residual stream entering layer {layer}")
     data = StageData(tok, domain, splits["train"], splits["val"])
     summary = None
     try:
         if args.stage in ("all", "sft"):
-            run_sft(args, data, env, out, backend, model_dir)
+            run_sft(args, data, env, out, backend, model_dir, items)
         if args.stage in ("all", "sdpo"):
-            run_preference("sdpo", args.negatives, args, data, env, out, backend, model_dir)
+            run_preference("sdpo", args.negatives, args, data, env, out, backend, model_dir, items)
             if args.compare_dpo:
-                run_preference("dpo", 1, args, data, env, out, backend, model_dir)
+                run_preference("dpo", 1, args, data, env, out, backend, model_dir, items)
         if env.main and not args.no_plots:
             write_plots(out)
         if args.stage in ("all", "eval") and env.main:
-            summary = run_eval(args, tok, splits, domain, env, out, wall_start, backend)
+            summary = run_eval(args, tok, splits, domain, env, out, wall_start, backend, items)
     finally:
         if env.world > 1:
             dist.destroy_process_group()

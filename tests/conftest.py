@@ -73,6 +73,10 @@ class ByteTokenizer:
     def prompt_ids(self, text):
         return self.encode(text, bos=True)
 
+    def prompt_pieces(self, text, sep=None):
+        pieces = [text] if sep is None else text.split(sep)
+        return [self.encode(piece, bos=i == 0) for i, piece in enumerate(pieces)]
+
 
 TOK = ByteTokenizer()
 
