@@ -50,7 +50,7 @@ import torch
 from minisdpo.data import Row, TokenizerLike, encode_group, padding_id
 
 __all__ = ["IGNORE_INDEX", "LAYOUTS", "PlainBatch", "PackedBatch", "collate", "sft_batch", "sdpo_responses",
-           "sdpo_batch", "packed_batch", "group_responses", "build_batch"]
+           "sdpo_batch", "packed_batch", "pack_groups", "group_responses", "build_batch"]
 
 IGNORE_INDEX = -100
 LAYOUTS = ("shared", "none")
@@ -209,11 +209,16 @@ def packed_batch(tok: TokenizerLike, rows: Sequence[Row], responses: Sequence[Se
         if isinstance(titles, str) or not titles:
             raise ValueError(f"responses[{g}] must be a non-empty list of titles, got {titles!r}")
         groups.append(encode_group(tok, row, titles, max_len, domain))
+    return pack_groups(groups, padding_id(tok))
 
+
+def pack_groups(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_id: int) -> PackedBatch:
+    """``packed_batch`` from token ids: ``groups`` holds (prompt ids, [response ids, ...]) per
+    row, each response ending in its EOS (``minisdpo.data.encode_group``'s pieces)."""
     lengths = [len(p) + sum(len(r) - 1 for r in rs) for p, rs in groups]
     G, L = len(groups), max(lengths)
     S, R = sum(len(rs) for _, rs in groups), max(len(r) for _, rs in groups for r in rs)
-    input_ids = torch.full((G, L), padding_id(tok), dtype=torch.long)
+    input_ids = torch.full((G, L), pad_id, dtype=torch.long)
     position_ids = torch.zeros((G, L), dtype=torch.long)
     # segment: 0 on the prompt, 1 + i on response i, -1 on padding
     segment = torch.full((G, L), -1, dtype=torch.long)
@@ -248,10 +253,11 @@ def packed_batch(tok: TokenizerLike, rows: Sequence[Row], responses: Sequence[Se
 # Either layout by name
 
 def group_responses(rows: Sequence[Row], negatives: Sequence[Sequence[str]] | None) -> list[list[str]]:
-    """The responses of each row: [target, *negatives] for S-DPO, [target] for SFT (None)."""
+    """The responses of each row: [target, *negatives] for S-DPO (checked: ``sdpo_responses``),
+    [target] for SFT (None)."""
     if negatives is None:
         return [[r.target] for r in rows]
-    return [[r.target, *n] for r, n in zip(rows, negatives)]
+    return sdpo_responses(rows, negatives)
 
 
 def build_batch(tok: Any, rows: Sequence[Row], negatives: Sequence[Sequence[str]] | None, max_len: int,

@@ -10,7 +10,7 @@ import importlib.util
 import json
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,7 +22,7 @@ __all__ = [
     "clean_title", "load_dataset", "load_movielens", "load_json_dir", "load_json_file",
     "default_domain", "subsample", "format_prompt", "encode_prompt", "encode_response",
     "truncate_prompt", "encode_group", "padding_id",
-    "sample_negatives", "epoch_negatives", "batches",
+    "sample_negatives", "epoch_negatives",
 ]
 
 DOMAINS = ("movies", "music", "books")
@@ -422,7 +422,7 @@ def encode_prompt(tok: TokenizerLike, row: Row, domain: str) -> list[int]:
     """The prompt's ids (chat template or [BOS] + tokens, see ``Tokenizer.prompt_ids``), no EOS:
     the context of SFT, S-DPO and generation alike.
 
-    A tokenizer with item tokens (one with ``item_token(title) -> id``, ``minisdpo.items``)
+    A tokenizer with item tokens (one with ``item_token(title, candidate) -> id``, ``minisdpo.items``)
     puts the title's item token after each history and candidate title: the text is cut
     where the titles end (``Tokenizer.prompt_pieces``) and the ids joined around them."""
     item_token = getattr(tok, "item_token", None)
@@ -436,8 +436,8 @@ def encode_prompt(tok: TokenizerLike, row: Row, domain: str) -> list[int]:
         raise RuntimeError(f"the prompt has {len(pieces) - 1} item marks for {len(titles)} titles: the chat "
                            f"template changed them")
     ids = list(pieces[0])
-    for title, piece in zip(titles, pieces[1:]):
-        ids += [item_token(title), *piece]
+    for i, (title, piece) in enumerate(zip(titles, pieces[1:])):
+        ids += [item_token(title, candidate=i >= len(row.history)), *piece]
     return ids
 
 
@@ -483,7 +483,7 @@ def padding_id(tok: TokenizerLike) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Negatives and batching
+# Negatives
 
 def sample_negatives(row: Row, k: int, rng: random.Random | np.random.Generator) -> list[str]:
     """K distinct candidates other than the target, drawn uniformly by ``rng``."""
@@ -512,25 +512,3 @@ def epoch_negatives(rows: Sequence[Row], k: int, seed: int, epoch: int,
                 for i, row in enumerate(rows)]
     rng = random.Random(f"negatives:{seed}:epoch{epoch}")
     return [sample_negatives(row, k, rng) for row in rows]
-
-
-def batches(rows: Sequence[Any] | int, batch_size: int,
-            rng: random.Random | np.random.Generator | None = None,
-            drop_last: bool = False) -> Iterator[list[int]]:
-    """Lists of row indices (so per-row data such as negatives can be looked up), shuffled by
-    ``rng`` when given, else in order. ``rows`` may be the rows or their number."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    n = rows if isinstance(rows, int) else len(rows)
-    order = list(range(n))
-    if isinstance(rng, random.Random):
-        rng.shuffle(order)
-    elif isinstance(rng, np.random.Generator):
-        order = [int(i) for i in rng.permutation(n)]
-    elif rng is not None:
-        raise TypeError(f"rng must be a random.Random, a numpy.random.Generator or None, got {type(rng).__name__}")
-    for start in range(0, n, batch_size):
-        chunk = order[start:start + batch_size]
-        if drop_last and len(chunk) < batch_size:
-            return
-        yield chunk

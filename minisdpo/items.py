@@ -21,6 +21,7 @@ run directory (``SASRecRecommender.save``).
 """
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,9 @@ from minisdpo.model import ItemTokens, Llama
 __all__ = ["ITEM_TOKENS", "PROJECTOR_FILE", "PLACEHOLDER", "ItemTokenizer", "placeholder_id", "attach",
            "save_projector", "projector_layout", "load_projector"]
 
-ITEM_TOKENS = ("none", "sasrec")
+# "sasrec": SASRec's item embeddings; "sasrec-user": a candidate's token carries the user's SASRec
+# representation of the history too (minisdpo.model.ItemTokens' user encoder).
+ITEM_TOKENS = ("none", "sasrec", "sasrec-user")
 PROJECTOR_FILE = "item_projector.safetensors"
 # The text whose (last) token the layers below the projection read at an item token's place.
 PLACEHOLDER = " item"
@@ -43,14 +46,20 @@ PLACEHOLDER = " item"
 
 class ItemTokenizer:
     """``tok`` with an item token after each title of a prompt (``minisdpo.data.encode_prompt``
-    calls ``item_token``); everything else is ``tok``'s."""
+    calls ``item_token``); everything else is ``tok``'s. The ids: ``offset`` (the model's
+    vocabulary size) + the title's SASRec id in the history, + ``n_items`` more as a candidate."""
 
-    def __init__(self, tok: Any, vocab: dict[str, int], offset: int):
-        self.tok, self.vocab, self.offset = tok, vocab, offset
+    def __init__(self, tok: Any, vocab: dict[str, int], offset: int, n_items: int):
+        self.tok, self.vocab, self.offset, self.n_items = tok, vocab, offset, n_items
 
-    def item_token(self, title: str) -> int:
-        """The id of ``title``'s item token: ``offset`` + its SASRec id (the unknown id if none)."""
-        return self.offset + self.vocab.get(title, UNKNOWN)
+    @classmethod
+    def of(cls, tok: Any, rec: SASRecRecommender, vocab_size: int) -> ItemTokenizer:
+        """``tok`` with the item tokens of ``rec``'s items, after a vocabulary of ``vocab_size``."""
+        return cls(tok, rec.vocab, vocab_size, rec.model.items.num_embeddings)
+
+    def item_token(self, title: str, candidate: bool = False) -> int:
+        """The id of ``title``'s item token (its SASRec id, the unknown id if none)."""
+        return self.offset + self.n_items * candidate + self.vocab.get(title, UNKNOWN)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.tok, name)
@@ -64,16 +73,20 @@ def placeholder_id(tok: Any) -> int:
     return ids[-1]
 
 
-def attach(model: Llama, rec: SASRecRecommender, layer: int, placeholder: int, seed: int = 0) -> ItemTokens:
+def attach(model: Llama, rec: SASRecRecommender, layer: int, placeholder: int, user: bool = False,
+           seed: int = 0) -> ItemTokens:
     """Give ``model`` item tokens for ``rec``'s items (a fresh projector, seeded) entering at
     ``layer``; returns them (``model.items``). The features are SASRec's item embeddings at the
-    scale of its own input (times sqrt(dim)), frozen."""
+    scale of its own input (times sqrt(dim)), frozen; ``user``: a frozen copy of the SASRec
+    encodes each row's history for its candidates' tokens too."""
     if not 0 <= layer < model.args.n_layers:
         raise ValueError(f"layer must be in [0, {model.args.n_layers}), got {layer}")
     weight = rec.model.items.weight.detach()
     device = next(model.parameters()).device
     torch.manual_seed(seed)
-    model.items = ItemTokens(weight * math.sqrt(weight.shape[1]), model.args.dim, layer, placeholder).to(device)
+    encoder = copy.deepcopy(rec.model) if user else None
+    model.items = ItemTokens(weight * math.sqrt(weight.shape[1]), model.args.dim, layer, placeholder,
+                             user=encoder, history_len=rec.model.max_len).to(device)
     return model.items
 
 
@@ -83,21 +96,25 @@ def save_projector(model: Llama, path: str | Path) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in items.proj.state_dict().items()}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"layer": str(items.layer), "placeholder_id": str(items.placeholder_id),
-                                         "items": str(items.features.shape[0])})
+    save_file(state, str(tmp), metadata=_layout(items))
     tmp.replace(path)
 
 
-def projector_layout(path: str | Path) -> tuple[int, int]:
-    """(layer, placeholder id) of a projector written by ``save_projector``: how to ``attach``
-    the item tokens it belongs to. A missing file raises FileNotFoundError naming it."""
+def _layout(items: ItemTokens) -> dict[str, str]:
+    return {"layer": str(items.layer), "placeholder_id": str(items.placeholder_id),
+            "items": str(items.features.shape[0]), "user": str(int(items.user is not None))}
+
+
+def projector_layout(path: str | Path) -> tuple[int, int, bool]:
+    """(layer, placeholder id, user) of a projector written by ``save_projector``: how to
+    ``attach`` the item tokens it belongs to. A missing file raises FileNotFoundError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no item-token projector {path}")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     try:
-        return int(meta["layer"]), int(meta["placeholder_id"])
+        return int(meta["layer"]), int(meta["placeholder_id"]), meta.get("user") == "1"
     except (KeyError, ValueError):
         raise ValueError(f"{path} is not an item-token projector of minisdpo (no layer and placeholder_id)") from None
 
@@ -112,8 +129,7 @@ def load_projector(model: Llama, path: str | Path) -> None:
     items = model.items
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-    want = {"layer": str(items.layer), "placeholder_id": str(items.placeholder_id),
-            "items": str(items.features.shape[0])}
+    want = _layout(items)
     diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
     if diff:
         raise ValueError(f"{path} was written for other item tokens: "

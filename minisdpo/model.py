@@ -209,31 +209,40 @@ class Decoder(nn.Module):
 
 
 class ItemTokens(nn.Module):
-    """Extra input tokens that stand for the rows of a frozen feature table (LLaRA's hybrid
-    prompt, docs/design.md section 8): input id ``vocab_size + i`` is feature row ``i``.
+    """Extra input tokens that stand for the rows of a frozen item table (LLaRA's hybrid prompt,
+    docs/design.md section 8): with N items, input id ``vocab_size + i`` is item ``i`` in the
+    history and ``vocab_size + N + i`` item ``i`` as a candidate.
 
     Such a token goes through the embedding and the layers below ``layer`` as the ordinary
     token ``placeholder_id``; on entering layer ``layer`` its residual stream gets
-    ``proj(features[i])`` added, where ``proj`` is LLaRA's trainable projector, Linear(f, dim),
-    GELU, Linear(dim, dim). ``layer`` 0 is LLaRA's way (at the input embeddings); a layer b > 0
-    leaves the residual stream entering b a function of the text alone, so a frozen-prefix
-    cache built below b stays valid while the projector trains.
+    ``proj(f)`` added, where ``f`` is the item's row of ``features`` and ``proj`` LLaRA's
+    trainable projector, Linear(f, dim), GELU, Linear(dim, dim). ``layer`` 0 is LLaRA's way (at
+    the input embeddings); a layer b > 0 leaves the residual stream entering b a function of
+    the text alone, so a frozen-prefix cache built below b stays valid while the projector trains.
 
-    The features are a buffer outside the state dict; the projector is float32 whatever the
-    model's dtype (as LoRA's weights are), its output rounded to the activations' dtype.
-    ``freeze_reference`` keeps a frozen copy of the projector that ``use_reference`` selects:
-    the S-DPO reference when a preference stage trains the projector further.
+    With a ``user`` encoder (frozen: SASRec's, mapping left-padded (B, L) item sequences, 0 for
+    padding, to (B, f) user representations u) a candidate's ``f`` is ``[e, u * e]``, the item's
+    features beside their elementwise product with u of the row's history tokens (the last L of
+    them, in order), whose sum is the encoder's score of the candidate; a history item's is
+    ``[e, 0]``.
+
+    The table and the encoder stay outside the state dict's trained part; the projector is
+    float32 whatever the model's dtype (as LoRA's weights are), its output rounded to the
+    activations' dtype. ``freeze_reference`` keeps a frozen copy of the projector that
+    ``use_reference`` selects: the S-DPO reference when a preference stage trains it further.
     """
 
-    def __init__(self, features: torch.Tensor, dim: int, layer: int, placeholder_id: int):
+    def __init__(self, features: torch.Tensor, dim: int, layer: int, placeholder_id: int,
+                 user: nn.Module | None = None, history_len: int = 10):
         super().__init__()
         if features.dim() != 2 or features.shape[0] < 1:
             raise ValueError(f"features must be (items, f) with items >= 1, got shape {tuple(features.shape)}")
         if not (isinstance(layer, int) and layer >= 0):
             raise ValueError(f"layer must be an int >= 0, got {layer!r}")
-        self.layer, self.placeholder_id = layer, placeholder_id
+        self.layer, self.placeholder_id, self.history_len = layer, placeholder_id, history_len
         self.register_buffer("features", features.detach().float().clone(), persistent=False)
-        f = features.shape[1]
+        self.user = None if user is None else user.float().requires_grad_(False).eval()
+        f = features.shape[1] * (2 if user is not None else 1)
         self.proj = nn.Sequential(nn.Linear(f, dim), nn.GELU(), nn.Linear(dim, dim)).to(features.device)
         self.reference: nn.Module | None = None     # the frozen copy (freeze_reference)
         self.use_reference = False
@@ -242,12 +251,28 @@ class ItemTokens(nn.Module):
         """Keep a frozen copy of the projector's current weights as the reference's projector."""
         self.reference = copy.deepcopy(self.proj).requires_grad_(False)
 
+    def _users(self, items: torch.Tensor, in_history: torch.Tensor) -> torch.Tensor:
+        """(B, f): the user encoder on each row's history items, left-padded to history_len."""
+        B, L = items.shape[0], self.history_len
+        from_end = in_history.flip(-1).long().cumsum(-1).flip(-1)                # (B, T): 1 at the last
+        col = torch.where(in_history & (from_end <= L), L - from_end, L)        # column L: discarded
+        seqs = torch.zeros(B, L + 1, dtype=torch.long, device=items.device)
+        seqs.scatter_(1, col, torch.where(in_history, items, 0))
+        with torch.no_grad():
+            return self.user(seqs[:, :L]).float()                               # (B, f)
+
     def add(self, x: torch.Tensor, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """``x`` (B, T, dim) with the projected features added at the item tokens of ``input_ids``."""
-        is_item = input_ids >= vocab_size                                       # (B, T)
-        rows = (input_ids - vocab_size).clamp(0, self.features.shape[0] - 1)    # (B, T)
+        n = self.features.shape[0]
+        rel = input_ids - vocab_size
+        is_item, is_cand = rel >= 0, rel >= n                                   # (B, T)
+        items = torch.where(is_cand, rel - n, rel).clamp(0, n - 1)              # (B, T)
+        f = self.features[items]                                                # (B, T, f)
+        if self.user is not None:
+            u = self._users(items, is_item & ~is_cand)                          # (B, f)
+            f = torch.cat([f, f * u[:, None] * is_cand.unsqueeze(-1)], -1)      # (B, T, 2f)
         proj = self.reference if self.use_reference and self.reference is not None else self.proj
-        v = proj(self.features[rows]).to(x.dtype)                               # (B, T, dim)
+        v = proj(f).to(x.dtype)                                                 # (B, T, dim)
         return x + v * is_item.unsqueeze(-1).to(x.dtype)
 
 

@@ -32,8 +32,8 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from minisdpo.batches import PackedBatch, packed_batch
-from minisdpo.data import Row, TokenizerLike, encode_group
+from minisdpo.batches import PackedBatch, pack_groups, packed_batch
+from minisdpo.data import Row, TokenizerLike, encode_group, padding_id
 
 __all__ = ["PrefixCache"]
 
@@ -54,15 +54,14 @@ class PrefixCache:
     batches of any responses of its rows, with their states attached."""
 
     def __init__(self, rows: Sequence[Row], tok: TokenizerLike, domain: str, max_len: int, layer: int,
-                 hidden: torch.Tensor, index: dict[str, torch.Tensor], build_s: float = 0.0):
+                 hidden: torch.Tensor, index: dict[str, torch.Tensor]):
         self.rows, self.tok, self.domain, self.max_len, self.layer = list(rows), tok, domain, max_len, layer
         self.hidden = hidden                       # (tokens, dim), the model's dtype
-        self.ids = index["ids"]                    # (tokens,) the input ids, to check every batch
+        self.ids = index["ids"]                    # (tokens,) the input ids: batches are built from them
         self.offsets = index["offsets"]            # (N + 1,) where each row's positions start
         self.starts = index["starts"]              # (N, C) where each candidate's segment starts in its row
         self.lengths = index["lengths"]            # (N, C) its fed-in tokens (the title; EOS is not fed in)
         self.prompt_lens = index["prompt_lens"]    # (N,)
-        self.build_s = build_s
         self.reused = False                        # True when read back from a file built earlier
 
     def __len__(self) -> int:
@@ -157,7 +156,7 @@ class PrefixCache:
             tmp = path / (_META + ".tmp")
             tmp.write_text(json.dumps(meta, indent=2) + "\n")
             os.replace(tmp, path / _META)            # written last: the cache is complete
-        return cls(rows, tok, domain, max_len, layer, hidden, index, build_s)
+        return cls(rows, tok, domain, max_len, layer, hidden, index)
 
     @classmethod
     def _load(cls, path: Path, fingerprint: str, rows, tok, domain, max_len, layer, dim, dtype
@@ -172,7 +171,7 @@ class PrefixCache:
         index = torch.load(path / _INDEX, weights_only=True)
         hidden = torch.from_file(str(path / _HIDDEN), shared=False, size=meta["tokens"] * dim,
                                  dtype=dtype).view(meta["tokens"], dim)
-        cache = cls(rows, tok, domain, max_len, layer, hidden, index, meta["build_s"])
+        cache = cls(rows, tok, domain, max_len, layer, hidden, index)
         cache.reused = True
         return cache
 
@@ -181,25 +180,27 @@ class PrefixCache:
     def batch(self, row_ids: Sequence[int], responses: Sequence[Sequence[str]]) -> PackedBatch:
         """``packed_batch`` of rows ``row_ids`` with ``responses[g]`` (titles among row g's
         candidates, in any order), with ``boundary`` (G, L, dim), the cached states at its
-        positions, and ``boundary_layer`` set: the model runs from that layer on."""
+        positions, and ``boundary_layer`` set: the model runs from that layer on. Built from the
+        token ids the cache keeps (a response is its fed-in ids and EOS): no tokenizer call."""
         if len(row_ids) != len(responses):
             raise ValueError(f"responses has {len(responses)} lists for {len(row_ids)} rows")
-        rows = [self.rows[i] for i in row_ids]
-        b = packed_batch(self.tok, rows, responses, self.max_len, domain=self.domain)
-        G, L = b.input_ids.shape
-        src = torch.empty(G, L, dtype=torch.long)
-        for g, (i, row, titles) in enumerate(zip(row_ids, rows, responses)):
-            pieces = [torch.arange(int(self.prompt_lens[i]))]
+        groups, sources = [], []
+        for i, titles in zip(row_ids, responses):
+            candidates = self.rows[i].candidates
+            offset, prompt_len = int(self.offsets[i]), int(self.prompt_lens[i])
+            pieces, fed = [torch.arange(offset, offset + prompt_len)], []
             for t in titles:
-                if t not in row.candidates:
+                if t not in candidates:
                     raise ValueError(f"response {t!r} is not a candidate of row {i}")
-                c = row.candidates.index(t)
-                pieces.append(self.starts[i, c] + torch.arange(int(self.lengths[i, c])))
-            pos = int(self.offsets[i]) + torch.cat(pieces)
-            if len(pos) > L or not torch.equal(self.ids[pos], b.input_ids[g, :len(pos)]):
-                raise RuntimeError(f"row {i}'s tokens differ from the prefix cache's: it was built with "
-                                   f"other rows, another tokenizer or another max_len")
-            # Padding positions take any state: they attend to themselves only and predict nothing.
-            src[g, :len(pos)], src[g, len(pos):] = pos, int(self.offsets[i])
+                c = candidates.index(t)
+                start = offset + int(self.starts[i, c])
+                pieces.append(torch.arange(start, start + int(self.lengths[i, c])))
+                fed.append(self.ids[pieces[-1]].tolist() + [self.tok.eos_id])
+            groups.append((self.ids[pieces[0]].tolist(), fed))
+            sources.append(torch.cat(pieces))
+        b = pack_groups(groups, padding_id(self.tok))
+        G, L = b.input_ids.shape
+        # Padding positions take any state: they attend to themselves only and predict nothing.
+        src = torch.stack([torch.cat([pos, pos[:1].expand(L - len(pos))]) for pos in sources])       # (G, L)
         boundary = self.hidden.index_select(0, src.flatten()).view(G, L, -1)
         return replace(b, boundary=boundary, boundary_layer=self.layer)

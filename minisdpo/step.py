@@ -118,8 +118,6 @@ class RefCache:
     def __init__(self) -> None:
         self._logps: dict[tuple[Hashable, str], float] = {}
         self._dtype = torch.float32
-        self.hits = 0
-        self.misses = 0
 
     @staticmethod
     def key(row: Hashable, responses: Sequence[str]) -> tuple[Hashable, tuple[str, ...]]:
@@ -140,9 +138,7 @@ class RefCache:
         """The cached (S,) log-probs of these groups' responses, in order, or None if any is missing."""
         wanted = [(row, title) for row, titles in keys for title in titles]
         if not keys or any(w not in self._logps for w in wanted):
-            self.misses += 1
             return None
-        self.hits += 1
         return torch.tensor([self._logps[w] for w in wanted], dtype=self._dtype)  # (S,)
 
     def put(self, keys: Sequence[Hashable], ref_logps: torch.Tensor) -> None:

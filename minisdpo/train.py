@@ -188,6 +188,7 @@ class ItemSetup:
     rec: SASRecRecommender
     layer: int
     placeholder: int
+    user: bool            # --item-tokens sasrec-user: candidates carry the user's representation
 
 
 def run_sasrec(args: argparse.Namespace, env: Env, out: Path) -> SASRecRecommender:
@@ -240,7 +241,7 @@ def with_items(model: Llama, items: ItemSetup | None, projector: Path | None = N
     (seeded), or the one saved in ``projector``."""
     if items is None:
         return model
-    attach(model, items.rec, items.layer, items.placeholder, seed=seed)
+    attach(model, items.rec, items.layer, items.placeholder, user=items.user, seed=seed)
     if projector is not None:
         try:
             load_projector(model, projector)
@@ -337,7 +338,7 @@ def stage_data(model: Llama, data: StageData, n: str | int, flag: str, args: arg
     return dataclasses.replace(data, train_prefix=caches["train"], val_prefix=caches["val"])
 
 
-def load_sft_model(out: Path, env: Env, items: ItemSetup | None) -> Llama:
+def load_sft_model(out: Path, env: Env, items: ItemSetup | None = None) -> Llama:
     """The merged SFT model, with the SFT stage's item-token projector."""
     path = sft_model_dir(out)
     if not (path / "config.json").exists():
@@ -644,12 +645,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     if tok is None:
         tok = scratch_tokenizer(args, env, out, splits, domain, titles)
     items = None
-    if args.item_tokens == "sasrec":
+    if args.item_tokens != "none":
         rec = run_sasrec(args, env, out)
         vocab_size = load_config(model_dir).vocab_size if model_dir else tok.vocab_size
         layer = 0 if args.item_layer == "input" else lora_boundary(n_layers, args.lora_layers, "--lora-layers")
-        items = ItemSetup(rec, layer, placeholder_id(tok))
-        tok = ItemTokenizer(tok, rec.vocab, vocab_size)
+        items = ItemSetup(rec, layer, placeholder_id(tok), args.item_tokens == "sasrec-user")
+        tok = ItemTokenizer.of(tok, rec, vocab_size)
         log(env, f"[items] an item token after every title: {len(rec.vocab)} SASRec items, projected into the "
                  f"residual stream entering layer {layer}")
     data = StageData(tok, domain, splits["train"], splits["val"])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from minisdpo import data
-from minisdpo.data import (Row, batches, clean_title, encode_prompt, encode_response, epoch_negatives,
+from minisdpo.data import (Row, clean_title, encode_prompt, encode_response, epoch_negatives,
                            format_prompt, load_dataset, sample_negatives)
 
 from conftest import TOK, make_row
@@ -349,16 +349,6 @@ def test_epoch_negatives_anew_or_fixed():
     assert f0 != epoch_negatives(rows, 3, seed=1, epoch=0, fixed=True)
     for row, negs in zip(rows, e0 + f0):
         assert row.target not in negs and len(set(negs)) == 3
-
-
-def test_batches_cover_each_index_once():
-    chunks = list(batches(10, 4))
-    assert chunks == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    shuffled = list(batches(list(range(10)), 4, random.Random(0)))
-    assert sorted(i for c in shuffled for i in c) == list(range(10)) and shuffled != chunks
-    assert [len(c) for c in batches(10, 4, np.random.default_rng(0), drop_last=True)] == [4, 4]
-    with pytest.raises(ValueError, match="batch_size"):
-        next(batches(10, 0))
 
 
 def test_row_validation():

@@ -34,25 +34,27 @@ def _sasrec(titles: list[str], seed: int = 0) -> SASRecRecommender:
     return SASRecRecommender(SASRec(len(vocab) + 2, dim=8), vocab, {})
 
 
-def _setup(rows, layer: int, dtype=torch.float32, seed: int = 0):
+def _setup(rows, layer: int, dtype=torch.float32, seed: int = 0, user: bool = False):
     model = tiny_llama(seed).to(dtype)
     titles = sorted({t for r in rows for t in (*r.history, *r.candidates)})[:-3]   # three unknown titles
     rec = _sasrec(titles, seed)
-    attach(model, rec, layer, placeholder=TOK.encode(" ")[0], seed=seed)
+    attach(model, rec, layer, placeholder=TOK.encode(" ")[0], user=user, seed=seed)
     with torch.no_grad():   # a projector far from its initialisation, whose output matters
         for p in model.items.proj.parameters():
             p.normal_(0.0, 0.5)
-    return model, ItemTokenizer(TOK, rec.vocab, model.args.vocab_size)
+    return model, ItemTokenizer.of(TOK, rec, model.args.vocab_size)
 
 
 def test_an_item_token_follows_every_title_and_the_text_is_unchanged():
     row = random_rows(1, seed=1)[0]
     rec = _sasrec(list(row.history[:-1]) + list(row.candidates[1:]))
-    tok = ItemTokenizer(TOK, rec.vocab, TOK.vocab_size)
+    tok = ItemTokenizer.of(TOK, rec, TOK.vocab_size)
     ids = D.encode_prompt(tok, row, "music")
     items = [i - TOK.vocab_size for i in ids if i >= TOK.vocab_size]
     titles = (*row.history, *row.candidates)
-    assert items == [rec.vocab.get(t, UNKNOWN) for t in titles]
+    n = rec.model.items.num_embeddings     # a candidate's token: the item's id after all history ids
+    assert items == [rec.vocab.get(t, UNKNOWN) + n * (k >= len(row.history)) for k, t in enumerate(titles)]
+    items = [i % n for i in items]
     assert items[len(row.history) - 1] == UNKNOWN and items[len(row.history)] == UNKNOWN   # not in SASRec
     # Without the item tokens, the ids are the text prompt's (bytes: no merges across the cut).
     assert [i for i in ids if i < TOK.vocab_size] == D.encode_prompt(TOK, row, "music")
@@ -66,14 +68,15 @@ def test_an_item_token_follows_every_title_and_the_text_is_unchanged():
         D.encode_prompt(tok, bad, "music")
 
 
+@pytest.mark.parametrize("user", [False, True], ids=["items", "items+user"])
 @pytest.mark.parametrize("layer", [0, 1], ids=["input", "boundary"])
 @pytest.mark.parametrize("backend", [pytorch_backend, ops], ids=["pytorch", "fused"])
-def test_the_cached_path_equals_the_whole_model_with_item_tokens(layer, backend):
+def test_the_cached_path_equals_the_whole_model_with_item_tokens(layer, backend, user):
     """The cache at layer 1 of a 2-layer model: with the projection entering at the boundary the
     cache holds the placeholder only and the projector runs on top of it; entering at the input,
     the cache holds its output. Both equal the whole model in float32, log-probs and gradients."""
     rows = random_rows(4, seed=2)
-    model, tok = _setup(rows, layer)
+    model, tok = _setup(rows, layer, user=user)
     cache = PrefixCache.build(model, tok, rows, "music", 256, 1, batch_size=2, progress=False)
     responses = [[r.target, *[c for c in r.candidates if c != r.target][:3]] for r in rows]
     objective = StageLoss(model, backend, negatives=3)
@@ -98,14 +101,15 @@ def test_the_cached_path_equals_the_whole_model_with_item_tokens(layer, backend)
     assert not torch.allclose(moved, loss.detach())
 
 
+@pytest.mark.parametrize("user", [False, True], ids=["items", "items+user"])
 @pytest.mark.parametrize("layer", [0, 1], ids=["input", "boundary"])
-def test_projector_gradients_equal_those_of_a_plain_twin(layer):
+def test_projector_gradients_equal_those_of_a_plain_twin(layer, user):
     """The model's item tokens against the same computation written out by hand: the
     placeholder's ids through the layers below ``layer``, the projected features put in at the
     item positions with index_put, the layers above; same log-probs, same projector gradients
     (float32, within 1e-5)."""
     rows = random_rows(3, seed=3)
-    model, tok = _setup(rows, layer=layer)
+    model, tok = _setup(rows, layer=layer, user=user)
     batch = packed_batch(tok, rows, [[r.target, r.candidates[0]] for r in rows], 256, domain="music")
     weights = torch.randn(batch.labels.shape)
     V, items = model.args.vocab_size, model.items
@@ -120,8 +124,23 @@ def test_projector_gradients_equal_those_of_a_plain_twin(layer):
         plain = torch.where(is_item, items.placeholder_id, batch.input_ids)
         kw = {"position_ids": batch.position_ids, "mask": batch.mask}
         x = model.model.embed_tokens(plain) if layer == 0 else model(plain, stop_layer=layer, **kw)
+        n = items.features.shape[0]
+        features = []
+        for g, ids in enumerate(batch.input_ids.tolist()):
+            history = [i - V for i in ids if V <= i < V + n][-items.history_len:]
+            u = None
+            if items.user is not None:
+                seq = torch.tensor([[0] * (items.history_len - len(history)) + history])
+                u = items.user(seq)[0]
+            for i in ids:
+                if i >= V + n:          # a candidate: [e, u * e] with the row's user
+                    e = items.features[i - V - n]
+                    features.append(e if u is None else torch.cat([e, u * e]))
+                elif i >= V:            # a history item: [e, 0]
+                    e = items.features[i - V]
+                    features.append(e if u is None else torch.cat([e, torch.zeros_like(e)]))
         where = is_item.nonzero(as_tuple=True)
-        x = x.index_put(where, x[where] + items.proj(items.features[batch.input_ids[where] - V]))
+        x = x.index_put(where, x[where] + items.proj(torch.stack(features)).to(x.dtype))
         if layer == 0:   # the embedding is the residual stream entering layer 0: run the model on it by hand
             cos, sin = model._rope(batch.position_ids, x.dtype)
             allowed = batch.mask.view(-1, 1, *batch.mask.shape[1:])

@@ -14,7 +14,7 @@ import torch
 
 from minisdpo import data as D
 from minisdpo import ops
-from minisdpo.batches import build_batch
+from minisdpo.batches import build_batch, packed_batch
 from minisdpo.evaluate import ranking_scores
 from minisdpo.lora import apply_lora, mark_only_lora_as_trainable, top_layers
 from minisdpo.model import Llama, ModelArgs
@@ -186,12 +186,22 @@ def test_cache_errors(rows):
         cache.batch([0], [["no such title"]])
     with pytest.raises(ValueError, match="2 lists for 1 rows"):
         cache.batch([0], [[rows[0].target], [rows[0].target]])
-    # A cache of other prompts (here another domain's template) is refused, not silently used.
-    other = PrefixCache(rows, TOK, "movies", 512, 1, cache.hidden,
-                        {"ids": cache.ids, "offsets": cache.offsets, "starts": cache.starts,
-                         "lengths": cache.lengths, "prompt_lens": cache.prompt_lens})
-    with pytest.raises(RuntimeError, match="tokens differ from the prefix cache's"):
-        other.batch([0], [[rows[0].target]])
+
+
+def test_batches_from_the_cached_ids_are_packed_batch_s(rows):
+    """The cache builds its batches from the token ids it keeps, without the tokenizer: the same
+    tensors as packed_batch from the rows' text, for any responses in any order."""
+    model = lora_model(torch.float32)
+    cache = PrefixCache.build(model, TOK, rows, "music", 512, 1, progress=False)
+    ids = [3, 0, 5]
+    responses = [[rows[i].target, *[c for c in rows[i].candidates if c != rows[i].target][:k]]
+                 for i, k in zip(ids, (0, 3, 1))]
+    responses[1] = responses[1][::-1]
+    want = packed_batch(TOK, [rows[i] for i in ids], responses, 512, domain="music")
+    got = cache.batch(ids, responses)
+    for name in ("input_ids", "position_ids", "mask", "index", "labels"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.num_tokens == want.num_tokens
 
 
 # ------------------------------------------------------------------------------ a real checkpoint

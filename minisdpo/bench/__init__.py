@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="--step --model: also time the step with LoRA on the top N layers only, from the "
                         "frozen-prefix cache ('cached', as train.py --lora-layers N) and without it "
                         "('uncached_top'), beside today's default step (LoRA on every layer)")
+    p.add_argument("--item-tokens", action="store_true",
+                   help="--step --lora-layers N: also time the cached step with item tokens (minisdpo.items) "
+                        "after every title, their projector trained at the cache's boundary")
     p.add_argument("--no-hf-peft", action="store_true",
                    help="--step --model: leave out transformers + PEFT (the slowest side; no 'hf_peft' and "
                         "'speedup' keys then)")

@@ -39,7 +39,9 @@ from minisdpo import ops
 from minisdpo.batches import build_batch
 from minisdpo.bench.common import WordTokenizer, clear_peak_rss, peak_rss, rss
 from minisdpo.bench.synthetic_step import MAX_LEN
+from minisdpo.baselines import SASRec, SASRecRecommender
 from minisdpo.checkpoint import from_pretrained, load_config
+from minisdpo.items import ItemTokenizer, attach, placeholder_id
 from minisdpo.lora import (DEFAULT_TARGETS, apply_lora, load_lora_state_dict, lora_state_dict,
                            mark_only_lora_as_trainable, top_layers)
 from minisdpo.model import Llama
@@ -53,7 +55,7 @@ MODEL_SIDES = ("ours", "hf_peft")
 # transformers + PEFT runs as fast under autocast as with bfloat16 weights (within 2%, autocast
 # ahead in the cleanest sweep): it gets autocast, the mode a Trainer with bf16=True would use.
 BEST_MODE = {"ours": "bfloat16", "hf_peft": "autocast", "ours_ref_cached": "bfloat16", "cached": "bfloat16",
-             "uncached_top": "bfloat16"}
+             "uncached_top": "bfloat16", "cached_items": "bfloat16"}
 MODEL_GROUPS, MODEL_REPEATS = 8, 3
 LORA_R, LORA_ALPHA, BETA, LR = 8, 32.0, 1.0, 1e-4
 DATA_SET = "movielens"
@@ -196,12 +198,15 @@ def build_hf_peft(model_dir: str, mode: str, batches: dict, K: int, lora: dict, 
 
 
 def build_top(model_dir: str, mode: str, batches: dict, K: int, lora: dict, dropout: float = 0.0,
-              lora_layers: int = 4, cached: bool = True):
+              lora_layers: int = 4, cached: bool = True, items: bool = False):
     """Our step with LoRA on the top ``lora_layers`` layers (``lora``'s weights there). ``cached``:
     the frozen-prefix cache of the rows and the reference log-probs of all their candidates are
     built first (their times per row in ``step.build_ms_per_row`` and ``step.ref_ms_per_row``),
     then every step runs the top layers on the policy only; else the whole model, reference
-    included, as ``build_ours``. Returns step() -> loss."""
+    included, as ``build_ours``. ``items``: with item tokens (``minisdpo.items``) after every
+    title, their projector entering at the cache's boundary and trained with the adapter (a
+    SASRec over the rows' titles with its initial embeddings: the cost is the same). Returns
+    step() -> loss."""
     model = from_pretrained(model_dir, dtype=_mode_dtype(mode))
     layers = top_layers(model.args.n_layers, lora_layers)
     apply_lora(model, r=LORA_R, alpha=LORA_ALPHA, dropout=dropout, layers=layers)
@@ -209,6 +214,12 @@ def build_top(model_dir: str, mode: str, batches: dict, K: int, lora: dict, drop
     load_lora_state_dict(model, {name: t for name, t in lora.items() if name in own})
     mark_only_lora_as_trainable(model)
     rows, negatives, tok = batches["rows"], batches["negatives"], batches["tok"]
+    if items:
+        titles = sorted({t for r in rows for t in (*r.history, *r.candidates)})
+        torch.manual_seed(0)
+        rec = SASRecRecommender(SASRec(len(titles) + 2), {t: i + 2 for i, t in enumerate(titles)}, {})
+        attach(model, rec, layers[0], placeholder_id(tok))
+        tok = ItemTokenizer.of(tok, rec, model.args.vocab_size)
     extra: dict = {}
     if cached:
         domain = D.default_domain(DATA_SET)
@@ -232,11 +243,13 @@ def build_top(model_dir: str, mode: str, batches: dict, K: int, lora: dict, drop
 
 MODEL_BUILDERS = {"ours": build_ours, "hf_peft": build_hf_peft,
                   "ours_ref_cached": lambda *a, **k: build_ours(*a, **k, ref_cached=True),
-                  "cached": build_top, "uncached_top": lambda *a, **k: build_top(*a, **k, cached=False)}
+                  "cached": build_top, "uncached_top": lambda *a, **k: build_top(*a, **k, cached=False),
+                  "cached_items": lambda *a, **k: build_top(*a, **k, items=True)}
+TOP_SIDES = ("cached", "uncached_top", "cached_items")
 
 
 def _builder_kwargs(side: str, args: argparse.Namespace) -> dict:
-    extra = {"lora_layers": args.lora_layers} if side in ("cached", "uncached_top") else {}
+    extra = {"lora_layers": args.lora_layers} if side in TOP_SIDES else {}
     return {"dropout": args.lora_dropout, **extra}
 
 
@@ -276,7 +289,8 @@ def run(args: argparse.Namespace, info: dict) -> dict:
     K, groups, repeats = args.K, args.groups, args.repeats
     ours_sides = ("ours",) if args.no_hf_peft else MODEL_SIDES
     sides = (ours_sides + (("ours_ref_cached",) if args.ref_cache else ())
-             + (("cached", "uncached_top") if args.lora_layers else ()))
+             + (("cached", "uncached_top") if args.lora_layers else ())
+             + (("cached_items",) if args.lora_layers and args.item_tokens else ()))
     modes = {side: list(args.dtype) if args.dtype else [BEST_MODE[side]] for side in sides}
     batches = model_batches(args.model, K, groups, args.hf_micro_batch)
     packed, plain = batches["packed"], batches["plain"]
@@ -377,6 +391,14 @@ def run(args: argparse.Namespace, info: dict) -> dict:
               f"per row), uncached {results['uncached_top']['ms_per_group']:.0f} ms per group; today's default "
               f"step (LoRA on every layer) {results['uncached']['ms_per_group']:.0f} ms per group: "
               f"{results['cached_speedup']:.2f}x; |loss cached - uncached| {results['cached_loss_diff']:.2e}")
+    if "cached_items" in results:
+        items = results["cached_items"]
+        results["cached_items"] = {**items, "ms_per_group": items["ms"] / groups, "lora_layers": args.lora_layers,
+                                   **extras[("cached_items", best["cached_items"])]}
+        results["item_tokens_cost"] = items["ms"] / results["cached"]["ms"]
+        print(f"with item tokens (the projector at the boundary, trained): cached "
+              f"{results['cached_items']['ms_per_group']:.0f} ms per group, {results['item_tokens_cost']:.2f}x the "
+              f"cached step without them")
     return results
 
 
