@@ -155,6 +155,26 @@ def _batch(cfg: LoopConfig, data: StageData, prefix: PrefixCache | None, rows: S
     return build_batch(data.tok, part, negatives, cfg.max_len, domain=data.domain, packing=cfg.packing).to(device)
 
 
+def micro_batch(objective: StageLoss, cfg: LoopConfig, data: StageData, prefix: PrefixCache | None,
+                rows: Sequence[D.Row], ids: Sequence[int], negatives: Sequence[Sequence[str]] | None,
+                ref_cache: RefCache | None, n_terms: int, device: torch.device, key=lambda i: i):
+    """The loss of rows[i] for i in ids (their ``negatives[i]``, None for SFT) over ``n_terms``, a
+    training or a validation micro-batch alike: the batch, the reference's log-probs (read from
+    ``ref_cache`` under ``key(i)`` when given; with a prefix cache every candidate of a row is
+    put there at once), the loss. Returns (loss, logps, ref_logps, batch)."""
+    negs = [negatives[i] for i in ids] if negatives else None
+    if negs and ref_cache is not None and prefix is not None:
+        objective.fill_reference(prefix, ids, ref_cache, key=key, batch_size=cfg.batch_size, device=device)
+    batch = _batch(cfg, data, prefix, rows, ids, negs, device)
+    ref = None
+    if negs:
+        keys = ([RefCache.key(key(i), [rows[i].target, *negatives[i]]) for i in ids]
+                if ref_cache is not None else None)
+        ref = objective.reference(batch, ref_cache, keys)
+    loss, logps = objective(batch, n_terms, ref)
+    return loss, logps, ref, batch
+
+
 @torch.no_grad()
 def validation_loss(objective: StageLoss, cfg: LoopConfig, data: StageData, env: Env,
                     ref_cache: RefCache | None = None) -> float:
@@ -166,19 +186,11 @@ def validation_loss(objective: StageLoss, cfg: LoopConfig, data: StageData, env:
     total, terms = 0.0, 0
     for start in range(0, len(rows), cfg.batch_size):
         ids = range(start, min(start + cfg.batch_size, len(rows)))
-        part = [rows[i] for i in ids]
-        negs = [negatives[i] for i in ids] if negatives else None
-        if negs and data.val_prefix is not None:
-            objective.fill_reference(data.val_prefix, ids, ref_cache, key=lambda i: ("val", i),
-                                     batch_size=cfg.batch_size, device=env.device)
-        batch = _batch(cfg, data, data.val_prefix, rows, ids, negs, env.device)
-        ref = None
-        if negs:
-            keys = [RefCache.key(("val", i), [rows[i].target, *negatives[i]]) for i in ids]
-            ref = objective.reference(batch, ref_cache, keys)
-        value, _ = objective(batch, 1, ref)          # n_terms 1: the batch's sum, divided below
+        # n_terms 1: the batch's sum, divided below
+        value, *_ = micro_batch(objective, cfg, data, data.val_prefix, rows, ids, negatives, ref_cache, 1,
+                                env.device, key=lambda i: ("val", i))
         total += float(value)
-        terms += len(part) if k else sft_terms(data.tok, part)
+        terms += len(ids) if k else sft_terms(data.tok, [rows[i] for i in ids])
     model.train()
     return total / terms
 
@@ -290,20 +302,12 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: LoopConfig, data: 
         loss, stats_acc, tokens = 0.0, [], 0
         for m in range(0, len(mine), cfg.batch_size):
             part = mine[m:m + cfg.batch_size]
-            negs = [negatives[i] for i in part] if negatives else None
-            if ref_cache is not None and prefix is not None:
-                objective.fill_reference(prefix, part, ref_cache, batch_size=cfg.batch_size, device=env.device)
-            batch = _batch(cfg, data, prefix, rows, part, negs, env.device)
-            ref = None
-            if negs:
-                keys = ([RefCache.key(i, [rows[i].target, *n]) for i, n in zip(part, negs)]
-                        if ref_cache is not None else None)
-                ref = objective.reference(batch, ref_cache, keys)
-            value, logps = objective(batch, n_terms, ref)
+            value, logps, ref, batch = micro_batch(objective, cfg, data, prefix, rows, part, negatives, ref_cache,
+                                                   n_terms, env.device)
             value.backward()
             loss += float(value.detach())
             tokens += batch.num_tokens
-            if negs:
+            if negatives:
                 stats_acc.append((len(part), preference_metrics(logps.detach(), ref, cfg.beta, spec.negatives)))
         stats = _weighted_mean(stats_acc)
         if env.world > 1:
@@ -344,7 +348,7 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: LoopConfig, data: 
     bar.close()
     if best_path.exists() and best["step"] != step:
         log(env, f"[{spec.name}] restoring the best checkpoint (step {best['step']})")
-        saved = torch.load(best_path)
+        saved = torch.load(best_path, weights_only=True)
         with torch.no_grad():
             for n, p in params:
                 p.copy_(saved[n])
