@@ -11,7 +11,9 @@
 // Peak extra memory is one chunk of logits plus the gradients of hidden and weight,
 // independent of S * R * V. Only counted tokens (label != ignore_index) are gathered into the
 // chunks: ignored ones cost nothing. The chunks cover whole rows of the vocabulary, since the
-// row kernels need a whole row to form the log-sum-exp.
+// row kernels need a whole row to form the log-sum-exp. The forward pass finds the counted
+// tokens and checks their labels once (counted_rows: one host synchronisation on a GPU) and
+// returns their positions, which the backward pass reuses: no synchronisation there.
 //
 // Implemented once for every device (CompositeExplicitAutograd): at::mm / addmm_ for the chunk
 // matmuls and the minisdpo row kernels called through the dispatcher, which picks the CPU
@@ -42,18 +44,31 @@ int64_t rows_per_chunk(int64_t chunk_rows, int64_t V, const at::Tensor& hidden) 
   return std::max<int64_t>(1, kChunkBytes / row_bytes);
 }
 
-// The flat positions (S * R) of the counted tokens, after checking their labels lie in [0, V).
-// nonzero() needs the count on the host: one synchronisation per call on a GPU, the price of
-// doing no work at all for ignored tokens (and of the chunk loop's trip count).
+// The flat positions r = s * R + t of the counted tokens (label != ignore_index), in
+// increasing order, after checking that their labels lie in [0, V). The one host
+// synchronisation of the linear ops on a GPU: the count N (the output's size, which the chunk
+// loops need on the host) and the first bad label, if any, reach the host together in one copy of
+// three integers; the check and the gathering of the positions run on the device.
 at::Tensor counted_rows(const at::Tensor& labels, int64_t V, int64_t ignore_index) {
-  const at::Tensor flat = labels.reshape({-1});
+  const int64_t n = labels.numel(), R = labels.size(1);
+  const auto lopts = labels.options().dtype(at::kLong);
+  if (n == 0) return at::empty({0}, lopts);
+  const at::Tensor flat = labels.reshape({-1});                                     // (n,)
   const at::Tensor counted = flat.ne(ignore_index);
   const at::Tensor bad = counted.logical_and(flat.lt(0).logical_or(flat.ge(V)));
-  if (bad.any().item<bool>()) {
-    const int64_t r = bad.nonzero().select(1, 0)[0].item<int64_t>();
-    check_label(flat[r].item<int64_t>(), r / labels.size(1), r % labels.size(1), V, ignore_index);
-  }
-  return counted.nonzero().select(1, 0);  // (N,)
+  const at::Tensor pos = at::arange(n, lopts);
+  const at::Tensor first_bad = at::where(bad, pos, n).amin();                       // n: none
+  const at::Tensor summary = at::stack(
+      {counted.sum(), first_bad, flat.index_select(0, first_bad.clamp_max(n - 1).reshape({1})).squeeze(0)});
+  const at::Tensor host = summary.to(at::kCPU, /*non_blocking=*/false, /*copy=*/true);
+  const int64_t* h = host.const_data_ptr<int64_t>();
+  const int64_t N = h[0], r = h[1];
+  if (r < n) check_label(h[2], r / R, r % R, V, ignore_index);
+  // A permutation of the positions, the counted ones first (in order), then the ignored ones:
+  // slot = the counted (or ignored) positions up to and including this one, less one.
+  const at::Tensor c = counted.to(at::kLong);
+  const at::Tensor slot = at::where(counted, c.cumsum(0) - 1, (1 - c).cumsum(0) + (N - 1));
+  return at::empty({n}, lopts).index_copy_(0, slot, pos).slice(0, 0, N);           // (N,)
 }
 
 // The existing row kernels, called through the dispatcher (CPU or CUDA implementation).
@@ -90,22 +105,21 @@ void call_logits_bwd_(at::Tensor& logits, const at::Tensor& coef, const at::Tens
 }  // namespace
 
 // tok (S, R) = log softmax(hidden @ weight^T)[labels] per token and its lse (S, R), both in the
-// accumulation dtype, 0 where ignored.
-std::tuple<at::Tensor, at::Tensor> linear_token_logps_fwd(const at::Tensor& hidden,
-                                                          const at::Tensor& weight,
-                                                          const at::Tensor& labels,
-                                                          int64_t ignore_index,
-                                                          int64_t chunk_rows) {
+// accumulation dtype, 0 where ignored; rows (N,) the flat positions of the counted tokens
+// (counted_rows), which the backward pass reuses.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logps_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+    int64_t ignore_index, int64_t chunk_rows) {
   check_linear(hidden, weight, labels);
   const int64_t S = hidden.size(0), R = hidden.size(1), D = hidden.size(2), V = weight.size(0);
   const auto opts = hidden.options().dtype(acc_dtype(hidden.scalar_type()));
   at::Tensor tok = at::zeros({S * R}, opts);
   at::Tensor lse = at::zeros({S * R}, opts);
   const at::Tensor rows = counted_rows(labels, V, ignore_index);  // (N,)
+  const int64_t N = rows.size(0), C = rows_per_chunk(chunk_rows, V, hidden);
   const at::Tensor h = hidden.reshape({S * R, D});                 // (S*R, D)
   const at::Tensor y = labels.reshape({S * R});
   const at::Tensor wt = weight.t();                                // (D, V)
-  const int64_t N = rows.size(0), C = rows_per_chunk(chunk_rows, V, hidden);
   for (int64_t start = 0; start < N; start += C) {
     const at::Tensor r = rows.slice(0, start, std::min(N, start + C));           // (n,)
     const at::Tensor logits = at::mm(h.index_select(0, r), wt).unsqueeze(0);     // (1, n, V)
@@ -113,33 +127,34 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logps_fwd(const at::Tensor& hidd
     tok.index_copy_(0, r, t.squeeze(0));
     lse.index_copy_(0, r, l.squeeze(0));
   }
-  return {tok.view({S, R}), lse.view({S, R})};
+  return {tok.view({S, R}), lse.view({S, R}), rows};
 }
 
 // The S-DPO loss from the token log-probs: the group loss of the logits op (sdpo_group_loss,
 // csrc/sdpo_math.h), on the device of hidden. Returns (loss (), logps (S,), lse (S, R),
-// dlogps (S,) float64) like sdpo_fwd.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpo_linear_fwd(
+// dlogps (S,) float64) like sdpo_fwd, then rows as linear_token_logps_fwd.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpo_linear_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
     const at::Tensor& ref_logps, double beta, int64_t num_negatives, int64_t ignore_index,
     int64_t chunk_rows) {
   check_sdpo_linear_fwd(hidden, weight, labels, ref_logps, beta, num_negatives);
-  auto [tok, lse] = linear_token_logps_fwd(hidden, weight, labels, ignore_index, chunk_rows);
+  auto [tok, lse, rows] = linear_token_logps_fwd(hidden, weight, labels, ignore_index, chunk_rows);
   // logp(y) summed in double, in a fixed order: independent of chunks and threads.
   const at::Tensor logps = tok.to(at::kDouble).sum(1);  // (S,)
   auto [loss, dlogps] = call_sdpo_group_loss(logps, ref_logps, beta, num_negatives);
-  return {loss.to(tok.scalar_type()), logps.to(tok.scalar_type()), lse, dlogps};
+  return {loss.to(tok.scalar_type()), logps.to(tok.scalar_type()), lse, dlogps, rows};
 }
 
 // Gradients of hidden (S, R, D) (hidden's dtype) and of weight (V, D) (accumulation dtype) for
-// the token-level coefficients coef (S, R): dL/dlogits = coef * (onehot - softmax). An output
-// not asked for (hidden_grad / weight_grad false) is returned empty, shape (0,).
+// the token-level coefficients coef (S, R): dL/dlogits = coef * (onehot - softmax), the logits
+// recomputed chunk by chunk from the rows and lse the forward pass saved. An output not asked
+// for (hidden_grad / weight_grad false) is returned empty, shape (0,).
 std::tuple<at::Tensor, at::Tensor> linear_bwd(const at::Tensor& coef, const at::Tensor& hidden,
                                               const at::Tensor& weight, const at::Tensor& labels,
-                                              const at::Tensor& lse, int64_t ignore_index,
-                                              int64_t chunk_rows, bool hidden_grad,
-                                              bool weight_grad) {
-  check_linear_bwd(coef, hidden, weight, labels, lse);
+                                              const at::Tensor& rows, const at::Tensor& lse,
+                                              int64_t ignore_index, int64_t chunk_rows,
+                                              bool hidden_grad, bool weight_grad) {
+  check_linear_bwd(coef, hidden, weight, labels, rows, lse);
   const auto acc = acc_dtype(hidden.scalar_type());
   const int64_t S = hidden.size(0), R = hidden.size(1), D = hidden.size(2), V = weight.size(0);
   at::Tensor grad_h = hidden_grad ? at::zeros({S * R, D}, hidden.options())
@@ -147,7 +162,6 @@ std::tuple<at::Tensor, at::Tensor> linear_bwd(const at::Tensor& coef, const at::
   at::Tensor grad_w = weight_grad ? at::zeros({V, D}, hidden.options().dtype(acc))
                                   : at::empty({0}, hidden.options().dtype(acc));
   if (!hidden_grad && !weight_grad) return {grad_h, grad_w};
-  const at::Tensor rows = counted_rows(labels, V, ignore_index);  // (N,)
   const at::Tensor h = hidden.reshape({S * R, D});                 // (S*R, D)
   const at::Tensor y = labels.reshape({S * R});
   const at::Tensor c = coef.reshape({S * R});   // a copy of an expanded (S, 1) view: S*R floats
@@ -175,15 +189,19 @@ std::tuple<at::Tensor, at::Tensor> linear_bwd(const at::Tensor& coef, const at::
 }  // namespace minisdpo
 
 TORCH_LIBRARY_FRAGMENT(minisdpo, m) {
+  // Returns (tok, lse, rows).
   m.def(
       "linear_token_logps_fwd(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, "
-      "int chunk_rows) -> (Tensor, Tensor)");
+      "int chunk_rows) -> (Tensor, Tensor, Tensor)");
+  // Returns (loss, logps, lse, dlogps, rows).
   m.def(
       "sdpo_linear_fwd(Tensor hidden, Tensor weight, Tensor labels, Tensor ref_logps, float beta, "
-      "int num_negatives, int ignore_index, int chunk_rows) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int num_negatives, int ignore_index, int chunk_rows) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "linear_bwd(Tensor coef, Tensor hidden, Tensor weight, Tensor labels, Tensor lse, "
-      "int ignore_index, int chunk_rows, bool hidden_grad, bool weight_grad) -> (Tensor, Tensor)");
+      "linear_bwd(Tensor coef, Tensor hidden, Tensor weight, Tensor labels, Tensor rows, "
+      "Tensor lse, int ignore_index, int chunk_rows, bool hidden_grad, bool weight_grad) "
+      "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(minisdpo, CompositeExplicitAutograd, m) {

@@ -183,25 +183,36 @@ def _logits_bwd_inplace_fake(logits, coef, labels, lse, ignore_index):
 
 
 # ----- the LM head fused in (csrc/linear.cpp): linear_token_logps_fwd, sdpo_linear_fwd, linear_bwd
+#
+# The forward ops also return rows (N,), the flat positions of the counted tokens, whose number N
+# only the labels' values fix (a data-dependent size under torch.compile); the backward pass
+# recomputes the logits of those rows chunk by chunk (linear_bwd). docs/method.md, section 6.
+
+
+def _counted_rows(hidden: torch.Tensor) -> torch.Tensor:
+    """The fake rows (N,), N data-dependent."""
+    return hidden.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.long)
 
 
 @torch.library.register_fake("minisdpo::linear_token_logps_fwd")
 def _linear_token_logps_fwd_fake(hidden, weight, labels, ignore_index, chunk_rows):
     S, R = _linear_rows(hidden, weight, labels=labels)
     acc = accumulation_dtype(hidden.dtype)
-    return hidden.new_empty((S, R), dtype=acc), hidden.new_empty((S, R), dtype=acc)
+    return (hidden.new_empty((S, R), dtype=acc), hidden.new_empty((S, R), dtype=acc),
+            _counted_rows(hidden))
 
 
 @torch.library.register_fake("minisdpo::sdpo_linear_fwd")
 def _sdpo_linear_fwd_fake(hidden, weight, labels, ref_logps, beta, num_negatives, ignore_index,
                           chunk_rows):
-    _, lse = _linear_token_logps_fwd_fake(hidden, weight, labels, ignore_index, chunk_rows)
-    _groups(hidden.shape[0], ref_logps, num_negatives)
-    return _loss_outputs(lse)
+    S, R = _linear_rows(hidden, weight, labels=labels)
+    _groups(S, ref_logps, num_negatives)   # every shape check before the data-dependent size
+    lse = hidden.new_empty((S, R), dtype=accumulation_dtype(hidden.dtype))
+    return *_loss_outputs(lse), _counted_rows(hidden)
 
 
 @torch.library.register_fake("minisdpo::linear_bwd")
-def _linear_bwd_fake(coef, hidden, weight, labels, lse, ignore_index, chunk_rows, hidden_grad,
+def _linear_bwd_fake(coef, hidden, weight, labels, rows, lse, ignore_index, chunk_rows, hidden_grad,
                      weight_grad):
     _linear_rows(hidden, weight, labels=labels, coef=coef, lse=lse)
     acc = accumulation_dtype(hidden.dtype)
@@ -213,9 +224,9 @@ def _linear_bwd_fake(coef, hidden, weight, labels, lse, ignore_index, chunk_rows
 def _linear_grads(ctx, coef: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of hidden and weight for the token coefficients coef (S, R); only those that
     autograd asks for are computed (the LM head is frozen under LoRA: no weight gradient)."""
-    hidden, weight, labels, lse = ctx.saved_tensors[:4]
+    hidden, weight, labels, rows, lse = ctx.saved_tensors[:5]
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_h, grad_w = _ops.linear_bwd(coef, hidden, weight, labels, lse, ctx.ignore_index,
+    grad_h, grad_w = _ops.linear_bwd(coef, hidden, weight, labels, rows, lse, ctx.ignore_index,
                                      ctx.chunk_rows, need_h, need_w)
     # The weight gradient is accumulated in float32 over the chunks, rounded once here.
     return (grad_h if need_h else None), (grad_w.to(weight.dtype) if need_w else None)
@@ -223,17 +234,17 @@ def _linear_grads(ctx, coef: torch.Tensor) -> tuple[torch.Tensor | None, torch.T
 
 def _linear_token_logps_setup(ctx, inputs, output):
     hidden, weight, labels, ignore_index, chunk_rows = inputs
-    _, lse = output
-    ctx.save_for_backward(hidden, weight, labels, lse)
+    _, lse, rows = output
+    ctx.save_for_backward(hidden, weight, labels, rows, lse)
     ctx.ignore_index, ctx.chunk_rows = ignore_index, chunk_rows
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, rows)
     ctx.set_materialize_grads(False)
 
 
-def _linear_token_logps_backward(ctx, grad_tok, grad_lse):
+def _linear_token_logps_backward(ctx, grad_tok, grad_lse, grad_rows):
     if grad_tok is None:
         return None, None, None, None, None
-    coef = grad_tok.to(ctx.saved_tensors[3].dtype).contiguous()  # lse's: the accumulation dtype
+    coef = grad_tok.to(ctx.saved_tensors[4].dtype).contiguous()  # lse's: the accumulation dtype
     return *_linear_grads(ctx, coef), None, None, None
 
 
@@ -245,15 +256,15 @@ torch.library.register_autograd(
 
 def _sdpo_linear_setup(ctx, inputs, output):
     hidden, weight, labels, ref_logps, beta, num_negatives, ignore_index, chunk_rows = inputs
-    _, _, lse, dlogps = output
-    ctx.save_for_backward(hidden, weight, labels, lse, dlogps)
+    _, _, lse, dlogps, rows = output
+    ctx.save_for_backward(hidden, weight, labels, rows, lse, dlogps)
     ctx.ignore_index, ctx.chunk_rows = ignore_index, chunk_rows
-    ctx.mark_non_differentiable(lse, dlogps)
+    ctx.mark_non_differentiable(lse, dlogps, rows)
     ctx.set_materialize_grads(False)
 
 
-def _sdpo_linear_backward(ctx, grad_loss, grad_logps, grad_lse, grad_dlogps):
-    _, _, labels, lse, dlogps = ctx.saved_tensors
+def _sdpo_linear_backward(ctx, grad_loss, grad_logps, grad_lse, grad_dlogps, grad_rows):
+    _, _, labels, _, lse, dlogps = ctx.saved_tensors
     c = _sequence_coef(dlogps, grad_loss, grad_logps)
     if c is None:
         return (None,) * 8
@@ -325,7 +336,7 @@ def sdpo_linear_loss(
     in the backward pass; the weight's gradient is accumulated in float32 over the chunks.
     """
     _check_chunk_rows(chunk_rows)
-    loss, logps, _, _ = _ops.sdpo_linear_fwd(
+    loss, logps, *_ = _ops.sdpo_linear_fwd(
         hidden, weight, labels, ref_logps, float(beta), num_negatives, ignore_index, chunk_rows
     )
     return loss, logps
@@ -342,7 +353,7 @@ def linear_token_logps(
     for float64 input), 0 where ignored, differentiable w.r.t. hidden and weight. Arguments as
     in ``sdpo_linear_loss``."""
     _check_chunk_rows(chunk_rows)
-    tok, _ = _ops.linear_token_logps_fwd(hidden, weight, labels, ignore_index, chunk_rows)
+    tok, *_ = _ops.linear_token_logps_fwd(hidden, weight, labels, ignore_index, chunk_rows)
     return tok
 
 

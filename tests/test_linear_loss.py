@@ -6,8 +6,9 @@ Values and gradients of hidden and weight through both outputs (loss and logps),
 1e-5 and bfloat16 within its precision, on every device; odd V, one-token responses,
 all-ignored sequences, K = 1, 3, 7; several chunks (chunk_rows forced small) and the automatic
 chunk; NaN and inf (NaN exactly where the reference has NaN); only the requested gradients; no
-tensor as large as the logits; gradcheck in float64, opcheck, torch.compile of a caller (and
-its fake kernels' shape checks), and bad input named in the error.
+tensor as large as the logits, inside the ops included; one host synchronisation per forward
+and backward pass; gradcheck in float64, opcheck, torch.compile of a caller (and its fake
+kernels' shape checks), and bad input named in the error.
 """
 import pytest
 import torch
@@ -215,32 +216,117 @@ def test_only_requested_gradients():
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
 
 
-class LargestTensor(TorchDispatchMode):
+class IntoFusedOps(TorchDispatchMode):
+    """Sees every op the calls under it run, the ATen calls inside the linear ops included: those
+    ops are CompositeExplicitAutograd (csrc/linear.cpp), so their kernel is run here with the
+    mode active, and each at:: call it makes comes back through the mode. Subclasses record."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "minisdpo" and torch._C._dispatch_has_kernel_for_dispatch_key(
+                func.name(), torch._C.DispatchKey.CompositeExplicitAutograd):
+            with self:
+                out = func._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        self.record(func, args, kwargs, out)
+        return out
+
+    def record(self, func, args, kwargs, out):
+        raise NotImplementedError
+
+
+class LargestTensor(IntoFusedOps):
     """Records the largest tensor any op makes, C++ calls inside the fused ops included."""
 
     def __init__(self):
         super().__init__()
         self.numel = 0
+        self.ops = set()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+    def record(self, func, args, kwargs, out):
+        self.ops.add(str(func))
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.numel = max(self.numel, t.numel())
-        return out
 
 
-def test_no_full_logits():
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_no_full_logits(weight_grad):
     S, R, D, V, C = 8, 16, 8, 1000, 10
     hidden, weight, labels, ref_logps = make_inputs(S, R, D, V, 3, seed=11)
-    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    h, w = hidden.requires_grad_(), weight.requires_grad_(weight_grad)
     mode = LargestTensor()
     with mode:
         loss, _ = ops.sdpo_linear_loss(h, w, labels, ref_logps, num_negatives=3, chunk_rows=C)
         loss.backward()
+    assert "aten.mm.default" in mode.ops            # the spy sees inside the fused op
     # A chunk of logits (C rows of V) or the weight's gradient (V, D) at most, never S * R * V.
     assert mode.numel <= max(C * V, V * D)
     assert mode.numel < S * R * V // 10
+
+
+class OpLog(IntoFusedOps):
+    """The ops run, in order, and the host synchronisations among them: a value read on the
+    host (item, nonzero, ...) or a copy to the CPU."""
+
+    SYNC = {"aten._local_scalar_dense.default", "aten.item.default", "aten.nonzero.default",
+            "aten.is_nonzero.default", "aten.equal.default", "aten.allclose.default", "aten.tolist.default"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.syncs = [], []
+
+    def record(self, func, args, kwargs, out):
+        self.ops.append(str(func))
+        to_cpu = str(func).startswith(("aten.to.", "aten._to_copy.", "aten.copy_.")) and (
+            kwargs.get("device") == torch.device("cpu") or any(isinstance(a, torch.device) for a in args))
+        if str(func) in self.SYNC or to_cpu:
+            self.syncs.append(str(func))
+
+
+@pytest.mark.parametrize("op", ["sdpo", "token"])
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_one_host_synchronisation(op, weight_grad):
+    """The labels are checked and the counted tokens gathered once per forward pass, with one
+    copy to the host (their number, and the first bad label if any); the backward pass reuses
+    the forward pass's rows and synchronises nothing. On a GPU, test_one_host_synchronisation_cuda
+    counts the synchronisations themselves."""
+    hidden, weight, labels, ref_logps = make_inputs(8, 6, 16, 97, 3, seed=35)
+    h, w = hidden.requires_grad_(), weight.requires_grad_(weight_grad)
+    log = OpLog()
+    with log:
+        if op == "sdpo":
+            out = ops.sdpo_linear_loss(h, w, labels, ref_logps, num_negatives=3, chunk_rows=7)[0]
+        else:
+            out = ops.linear_token_logps(h, w, labels, chunk_rows=7).sum()
+        forward = list(log.syncs)
+        out.backward()
+    assert "aten.mm.default" in log.ops             # the log sees inside the fused op
+    assert len(forward) == 1 and forward[0].startswith("aten.to.")
+    assert log.syncs == forward
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_one_host_synchronisation_cuda(weight_grad):
+    """torch.cuda's sync debug mode warns at each synchronising call: one per forward and
+    backward pass (the count of counted tokens and the label check)."""
+    import warnings
+    hidden, weight, labels, ref_logps = make_inputs(8, 6, 16, 97, 3, seed=35, device="cuda")
+    h, w = hidden.requires_grad_(), weight.requires_grad_(weight_grad)
+    ops.sdpo_linear_loss(h, w, labels, ref_logps, num_negatives=3, chunk_rows=7)[0].backward()  # warm up
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            loss, _ = ops.sdpo_linear_loss(h, w, labels, ref_logps, num_negatives=3, chunk_rows=7)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(c.message) for c in caught if "synchroniz" in str(c.message)]
+    assert len(syncs) == 1, syncs
 
 
 def test_gradcheck_float64():
@@ -260,10 +346,10 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.minisdpo.linear_token_logps_fwd, (h, w, labels, -100, 2))
     torch.library.opcheck(torch.ops.minisdpo.sdpo_linear_fwd, (h, w, labels, ref_logps, 0.5, 1, -100, 2))
     coef = torch.randn(4, 3)
-    _, lse = torch.ops.minisdpo.linear_token_logps_fwd(hidden, weight, labels, -100, 0)
+    _, lse, rows = torch.ops.minisdpo.linear_token_logps_fwd(hidden, weight, labels, -100, 0)
     for flags in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(torch.ops.minisdpo.linear_bwd,
-                              (coef, hidden.detach(), weight.detach(), labels, lse, -100, 2, *flags))
+                              (coef, hidden.detach(), weight.detach(), labels, rows, lse, -100, 2, *flags))
 
 
 def test_torch_compile_of_a_caller():
@@ -285,34 +371,39 @@ def test_torch_compile_of_a_caller():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+# case: (the change to good arguments, the exception, words of its message)
 BAD = {
-    "hidden dtype": (dict(hidden=torch.zeros(2, 3, 4, dtype=torch.long)), "hidden"),
-    "hidden dims": (dict(hidden=torch.zeros(6, 4)), "hidden"),
-    "weight dtype": (dict(weight=torch.zeros(11, 4, dtype=torch.float64)), "weight"),
-    "weight D": (dict(weight=torch.zeros(11, 5)), "weight"),
-    "labels dtype": (dict(labels=torch.zeros(2, 3, dtype=torch.int32)), "labels"),
-    "labels shape": (dict(labels=torch.zeros(2, 4, dtype=torch.long)), "labels"),
-    "label too large": (dict(labels=torch.tensor([[0, 1, 2], [3, 11, -100]])), r"labels\[1, 1\] = 11"),
-    "label negative": (dict(labels=torch.tensor([[0, -3, 2], [3, 1, -100]])), r"labels\[0, 1\] = -3"),
-    "ref_logps shape": (dict(ref_logps=torch.zeros(3)), "ref_logps"),
-    "S not a multiple": (dict(num_negatives=2), "num_negatives"),
-    "beta": (dict(beta=float("inf")), "beta"),
-    "chunk_rows": (dict(chunk_rows=-1), "chunk_rows"),
+    "hidden dtype": (dict(hidden=torch.zeros(2, 3, 4, dtype=torch.long)), TypeError, "hidden"),
+    "hidden dims": (dict(hidden=torch.zeros(6, 4)), ValueError, "hidden"),
+    "weight dtype": (dict(weight=torch.zeros(11, 4, dtype=torch.float64)), TypeError, "weight"),
+    "weight D": (dict(weight=torch.zeros(11, 5)), ValueError, "weight"),
+    "labels dtype": (dict(labels=torch.zeros(2, 3, dtype=torch.int32)), TypeError, "labels"),
+    "labels shape": (dict(labels=torch.zeros(2, 4, dtype=torch.long)), ValueError, "labels"),
+    "label too large": (dict(labels=torch.tensor([[0, 1, 2], [3, 11, -100]])), ValueError,
+                        r"labels\[1, 1\] = 11 is outside \[0, V\) = \[0, 11\)"),
+    "label negative": (dict(labels=torch.tensor([[0, -3, 2], [3, 1, -100]])), ValueError,
+                       r"labels\[0, 1\] = -3 is outside \[0, V\) = \[0, 11\)"),
+    # Several bad labels: the first in the order of the positions is named.
+    "labels bad twice": (dict(labels=torch.tensor([[0, 1, 2], [-5, 1, 12]])), ValueError, r"labels\[1, 0\] = -5 "),
+    "ref_logps shape": (dict(ref_logps=torch.zeros(3)), ValueError, "ref_logps"),
+    "S not a multiple": (dict(num_negatives=2), ValueError, "num_negatives"),
+    "beta": (dict(beta=float("inf")), ValueError, "beta"),
+    "chunk_rows": (dict(chunk_rows=-1), ValueError, "chunk_rows"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_names_the_argument(case):
-    kwargs = dict(hidden=torch.zeros(2, 3, 4), weight=torch.zeros(11, 4),
+    kwargs = dict(hidden=torch.zeros(2, 3, 4, requires_grad=True), weight=torch.zeros(11, 4),
                   labels=torch.tensor([[0, 1, 2], [3, 4, -100]]), ref_logps=torch.zeros(2))
-    change, pattern = BAD[case]
+    change, exc, pattern = BAD[case]
     kwargs.update(change)
-    with pytest.raises((ValueError, TypeError, RuntimeError), match=pattern):
+    with pytest.raises(exc, match=pattern):
         ops.sdpo_linear_loss(**kwargs)
     if not {"ref_logps", "num_negatives", "beta"} & change.keys():
         for key in ("ref_logps", "num_negatives", "beta"):
             kwargs.pop(key, None)
-        with pytest.raises((ValueError, TypeError, RuntimeError), match=pattern):
+        with pytest.raises(exc, match=pattern):
             ops.linear_token_logps(**kwargs)
 
 
@@ -323,7 +414,7 @@ def test_fake_kernels_check_the_shapes(case):
     the kernels (tests/test_ops.py shows a compiled call rejected by them)."""
     kwargs = dict(hidden=torch.zeros(2, 3, 4), weight=torch.zeros(11, 4),
                   labels=torch.tensor([[0, 1, 2], [3, 4, -100]]), ref_logps=torch.zeros(2))
-    change, pattern = BAD[case]
+    change, _, pattern = BAD[case]
     kwargs.update(change)
     with FakeTensorMode(allow_non_fake_inputs=True):
         with pytest.raises(ValueError, match=pattern):
