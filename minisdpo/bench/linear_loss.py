@@ -15,7 +15,8 @@ pass), ``fwd+bwd`` (``torch.autograd.grad`` of the loss w.r.t. hidden). Beside t
 ``h @ W^T`` over all counted tokens: ``recompute`` does three products of that size, ``saved``
 two. Times are medians of --repeats rounds after 2 warm-up rounds, each round running every
 variant once in turn (interleaved, in one process, so that the machine's load moves them
-alike); peak memory is measured per variant in its own process, as in fused_loss.
+alike); peak memory is measured per variant in its own process, as in fused_loss, three
+processes per variant.
 """
 from __future__ import annotations
 
@@ -39,8 +40,9 @@ def make_inputs(args: argparse.Namespace, dtype: torch.dtype):
     tokens of most sequences ignored (responses of T/2 to T tokens, padded), reference log-probs
     near the policy's."""
     g = torch.Generator(device=args.device).manual_seed(0)
-    hidden = torch.randn(args.S, args.T, args.D, generator=g, device=args.device).to(dtype)
-    weight = (torch.randn(args.V, args.D, generator=g, device=args.device) / args.D**0.5).to(dtype)
+    # normal_ in place: no temporary, which would leave the peak memory above the inputs.
+    hidden = torch.empty(args.S, args.T, args.D, device=args.device, dtype=dtype).normal_(generator=g)
+    weight = torch.empty(args.V, args.D, device=args.device, dtype=dtype).normal_(std=args.D**-0.5, generator=g)
     labels = torch.randint(0, args.V, (args.S, args.T), generator=g, device=args.device)
     length = torch.randint(args.T // 2, args.T + 1, (args.S,), generator=g, device=args.device)
     labels[torch.arange(args.T, device=args.device) >= length[:, None]] = -100
@@ -79,10 +81,11 @@ def interleaved_medians(fns: dict, repeats: int, device: str, warmup: int = 2) -
 
 
 def memory_child(args: argparse.Namespace) -> None:
-    """One forward+backward of one variant after one warm-up, in this fresh process: the growth
-    of the peak memory over what was resident before it."""
+    """One forward+backward of one variant, the first in this fresh process: the growth of the
+    peak memory over what is resident once the inputs are made (CPU: the peak is reset there,
+    /proc/self/clear_refs, where Linux allows it). A warm-up run first would leave freed chunks
+    with the C allocator, which would hide the next run's, for one variant and not the other."""
     inputs = make_inputs(args, DTYPES[args.dtype[0]])
-    run_once(args.memory_child, inputs, args.K, backward=True)
     if args.device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -91,8 +94,7 @@ def memory_child(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         extra = torch.cuda.max_memory_allocated() - base
     else:
-        reset = clear_peak_rss()
-        base = rss() if reset else peak_rss()
+        base = rss() if clear_peak_rss() else peak_rss()
         run_once(args.memory_child, inputs, args.K, backward=True)
         extra = peak_rss() - base
     print(json.dumps({"extra_bytes": extra}))
@@ -107,14 +109,24 @@ def peak_memory(variant: str, dtype: str, args: argparse.Namespace) -> int:
     return json.loads(out.strip().splitlines()[-1])["extra_bytes"]
 
 
+def peak_memories(dtype: str, args: argparse.Namespace, runs: int = 3) -> dict[str, list[int]]:
+    """peak_memory of each variant ``runs`` times, the variants' processes interleaved."""
+    out = {v: [] for v in VARIANTS}
+    for _ in range(runs):
+        for v in VARIANTS:
+            out[v].append(peak_memory(v, dtype, args))
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     print("# minisdpo.bench --linear: sdpo_linear_loss with a frozen LM head, its two backward paths")
     print(f"S={args.S} T={args.T} D={args.D} V={args.V} K={args.K} device={args.device}; "
           f"responses of T/2 to T tokens (the rest ignored); median of {args.repeats} interleaved "
           f"rounds after 2 warm-up rounds")
     print("fwd = forward under autograd; fwd+bwd = forward + grad of the loss w.r.t. hidden; "
-          "mm = one h @ W^T over the counted tokens; peak+ = growth of the peak memory over what was "
-          "resident before one fwd+bwd (after one warm-up), each variant in its own process")
+          "mm = one h @ W^T over the counted tokens; peak+ = growth of the peak memory (CPU: VmHWM; "
+          "CUDA: max_memory_allocated) over what is resident once the inputs are made, during the first "
+          "fwd+bwd of a fresh process: the median of 3 processes per variant, interleaved (each run)")
     results = {}
     for dtype in args.dtype:
         inputs = make_inputs(args, DTYPES[dtype])
@@ -127,13 +139,14 @@ def run(args: argparse.Namespace) -> dict:
         times = interleaved_medians(fns, args.repeats, args.device)
         n = counted.shape[0]
         del inputs, hidden, weight, labels, counted, fns
-        memory = {} if args.no_memory else {v: peak_memory(v, dtype, args) for v in VARIANTS}
+        memory = {} if args.no_memory else peak_memories(dtype, args)
         print(f"\n## {dtype}: {n} counted tokens of {args.S * args.T}; logits of the counted tokens "
               f"{n * args.V * DTYPES[dtype].itemsize / 2**20:.0f} MiB; mm {times['mm'] * 1e3:.1f} ms")
         print(f"{'variant':<10} {'fwd ms':>9} {'f+b ms':>9} {'f+b/mm':>7} {'peak+ MiB':>10}")
         for v in VARIANTS:
             fb = times[f"{v} fwd+bwd"]
-            mem = f"{memory[v] / 2**20:10.1f}" if v in memory else f"{'-':>10}"
+            mem = (f"{statistics.median(memory[v]) / 2**20:10.1f} "
+                   f"({', '.join(f'{m / 2**20:.1f}' for m in memory[v])})" if v in memory else f"{'-':>10}")
             print(f"{v:<10} {times[f'{v} fwd'] * 1e3:9.1f} {fb * 1e3:9.1f} {fb / times['mm']:7.2f} {mem}")
         ratio = times["recompute fwd+bwd"] / times["saved fwd+bwd"]
         print(f"recompute / saved, fwd+bwd: {ratio:.2f}")
