@@ -141,8 +141,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logps_fw
     lse.index_copy_(0, r, l.squeeze(0));
     if (save_dtok) {
       call_logits_bwd_(logits, one.expand({1, end - start}), yr, l, ignore_index);  // onehot - p
-      at::Tensor out = dtok.slice(0, start, end);
-      at::mm_out(out, logits.squeeze(0), weight);                                // (n, D)
+      // Not mm_out: under autocast the logits (and this product) are bfloat16, dtok hidden's dtype.
+      dtok.slice(0, start, end).copy_(at::mm(logits.squeeze(0), weight));       // (n, D)
     }
   }
   return {tok.view({S, R}), lse.view({S, R}), rows, dtok};
@@ -194,11 +194,13 @@ std::tuple<at::Tensor, at::Tensor> linear_bwd(const at::Tensor& coef, const at::
     call_logits_bwd_(g, c.index_select(0, r).unsqueeze(0), y.index_select(0, r).unsqueeze(0),
                      l.index_select(0, r).unsqueeze(0), ignore_index);  // now their gradient
     g = g.squeeze(0);                                                   // (n, V)
-    if (hidden_grad) grad_h.index_copy_(0, r, at::mm(g, weight));       // (n, D)
+    // Under autocast the chunk's products are bfloat16: .to gives them the gradients' dtypes
+    // (a no-op otherwise).
+    if (hidden_grad) grad_h.index_copy_(0, r, at::mm(g, weight).to(grad_h.scalar_type()));
     // The weight gradient sums over every chunk: accumulate in float32 (addmm_ needs one
     // dtype, so half-precision chunks are widened first).
     if (weight_grad) {
-      if (half) grad_w.addmm_(g.t().to(acc), hc.to(acc));               // (V, D)
+      if (half || g.scalar_type() != acc) grad_w.addmm_(g.t().to(acc), hc.to(acc));  // (V, D)
       else grad_w.addmm_(g.t(), hc);
     }
   }

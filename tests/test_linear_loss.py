@@ -270,6 +270,34 @@ def test_saved_path_equals_the_recompute_path(device, dtype, tol, objective):
     assert (saved[2][labels == -100] == 0).all()
 
 
+def under_autocast(fn):
+    def call(*args, **kw):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn(*args, **kw)
+    return call
+
+
+@pytest.mark.parametrize("backward", ["outside", "inside"])
+@pytest.mark.parametrize("grad_path, weight_grad", PATHS, ids=PATH_IDS)
+def test_under_cpu_autocast(grad_path, weight_grad, backward):
+    """float32 inputs under CPU bfloat16 autocast (python -m minisdpo.bench --step --dtype
+    autocast), the backward pass outside the autocast region or inside it: the chunks' matrix
+    products run in bfloat16, as the twin's h @ W^T does; the gradients keep the inputs' dtype
+    and are close to the twin's under the same autocast."""
+    K = 3
+    hidden, weight, labels, ref_logps = make_inputs(8, 5, 32, 301, K, seed=39)
+    kw = dict(weight_grad=weight_grad)
+    if backward == "outside":
+        got = run(under_autocast(linear), hidden, weight, labels, ref_logps, K, grad_path=grad_path, chunk_rows=7, **kw)
+        want = run(under_autocast(materialised), hidden, weight, labels, ref_logps, K, **kw)
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = run(linear, hidden, weight, labels, ref_logps, K, grad_path=grad_path, chunk_rows=7, **kw)
+            want = run(materialised, hidden, weight, labels, ref_logps, K, **kw)
+    assert got[2].dtype == torch.float32 and (got[3] is None or got[3].dtype == torch.float32)
+    assert_all_close(got, want, rtol=3e-2, atol=3e-2)
+
+
 @pytest.mark.parametrize("grad_path, weight_grad", PATHS, ids=PATH_IDS)
 def test_gradient_of_the_returned_logps(grad_path, weight_grad):
     """logps, the second output, has a gradient of its own: alone (the loss not differentiated,
