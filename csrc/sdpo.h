@@ -39,8 +39,12 @@ inline void check_rows(const at::Tensor& t, const char* name, const at::Tensor& 
                     " like ", like_name, ", got ", t.device());
 }
 
-// labels (S, T) int64. The range [0, V) is checked where the labels are read anyway, by
-// check_label (no host synchronisation on a GPU: there a device-side assert, csrc/cuda/sdpo.cu).
+// labels (S, T) int64. The range [0, V) is checked by check_label: the logits ops check it where
+// they read the labels anyway (no host synchronisation: on a GPU a device-side assert,
+// csrc/cuda/sdpo.cu); the linear ops check it once per forward pass, on the device, and bring
+// the first bad label to the host with the count of counted tokens, which they need there anyway
+// (one synchronisation per forward pass, none in the backward pass: counted_rows in
+// csrc/linear.cpp).
 inline void check_labels(const at::Tensor& labels, const at::Tensor& like, const char* like_name,
                          const char* rows) {
   TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "minisdpo: labels must be int64, got ",
@@ -147,12 +151,20 @@ inline void check_sdpo_linear_fwd(const at::Tensor& hidden, const at::Tensor& we
   check_group(ref_logps, hidden, "hidden", beta, num_negatives);
 }
 
+// rows (N,) int64 as the forward pass saved it: the flat positions of the counted tokens.
 inline void check_linear_bwd(const at::Tensor& coef, const at::Tensor& hidden,
                              const at::Tensor& weight, const at::Tensor& labels,
-                             const at::Tensor& lse) {
+                             const at::Tensor& rows, const at::Tensor& lse) {
   check_linear(hidden, weight, labels);
   check_acc(coef, "coef", hidden, "hidden", "(S, R)");
   check_acc(lse, "lse", hidden, "hidden", "(S, R)");
+  TORCH_CHECK_TYPE(rows.scalar_type() == at::kLong, "minisdpo: rows must be int64, got ",
+                   rows.scalar_type());
+  TORCH_CHECK_VALUE(rows.dim() == 1 && rows.size(0) <= labels.numel(),
+                    "minisdpo: rows must be 1-D with at most S * R = ", labels.numel(),
+                    " elements, got shape ", rows.sizes());
+  TORCH_CHECK_VALUE(rows.device() == hidden.device(), "minisdpo: rows must be on ",
+                    hidden.device(), " like hidden, got ", rows.device());
 }
 
 // The kernels index rows by their first two strides; the V elements of a row must be adjacent.

@@ -15,8 +15,10 @@ one pass from the saved per-token log-sum-exp.
 
 ``sdpo_linear_loss`` and ``linear_token_logps`` take the hidden states and the LM-head weight
 instead of the logits (csrc/linear.cpp): the logits only ever exist one chunk of tokens at a
-time, in the forward pass and again in the backward pass, which also forms the gradients of the
-hidden states and of the weight chunk by chunk.
+time. With the LM head frozen, the forward pass also forms each counted token's d logp / d hidden
+from its chunk, and the backward pass scales it by the token's coefficient: the logits are formed
+once. When the weight needs a gradient, the backward pass forms them again, chunk by chunk, for
+the gradients of the weight and of the hidden states.
 
 The argument checks are the kernels' (csrc/sdpo.h, one place for every device). The fake
 kernels are shape functions: each checks with ``torch._check_value`` only the shapes its outputs
@@ -183,25 +185,41 @@ def _logits_bwd_inplace_fake(logits, coef, labels, lse, ignore_index):
 
 
 # ----- the LM head fused in (csrc/linear.cpp): linear_token_logps_fwd, sdpo_linear_fwd, linear_bwd
+#
+# The forward ops also return rows (N,), the flat positions of the counted tokens, whose number N
+# only the labels' values fix (a data-dependent size under torch.compile), and, with save_dtok,
+# dtok (N, D): d token_logp / d hidden of each counted token. The backward pass then either
+# scales dtok by each token's coefficient ("saved", no logits at all) or recomputes the logits
+# chunk by chunk ("recompute", linear_bwd: the weight's gradient needs it). docs/method.md,
+# section 6.
+
+
+def _counted_outputs(hidden: torch.Tensor, save_dtok: bool) -> tuple:
+    """The fake rows (N,) and dtok ((N, D), or (0,) without save_dtok), N data-dependent."""
+    n = torch.library.get_ctx().new_dynamic_size()
+    rows = hidden.new_empty((n,), dtype=torch.long)
+    return rows, hidden.new_empty((n, hidden.shape[2]) if save_dtok else (0,))
 
 
 @torch.library.register_fake("minisdpo::linear_token_logps_fwd")
-def _linear_token_logps_fwd_fake(hidden, weight, labels, ignore_index, chunk_rows):
+def _linear_token_logps_fwd_fake(hidden, weight, labels, ignore_index, chunk_rows, save_dtok):
     S, R = _linear_rows(hidden, weight, labels=labels)
     acc = accumulation_dtype(hidden.dtype)
-    return hidden.new_empty((S, R), dtype=acc), hidden.new_empty((S, R), dtype=acc)
+    return (hidden.new_empty((S, R), dtype=acc), hidden.new_empty((S, R), dtype=acc),
+            *_counted_outputs(hidden, save_dtok))
 
 
 @torch.library.register_fake("minisdpo::sdpo_linear_fwd")
 def _sdpo_linear_fwd_fake(hidden, weight, labels, ref_logps, beta, num_negatives, ignore_index,
-                          chunk_rows):
-    _, lse = _linear_token_logps_fwd_fake(hidden, weight, labels, ignore_index, chunk_rows)
-    _groups(hidden.shape[0], ref_logps, num_negatives)
-    return _loss_outputs(lse)
+                          chunk_rows, save_dtok):
+    S, R = _linear_rows(hidden, weight, labels=labels)
+    _groups(S, ref_logps, num_negatives)   # every shape check before the data-dependent size
+    lse = hidden.new_empty((S, R), dtype=accumulation_dtype(hidden.dtype))
+    return *_loss_outputs(lse), *_counted_outputs(hidden, save_dtok)
 
 
 @torch.library.register_fake("minisdpo::linear_bwd")
-def _linear_bwd_fake(coef, hidden, weight, labels, lse, ignore_index, chunk_rows, hidden_grad,
+def _linear_bwd_fake(coef, hidden, weight, labels, rows, lse, ignore_index, chunk_rows, hidden_grad,
                      weight_grad):
     _linear_rows(hidden, weight, labels=labels, coef=coef, lse=lse)
     acc = accumulation_dtype(hidden.dtype)
@@ -211,30 +229,48 @@ def _linear_bwd_fake(coef, hidden, weight, labels, lse, ignore_index, chunk_rows
 
 
 def _linear_grads(ctx, coef: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of hidden and weight for the token coefficients coef (S, R); only those that
-    autograd asks for are computed (the LM head is frozen under LoRA: no weight gradient)."""
-    hidden, weight, labels, lse = ctx.saved_tensors[:4]
+    """Gradients of hidden and weight for the token coefficients coef (S, R) (the accumulation
+    dtype, any strides); only those that autograd asks for are computed (the LM head is frozen
+    under LoRA: no weight gradient). The hidden states' gradient comes from the saved dtok when
+    the forward pass made it, else from recomputed logits, as the weight's always does."""
+    hidden, weight, labels, rows, lse, dtok = ctx.saved_tensors[:6]
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_h, grad_w = _ops.linear_bwd(coef, hidden, weight, labels, lse, ctx.ignore_index,
-                                     ctx.chunk_rows, need_h, need_w)
-    # The weight gradient is accumulated in float32 over the chunks, rounded once here.
-    return (grad_h if need_h else None), (grad_w.to(weight.dtype) if need_w else None)
+    saved = need_h and ctx.save_dtok
+    grad_h = grad_w = None
+    if saved:
+        # dL/dh of token rows[i] = coef of that token * dtok[i]; ignored tokens get zeros.
+        S, R, D = hidden.shape
+        c = coef.reshape(S * R).index_select(0, rows).unsqueeze(1)            # (N, 1)
+        grad_h = hidden.new_zeros((S * R, D)).index_copy_(0, rows, (c * dtok).to(hidden.dtype))
+        grad_h = grad_h.view(S, R, D)
+    if need_w or (need_h and not saved):
+        gh, gw = _ops.linear_bwd(coef, hidden, weight, labels, rows, lse, ctx.ignore_index,
+                                 ctx.chunk_rows, need_h and not saved, need_w)
+        grad_h = gh if need_h and not saved else grad_h
+        # The weight gradient is accumulated in float32 over the chunks, rounded once here.
+        grad_w = gw.to(weight.dtype) if need_w else None
+    return grad_h, grad_w
 
 
-def _linear_token_logps_setup(ctx, inputs, output):
-    hidden, weight, labels, ignore_index, chunk_rows = inputs
-    _, lse = output
-    ctx.save_for_backward(hidden, weight, labels, lse)
-    ctx.ignore_index, ctx.chunk_rows = ignore_index, chunk_rows
-    ctx.mark_non_differentiable(lse)
+def _save_linear(ctx, hidden, weight, labels, rows, lse, dtok, ignore_index, chunk_rows,
+                 save_dtok, *more: torch.Tensor) -> None:
+    ctx.save_for_backward(hidden, weight, labels, rows, lse, dtok, *more)
+    ctx.ignore_index, ctx.chunk_rows, ctx.save_dtok = ignore_index, chunk_rows, save_dtok
     ctx.set_materialize_grads(False)
 
 
-def _linear_token_logps_backward(ctx, grad_tok, grad_lse):
+def _linear_token_logps_setup(ctx, inputs, output):
+    hidden, weight, labels, ignore_index, chunk_rows, save_dtok = inputs
+    _, lse, rows, dtok = output
+    _save_linear(ctx, hidden, weight, labels, rows, lse, dtok, ignore_index, chunk_rows, save_dtok)
+    ctx.mark_non_differentiable(lse, rows, dtok)
+
+
+def _linear_token_logps_backward(ctx, grad_tok, grad_lse, grad_rows, grad_dtok):
     if grad_tok is None:
-        return None, None, None, None, None
-    coef = grad_tok.to(ctx.saved_tensors[3].dtype).contiguous()  # lse's: the accumulation dtype
-    return *_linear_grads(ctx, coef), None, None, None
+        return (None,) * 6
+    coef = grad_tok.to(ctx.saved_tensors[4].dtype)   # lse's: the accumulation dtype
+    return *_linear_grads(ctx, coef), None, None, None, None
 
 
 torch.library.register_autograd(
@@ -244,21 +280,20 @@ torch.library.register_autograd(
 
 
 def _sdpo_linear_setup(ctx, inputs, output):
-    hidden, weight, labels, ref_logps, beta, num_negatives, ignore_index, chunk_rows = inputs
-    _, _, lse, dlogps = output
-    ctx.save_for_backward(hidden, weight, labels, lse, dlogps)
-    ctx.ignore_index, ctx.chunk_rows = ignore_index, chunk_rows
-    ctx.mark_non_differentiable(lse, dlogps)
-    ctx.set_materialize_grads(False)
+    hidden, weight, labels, ref_logps, beta, num_negatives, ignore_index, chunk_rows, save_dtok = inputs
+    _, _, lse, dlogps, rows, dtok = output
+    _save_linear(ctx, hidden, weight, labels, rows, lse, dtok, ignore_index, chunk_rows, save_dtok,
+                 dlogps)
+    ctx.mark_non_differentiable(lse, dlogps, rows, dtok)
 
 
-def _sdpo_linear_backward(ctx, grad_loss, grad_logps, grad_lse, grad_dlogps):
-    _, _, labels, lse, dlogps = ctx.saved_tensors
+def _sdpo_linear_backward(ctx, grad_loss, grad_logps, grad_lse, grad_dlogps, grad_rows, grad_dtok):
+    labels, lse, dlogps = ctx.saved_tensors[2], ctx.saved_tensors[4], ctx.saved_tensors[6]
     c = _sequence_coef(dlogps, grad_loss, grad_logps)
     if c is None:
-        return (None,) * 8
+        return (None,) * 9
     coef = c.to(lse.dtype).unsqueeze(1).expand(labels.shape)  # (S, R) view
-    return *_linear_grads(ctx, coef), None, None, None, None, None, None
+    return *_linear_grads(ctx, coef), *(None,) * 7
 
 
 torch.library.register_autograd(
@@ -321,14 +356,14 @@ def sdpo_linear_loss(
     token does not count (those rows cost nothing); ref_logps (S,) the reference model's log-probs (no
     gradient). Returns (loss (), logps (S,)) in float32 (float64 for float64 input), both
     differentiable w.r.t. hidden and weight. The logits are formed ``chunk_rows`` counted tokens
-    at a time (0: as many as fit in 64 MiB, counting a float32 copy for half dtypes), and again
-    in the backward pass; the weight's gradient is accumulated in float32 over the chunks.
+    at a time (0: as many as fit in 64 MiB, counting a float32 copy for half dtypes). When
+    autograd will want the gradient of hidden but not of weight (a frozen LM head), the forward
+    pass also forms each counted token's d logp / d hidden and the backward pass only scales it;
+    otherwise the backward pass forms the logits again, and the weight's gradient is accumulated
+    in float32 over the chunks.
     """
-    _check_chunk_rows(chunk_rows)
-    loss, logps, _, _ = _ops.sdpo_linear_fwd(
-        hidden, weight, labels, ref_logps, float(beta), num_negatives, ignore_index, chunk_rows
-    )
-    return loss, logps
+    return _sdpo_linear_loss(hidden, weight, labels, ref_logps, beta, num_negatives, ignore_index,
+                             chunk_rows)
 
 
 def linear_token_logps(
@@ -339,10 +374,43 @@ def linear_token_logps(
     chunk_rows: int = 0,
 ) -> torch.Tensor:
     """``token_logps(hidden @ weight.T, labels)`` without the logits: (S, R) float32 (float64
-    for float64 input), 0 where ignored, differentiable w.r.t. hidden and weight. Arguments as
-    in ``sdpo_linear_loss``."""
+    for float64 input), 0 where ignored, differentiable w.r.t. hidden and weight. Arguments and
+    the backward pass as in ``sdpo_linear_loss``."""
+    return _linear_token_logps(hidden, weight, labels, ignore_index, chunk_rows)
+
+
+# How the linear ops get the hidden states' gradient: "saved" forms d logp / d hidden of each
+# counted token in the forward pass, whenever autograd records the call and hidden requires a
+# gradient; "recompute" forms the logits again in the backward pass; "auto" (the public
+# functions) is "saved" unless the weight requires a gradient too, which needs the recomputed
+# logits anyway. The tests compare the two; the benchmark times them (docs/benchmarks.md).
+GRAD_PATHS = ("auto", "saved", "recompute")
+
+
+def _save_dtok(hidden: torch.Tensor, weight: torch.Tensor, grad_path: str) -> bool:
+    if grad_path not in GRAD_PATHS:
+        raise ValueError(f"grad_path must be one of {GRAD_PATHS}, got {grad_path!r}")
+    if grad_path == "recompute" or not (torch.is_grad_enabled() and hidden.requires_grad):
+        return False
+    return grad_path == "saved" or not weight.requires_grad
+
+
+def _sdpo_linear_loss(hidden, weight, labels, ref_logps, beta=1.0, num_negatives=1, ignore_index=-100,
+                      chunk_rows=0, grad_path="auto"):
+    """sdpo_linear_loss with the path of the hidden states' gradient chosen (GRAD_PATHS)."""
     _check_chunk_rows(chunk_rows)
-    tok, _ = _ops.linear_token_logps_fwd(hidden, weight, labels, ignore_index, chunk_rows)
+    loss, logps, *_ = _ops.sdpo_linear_fwd(
+        hidden, weight, labels, ref_logps, float(beta), num_negatives, ignore_index, chunk_rows,
+        _save_dtok(hidden, weight, grad_path),
+    )
+    return loss, logps
+
+
+def _linear_token_logps(hidden, weight, labels, ignore_index=-100, chunk_rows=0, grad_path="auto"):
+    """linear_token_logps with the path of the hidden states' gradient chosen (GRAD_PATHS)."""
+    _check_chunk_rows(chunk_rows)
+    tok, *_ = _ops.linear_token_logps_fwd(hidden, weight, labels, ignore_index, chunk_rows,
+                                          _save_dtok(hidden, weight, grad_path))
     return tok
 
 

@@ -8,9 +8,11 @@ import math
 import pytest
 import torch
 
+from minisdpo import ops
 from minisdpo.data import Row, encode_prompt, encode_response, format_prompt
 from minisdpo.evaluate import (_ranking_scores_unpacked, evaluate_generation, evaluate_ranking, judge,
                                rank_metrics, ranking_scores)
+from minisdpo.model import Llama, ModelArgs
 
 from conftest import TOK, ByteTokenizer
 
@@ -191,11 +193,10 @@ def test_evaluate_ranking_bad_input():
 # ------------------------------------------------------------------------------------ real model
 
 def test_both_evaluators_on_tiny_random_llama():
-    model_mod = pytest.importorskip("minisdpo.model")
     torch.manual_seed(0)
-    args = model_mod.ModelArgs(vocab_size=ByteTokenizer.vocab_size, dim=32, n_layers=2, n_heads=4,
-                               n_kv_heads=2, intermediate_size=64)
-    model = model_mod.Llama(args).eval()
+    args = ModelArgs(vocab_size=ByteTokenizer.vocab_size, dim=32, n_layers=2, n_heads=4,
+                     n_kv_heads=2, intermediate_size=64)
+    model = Llama(args).eval()
     names = ["Muse", "Beck", "Air", "Blur", "Bach"]
     rows = [Row(("H" * (i + 1), "Blur"), tuple(names), names[i]) for i in range(3)]
     gen = evaluate_generation(model, TOK, rows, "music", batch_size=2, max_new_tokens=6, progress=False)
@@ -213,11 +214,10 @@ def test_both_evaluators_on_tiny_random_llama():
 def _twenty_candidates_on_tiny_llama(seed: int, dtype: torch.dtype = torch.float32):
     """A random 2-layer Llama and 5 rows of 20 candidate titles of 3 to 22 bytes, prompts of
     decreasing length."""
-    model_mod = pytest.importorskip("minisdpo.model")
     torch.manual_seed(seed)
-    args = model_mod.ModelArgs(vocab_size=ByteTokenizer.vocab_size, dim=64, n_layers=2, n_heads=4,
-                               n_kv_heads=2, intermediate_size=128)
-    model = model_mod.Llama(args).to(dtype).eval()
+    args = ModelArgs(vocab_size=ByteTokenizer.vocab_size, dim=64, n_layers=2, n_heads=4,
+                     n_kv_heads=2, intermediate_size=128)
+    model = Llama(args).to(dtype).eval()
     names = [f"{'Title' * (i % 4)} {i}" for i in range(20)]
     rows = [Row(("H" * (20 - 4 * i), "Blur"), tuple(names), names[3 * i]) for i in range(5)]
     return model, rows
@@ -241,7 +241,6 @@ def test_ranking_scores_with_the_fused_lm_head_equal_the_logits_path(dtype, tol)
     # backend=minisdpo.ops scores from the hidden states with the fused LM head and skips the
     # padding of the shorter titles; the scores are the logits path's, in float32 and bfloat16
     # (there the logits path rounds the logits to bfloat16 first, the fused head does not).
-    ops = pytest.importorskip("minisdpo.ops")
     model, rows = _twenty_candidates_on_tiny_llama(seed=1, dtype=dtype)
     plain = ranking_scores(model, TOK, rows, "music", batch_size=2, progress=False)
     fused = ranking_scores(model, TOK, rows, "music", batch_size=2, progress=False, backend=ops)

@@ -515,7 +515,8 @@ def test_torch_compile_rejects_a_bad_call_while_tracing(bad):
         return ops.sdpo_loss(x, labels, ref_logps, beta=0.5, num_negatives=K)[0]
 
     torch._dynamo.reset()
-    with pytest.raises(Exception, match=words):
+    # Dynamo wraps the fake kernel's ValueError, message included, in its TorchRuntimeError.
+    with pytest.raises(torch._dynamo.exc.TorchRuntimeError, match=rf"ValueError\('minisdpo: .*{words}"):
         torch.compile(step, backend=backend, fullgraph=True)(logits.requires_grad_())
     assert graphs == []
 

@@ -1,8 +1,11 @@
-"""Benchmarks, side by side in one run: ``python -m minisdpo.bench [--step [--model DIR] | --generate --model DIR]``.
+"""Benchmarks, side by side in one run: ``python -m minisdpo.bench [--linear | --step [--model DIR] | --generate --model DIR]``.
 
 * no mode flag (``fused_loss``): the fused S-DPO loss (minisdpo.ops) against its plain PyTorch
   twin (minisdpo.loss), eager and compiled, forward and forward+backward, against the floor of
   one exp per logit, with the peak memory of each variant in its own process;
+* ``--linear`` (``linear_loss``): the fused linear S-DPO op with a frozen LM head (LoRA), its
+  two paths of the hidden states' gradient (the logits recomputed in the backward pass, or d logp
+  / d hidden formed in the forward pass), against one ``h @ W^T``, with the peak memory of each;
 * ``--step`` (``synthetic_step``): one S-DPO step without the optimizer on a small or larger
   random Llama with LoRA, the public code's layout (1 + K full sequences, full logits) against
   ours (packed prompt, the LM head fused into the loss);
@@ -21,7 +24,7 @@ import sys
 
 import torch
 
-from minisdpo.bench import fused_loss, generate, model_step, synthetic_step
+from minisdpo.bench import fused_loss, generate, linear_loss, model_step, synthetic_step
 from minisdpo.bench.common import DTYPES, machine, write_json
 from minisdpo.bench.synthetic_step import NUM_CANDIDATES, STEP_MODELS
 
@@ -40,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--T", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--V", type=int, default=32000, help="vocabulary size (default 32000)")
     p.add_argument("--K", type=int, default=3, help="negatives per group (default 3)")
+    p.add_argument("--D", type=int, default=576, help="--linear: hidden size (default 576, SmolLM2-135M's)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed runs per measurement, median reported (default 5; --step: 5 for the "
                         "small model, 3 for the large one)")
@@ -47,6 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
     p.add_argument("--no-memory", action="store_true", help="skip the per-process peak memory runs")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--linear", action="store_true",
+                   help="benchmark the fused linear op (sdpo_linear_loss, frozen LM head) by its two "
+                        "backward paths instead of the logits loss; --T is then the response length")
     p.add_argument("--step", action="store_true",
                    help="benchmark one S-DPO training step, naive vs efficient, instead of the loss")
     p.add_argument("--models", nargs="+", default=list(STEP_MODELS), choices=list(STEP_MODELS),
@@ -90,6 +97,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # Internal: the child process of peak_memory.
     p.add_argument("--memory-child", metavar="VARIANT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.linear and (args.step or args.generate or args.model):
+        p.error("--linear goes alone, without --step, --generate or --model")
+    if args.D < 1:
+        p.error("--D must be >= 1")
     if args.generate and not args.model:
         p.error("--generate needs --model DIR")
     if args.model and not (args.step or args.generate):
@@ -131,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.repeats = args.repeats or model_step.MODEL_REPEATS
     if args.memory_child:   # one measurement in a fresh process, started by the parent run
         child = (model_step.memory_child if args.model else synthetic_step.memory_child if args.step
-                 else fused_loss.memory_child)
+                 else linear_loss.memory_child if args.linear else fused_loss.memory_child)
         child(args)
         return {}
     info = machine()
@@ -142,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
         results = generate.run(args, info)
     elif args.step:
         results = model_step.run(args, info) if args.model else synthetic_step.run(args)
+    elif args.linear:
+        results = {"machine": info, **linear_loss.run(args)}
     else:
         results = {"machine": info, **fused_loss.run(args)}
     write_json(results, args.json)
