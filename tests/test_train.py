@@ -423,11 +423,10 @@ def test_the_recorded_start_of_a_preference_stage_is_the_measured_loss_of_a_fres
     out = tmp_path / "run"
     train.main(_flags(data_dir, out, "--stage", "sft", "--max-steps", "1", "--no-plots"))
     train.main(_flags(data_dir, out, "--stage", "sdpo", "--max-steps", "1", "--negatives", "3", "--no-plots"))
-    args = config.build_parser().parse_args(_flags(data_dir, out, "--negatives", "3"))
-    config.check_args(args)
+    args = config.resolve_args(_flags(data_dir, out, "--negatives", "3"))
     splits, domain, _ = train.load_rows(args)
     model = train.load_sft_model(out, trainer.Env(dtype=torch.float32))
-    train.add_lora(model, args, 1, "all", "--lora-layers")
+    train.add_lora(model, args, 1, "all")
     data = trainer.StageData(train.Tokenizer(out / "tokenizer" / "tokenizer.model"), domain, splits["train"],
                              splits["val"])
     objective = StageLoss(model, torch_loss, packing=args.packing, negatives=3, beta=args.beta)
@@ -475,10 +474,7 @@ def test_recipe_paper_runs_end_to_end_with_the_official_values(data_dir, tmp_pat
 
 def test_recipe_grad_accum_follows_the_processes_and_explicit_flags_win(tmp_path, monkeypatch):
     def configure(*flags: str) -> argparse.Namespace:
-        argv = ["--model", "scratch", "--recipe", "paper", *flags]
-        args = config.build_parser().parse_args(argv)
-        config.check_args(args, config.given_flags(argv))
-        return args
+        return config.resolve_args(["--model", "scratch", "--recipe", "paper", *flags])
     for world, batch, accum in (("1", [], 32), ("4", [], 8), ("4", ["--batch-size", "8"], 4), ("2", ["--batch-size", "16"], 4)):
         monkeypatch.setenv("WORLD_SIZE", world)
         args = configure(*batch)
@@ -491,8 +487,7 @@ def test_recipe_grad_accum_follows_the_processes_and_explicit_flags_win(tmp_path
     assert (args.grad_accum, args.sdpo_lr, args.sft_lr) == (2, 1e-4, 1e-5)
     assert {"grad_accum", "sdpo_lr", "lora_dropout"} <= set(args.recipe_overridden)
     monkeypatch.setenv("WORLD_SIZE", "1")
-    plain = config.build_parser().parse_args(["--model", "scratch"])
-    config.check_args(plain, set())
+    plain = config.resolve_args(["--model", "scratch"])
     assert not hasattr(plain, "recipe_set") and plain.adam_betas == [0.9, 0.95] and plain.sdpo_init == "fresh"
     model_dir = tmp_path / "model"
     model_dir.mkdir()
@@ -507,14 +502,10 @@ def test_a_pretrained_model_trains_sft_on_every_layer_and_s_dpo_on_the_top_4(tmp
     the preference stages' on the top 4 from the frozen-prefix cache, no LoRA dropout (0.1 for
     the small model and the paper's recipe); --sdpo-init sft-adapter
     continues the SFT adapter, so SFT then takes --lora-layers' layers; a model of at most 4
-    layers takes every layer, unless a flag says otherwise (then lora_boundary checks it)."""
+    layers takes every layer, unless a flag says otherwise (then resolve_args rejects a number
+    of layers beyond the model's)."""
     def configure(*flags: str, n_layers: int = 30) -> argparse.Namespace:
-        argv = ["--model", str(tmp_path), *flags]
-        args = config.build_parser().parse_args(argv)
-        given = config.given_flags(argv)
-        config.check_args(args, given)
-        config.fit_lora_layers(args, given, n_layers)
-        return args
+        return config.resolve_args(["--model", str(tmp_path), *flags], lambda args: n_layers)
     args = configure()
     assert (args.lora_layers, args.sft_lora_layers, args.sdpo_epochs, args.sft_epochs) == (4, "all", 2.0, 0.5)
     assert (args.lora_dropout, configure("--lora-dropout", "0.05").lora_dropout,
@@ -524,9 +515,10 @@ def test_a_pretrained_model_trains_sft_on_every_layer_and_s_dpo_on_the_top_4(tmp
     assert (configure(n_layers=4).lora_layers, configure(n_layers=5).lora_layers) == ("all", 4)
     small = configure("--sdpo-init", "sft-adapter", n_layers=3)
     assert (small.lora_layers, small.sft_lora_layers) == ("all", "all")
-    assert configure("--lora-layers", "4", n_layers=3).lora_layers == 4     # given: train.main rejects it
-    scratch = config.build_parser().parse_args(["--model", "scratch"])
-    config.check_args(scratch)
+    with pytest.raises(SystemExit, match="--lora-layers 4 exceeds the model's 3 layers"):
+        configure("--lora-layers", "4", n_layers=3)
+    assert configure("--lora-layers", "3", n_layers=3).lora_layers == 3      # given: kept, not 'all'
+    scratch = config.resolve_args(["--model", "scratch"])
     assert (scratch.lora_layers, scratch.sft_lora_layers, scratch.lora_dropout) == ("all", "all", 0.1)
     with pytest.raises(SystemExit, match="need --packing shared: with --packing none pass --lora-layers all"):
         configure("--packing", "none")
@@ -656,3 +648,13 @@ def test_sdpo_from_the_sft_adapter_resumes_like_an_uninterrupted_run(data_dir, t
     sft = load_file(start / "sft" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() == sft.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], sft[k]) for k in a)        # the SFT adapter trained on
+
+
+def test_resolve_args_parses_once_and_keeps_every_default_it_does_not_fill():
+    """resolve_args tells the flags given from the defaults with one parse: every flag it does not
+    fill from the model or the recipe keeps the parser's default, typed as argparse types it."""
+    parsed = vars(config.build_parser().parse_args(["--model", "scratch"]))
+    resolved = vars(config.resolve_args(["--model", "scratch"]))
+    for name, value in parsed.items():
+        if value is not None and name not in ("sft_lora_layers",):
+            assert resolved[name] == value and type(resolved[name]) is type(value), name
