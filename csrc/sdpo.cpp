@@ -1,6 +1,6 @@
 // The minisdpo ops: their schemas (TORCH_LIBRARY) and their CPU implementations.
 //
-// What the ops compute, and the gradient, step by step: docs/method.md (the reference is
+// What the ops compute, and the gradient, step by step: docs/method.md (the PyTorch twin is
 // minisdpo/loss.py, the group loss csrc/sdpo_math.h). The forward pass reads each counted row of
 // logits once and keeps only its float32 log-sum-exp; the backward pass recomputes the softmax
 // from it and writes the logits' gradient in one pass. Ignored rows are skipped in the forward

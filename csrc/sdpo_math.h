@@ -5,7 +5,7 @@
 // Included by the CPU kernels (csrc/sdpo.cpp, csrc/cpu_kernels.h) and by the CUDA kernels
 // (csrc/cuda/sdpo.cu), where the functions below are __host__ __device__: the logits op, the
 // linear op (through the minisdpo::sdpo_group_loss op) and the GPU all run this one group loss.
-// The Python reference is minisdpo/loss.py (preference_loss); the derivation docs/method.md,
+// The PyTorch twin is minisdpo/loss.py (preference_loss); the derivation docs/method.md,
 // sections 2-3.
 #pragma once
 
@@ -76,7 +76,7 @@ MINISDPO_HOST_DEVICE inline double max_or_nan(double a, double b) {
 // logsumexp follows torch.logsumexp: shifted by the max unless the max is infinite (then
 // exp(z) is 0 or inf as it stands), and a NaN anywhere gives NaN, so a NaN log-prob or
 // reference log-prob makes the group's loss and gradient NaN, as in minisdpo/loss.py. The
-// chosen's derivative is the sum over j, as autograd forms it from the reference: an infinite
+// chosen's derivative is the sum over j, as autograd forms it from the PyTorch twin: an infinite
 // z_j (softmax inf / inf = NaN) then makes it NaN there too, not -beta.
 MINISDPO_HOST_DEVICE inline double group_loss(const double* logp, const double* ref, double beta,
                                               int64_t K, double scale, double* dlogp) {

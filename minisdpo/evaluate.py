@@ -226,8 +226,8 @@ def ranking_scores(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: 
 @torch.no_grad()
 def _ranking_scores_unpacked(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: str,
                              batch_size: int = 2, max_len: int = 512) -> torch.Tensor:
-    """``ranking_scores`` the slow way, kept as the tests' oracle and the benchmark's baseline:
-    one full prompt + title sequence per candidate (``minisdpo.batches.collate``), logits everywhere."""
+    """``ranking_scores`` the slow way, kept as the tests' oracle: one full prompt + title sequence
+    per candidate (``minisdpo.batches.collate``), logits everywhere."""
     _check_common(rows, batch_size)
     n_cands = _check_candidates(rows)
     device, pad_id = _device(model), padding_id(tok)

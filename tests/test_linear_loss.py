@@ -8,7 +8,7 @@ hidden states' gradient (ops.GRAD_PATHS: "saved", d logp / d hidden formed in th
 and "recompute", the logits formed again in the backward pass), with the LM head frozen and
 trainable, the two paths also against each other; odd V, one-token responses, all-ignored
 sequences and groups, K = 1, 3, 7; several chunks (chunk_rows forced small) and the automatic
-chunk; NaN and inf (NaN exactly where the reference has NaN); only the requested gradients, and
+chunk; NaN and inf (NaN exactly where the PyTorch twin has NaN); only the requested gradients, and
 the path "auto" takes; no tensor as large as the logits, inside the ops included; one host
 synchronisation per forward and backward pass; gradcheck in float64, opcheck, torch.compile of
 a caller (and its fake kernels' shape checks), and bad input named in the error.
@@ -97,11 +97,11 @@ def assert_all_close(got, want, rtol, atol):
     (12, 9, 16, 513, 3, 64),     # one chunk covers everything
     (2, 4, 8, 32001, 1, 3),      # a real vocabulary, rows at every alignment
 ])
-def test_sdpo_linear_matches_reference_float32(device, grad_path, weight_grad, S, R, D, V, K, chunk_rows):
+def test_sdpo_linear_matches_the_pytorch_twin_float32(device, grad_path, weight_grad, S, R, D, V, K, chunk_rows):
     hidden, weight, labels, ref_logps = make_inputs(S, R, D, V, K, seed=S * V, device=device)
     got = run(linear, hidden, weight, labels, ref_logps, K, beta=0.7, weight_grad=weight_grad,
               grad_path=grad_path, chunk_rows=chunk_rows)
-    # The reference in float64 on the same (float32-valued) inputs: the truth to 1e-5.
+    # The PyTorch twin in float64 on the same (float32-valued) inputs: the truth to 1e-5.
     want = run(materialised, hidden.double(), weight.double(), labels, ref_logps, K, beta=0.7,
                weight_grad=weight_grad)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
@@ -114,7 +114,7 @@ def test_sdpo_linear_matches_reference_float32(device, grad_path, weight_grad, S
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("grad_path, weight_grad", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("K", [1, 3, 7])
-def test_sdpo_linear_matches_reference_bfloat16(device, grad_path, weight_grad, K):
+def test_sdpo_linear_matches_the_pytorch_twin_bfloat16(device, grad_path, weight_grad, K):
     hidden, weight, labels, ref_logps = make_inputs(2 * (1 + K), 6, 32, 301, K, dtype=torch.bfloat16, seed=K,
                                                     device=device)
     paths = dict(weight_grad=weight_grad)
@@ -226,7 +226,7 @@ def test_nan_and_inf_match_reference(device, grad_path, dtype, case):
         assert torch.isfinite(got[2]).all() and torch.isfinite(got[3]).all()
         assert not torch.isfinite(want[3]).all()
         return
-    # Hidden gradients of counted rows only: the reference differentiates the ignored rows'
+    # Hidden gradients of counted rows only: the PyTorch twin differentiates the ignored rows'
     # logits too, which holds NaN where the weight does (the fused op gives them zeros).
     counted = labels != -100
     assert (got[2][~counted] == 0).all()

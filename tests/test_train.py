@@ -364,7 +364,7 @@ def test_a_diverging_run_stops_and_resumes_from_the_last_good_checkpoint(data_di
     monkeypatch.setattr(StageLoss, "__call__", diverging)
     with pytest.raises(SystemExit, match=r"\[sft\] step 3: .*not finite.*step 2.*--resume"):
         train.main(flags)
-    state = torch.load(out / "sft" / "state.pt", weights_only=False)
+    state = torch.load(out / "sft" / "state.pt", weights_only=True)
     assert state["step"] == 2                                         # the last good checkpoint
     assert all(math.isfinite(v.abs().sum()) for v in state["params"].values())
     assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2]  # no record of the bad step
