@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
            "first layer of the S-DPO adapter (--lora-layers; the layers below read a placeholder token, so the "
            "frozen-prefix cache stays valid while the projector trains); 'input', the input embeddings as in "
            "LLaRA (the projector then trains in SFT only, which must run on every layer)")
+    a("--item-position", choices=("after", "before"), default="after",
+      help="where a title's item token stands: 'after' the title (LLaRA), or 'before' it, the projection then "
+           "entering at the title's first token too (the token a model copies to answer)")
     a("--item-projector", choices=("train", "freeze"), default="train",
       help="whether the S-DPO and DPO stages keep training the item tokens' projector that SFT trained "
            "(the reference keeps SFT's) or freeze it; --item-layer input needs 'freeze' with --lora-layers N")

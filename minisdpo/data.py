@@ -410,12 +410,15 @@ def _check_domain(domain: str) -> None:
         raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
 
 
-def format_prompt(row: Row, domain: str, mark: str = "") -> str:
+def format_prompt(row: Row, domain: str, mark: str = "", before: bool = False) -> str:
     """The instruction text: the history and the candidates, one title per line, then "Answer:";
-    ``mark`` follows every title (the place of its item token, ``encode_prompt``)."""
+    ``mark`` follows every title, or precedes it (``before``): the place of its item token
+    (``encode_prompt``)."""
     _check_domain(domain)
-    return _TEMPLATES[domain].format(history="\n".join(t + mark for t in row.history),
-                                     candidates="\n".join(t + mark for t in row.candidates))
+    def line(t: str) -> str:
+        return mark + t if before else t + mark
+    return _TEMPLATES[domain].format(history="\n".join(map(line, row.history)),
+                                     candidates="\n".join(map(line, row.candidates)))
 
 
 def encode_prompt(tok: TokenizerLike, row: Row, domain: str) -> list[int]:
@@ -423,14 +426,15 @@ def encode_prompt(tok: TokenizerLike, row: Row, domain: str) -> list[int]:
     the context of SFT, S-DPO and generation alike.
 
     A tokenizer with item tokens (one with ``item_token(title, candidate) -> id``, ``minisdpo.items``)
-    puts the title's item token after each history and candidate title: the text is cut
-    where the titles end (``Tokenizer.prompt_pieces``) and the ids joined around them."""
+    puts the title's item token after each history and candidate title (before it, with
+    ``items_before``): the text is cut there (``Tokenizer.prompt_pieces``) and the ids joined
+    around them."""
     item_token = getattr(tok, "item_token", None)
     if item_token is None:
         return tok.prompt_ids(format_prompt(row, domain))
     if any(ITEM_MARK in t for t in (*row.history, *row.candidates)):
         raise ValueError(f"a title contains {ITEM_MARK!r}, the character that marks item tokens")
-    pieces = tok.prompt_pieces(format_prompt(row, domain, ITEM_MARK), ITEM_MARK)
+    pieces = tok.prompt_pieces(format_prompt(row, domain, ITEM_MARK, getattr(tok, "items_before", False)), ITEM_MARK)
     titles = (*row.history, *row.candidates)
     if len(pieces) != len(titles) + 1:
         raise RuntimeError(f"the prompt has {len(pieces) - 1} item marks for {len(titles)} titles: the chat "

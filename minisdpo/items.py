@@ -49,13 +49,14 @@ class ItemTokenizer:
     calls ``item_token``); everything else is ``tok``'s. The ids: ``offset`` (the model's
     vocabulary size) + the title's SASRec id in the history, + ``n_items`` more as a candidate."""
 
-    def __init__(self, tok: Any, vocab: dict[str, int], offset: int, n_items: int):
+    def __init__(self, tok: Any, vocab: dict[str, int], offset: int, n_items: int, before: bool = False):
         self.tok, self.vocab, self.offset, self.n_items = tok, vocab, offset, n_items
+        self.items_before = before          # the item token precedes its title (else follows it)
 
     @classmethod
-    def of(cls, tok: Any, rec: SASRecRecommender, vocab_size: int) -> ItemTokenizer:
+    def of(cls, tok: Any, rec: SASRecRecommender, vocab_size: int, before: bool = False) -> ItemTokenizer:
         """``tok`` with the item tokens of ``rec``'s items, after a vocabulary of ``vocab_size``."""
-        return cls(tok, rec.vocab, vocab_size, rec.model.items.num_embeddings)
+        return cls(tok, rec.vocab, vocab_size, rec.model.items.num_embeddings, before)
 
     def item_token(self, title: str, candidate: bool = False) -> int:
         """The id of ``title``'s item token (its SASRec id, the unknown id if none)."""
@@ -74,11 +75,12 @@ def placeholder_id(tok: Any) -> int:
 
 
 def attach(model: Llama, rec: SASRecRecommender, layer: int, placeholder: int, user: bool = False,
-           seed: int = 0) -> ItemTokens:
+           before: bool = False, seed: int = 0) -> ItemTokens:
     """Give ``model`` item tokens for ``rec``'s items (a fresh projector, seeded) entering at
     ``layer``; returns them (``model.items``). The features are SASRec's item embeddings at the
     scale of its own input (times sqrt(dim)), frozen; ``user``: a frozen copy of the SASRec
-    encodes each row's history for its candidates' tokens too."""
+    encodes each row's history for its candidates' tokens too; ``before``: the item tokens
+    precede their titles, and the projection enters at the title's first token too."""
     if not 0 <= layer < model.args.n_layers:
         raise ValueError(f"layer must be in [0, {model.args.n_layers}), got {layer}")
     weight = rec.model.items.weight.detach()
@@ -86,7 +88,7 @@ def attach(model: Llama, rec: SASRecRecommender, layer: int, placeholder: int, u
     torch.manual_seed(seed)
     encoder = copy.deepcopy(rec.model) if user else None
     model.items = ItemTokens(weight * math.sqrt(weight.shape[1]), model.args.dim, layer, placeholder,
-                             user=encoder, history_len=rec.model.max_len).to(device)
+                             user=encoder, history_len=rec.model.max_len, spread=before).to(device)
     return model.items
 
 
@@ -102,11 +104,12 @@ def save_projector(model: Llama, path: str | Path) -> None:
 
 def _layout(items: ItemTokens) -> dict[str, str]:
     return {"layer": str(items.layer), "placeholder_id": str(items.placeholder_id),
-            "items": str(items.features.shape[0]), "user": str(int(items.user is not None))}
+            "items": str(items.features.shape[0]), "user": str(int(items.user is not None)),
+            "before": str(int(items.spread))}
 
 
-def projector_layout(path: str | Path) -> tuple[int, int, bool]:
-    """(layer, placeholder id, user) of a projector written by ``save_projector``: how to
+def projector_layout(path: str | Path) -> tuple[int, int, bool, bool]:
+    """(layer, placeholder id, user, before) of a projector written by ``save_projector``: how to
     ``attach`` the item tokens it belongs to. A missing file raises FileNotFoundError naming it."""
     path = Path(path)
     if not path.is_file():
@@ -114,7 +117,7 @@ def projector_layout(path: str | Path) -> tuple[int, int, bool]:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     try:
-        return int(meta["layer"]), int(meta["placeholder_id"]), meta.get("user") == "1"
+        return int(meta["layer"]), int(meta["placeholder_id"]), meta.get("user") == "1", meta.get("before") == "1"
     except (KeyError, ValueError):
         raise ValueError(f"{path} is not an item-token projector of minisdpo (no layer and placeholder_id)") from None
 

@@ -230,16 +230,18 @@ class ItemTokens(nn.Module):
     float32 whatever the model's dtype (as LoRA's weights are), its output rounded to the
     activations' dtype. ``freeze_reference`` keeps a frozen copy of the projector that
     ``use_reference`` selects: the S-DPO reference when a preference stage trains it further.
+    With ``spread`` (item tokens placed before their titles) the projection is also added at the
+    token after each item token, the first token of its title, which a model copies to answer.
     """
 
     def __init__(self, features: torch.Tensor, dim: int, layer: int, placeholder_id: int,
-                 user: nn.Module | None = None, history_len: int = 10):
+                 user: nn.Module | None = None, history_len: int = 10, spread: bool = False):
         super().__init__()
         if features.dim() != 2 or features.shape[0] < 1:
             raise ValueError(f"features must be (items, f) with items >= 1, got shape {tuple(features.shape)}")
         if not (isinstance(layer, int) and layer >= 0):
             raise ValueError(f"layer must be an int >= 0, got {layer!r}")
-        self.layer, self.placeholder_id, self.history_len = layer, placeholder_id, history_len
+        self.layer, self.placeholder_id, self.history_len, self.spread = layer, placeholder_id, history_len, spread
         self.register_buffer("features", features.detach().float().clone(), persistent=False)
         self.user = None if user is None else user.float().requires_grad_(False).eval()
         f = features.shape[1] * (2 if user is not None else 1)
@@ -273,7 +275,10 @@ class ItemTokens(nn.Module):
             f = torch.cat([f, f * u[:, None] * is_cand.unsqueeze(-1)], -1)      # (B, T, 2f)
         proj = self.reference if self.use_reference and self.reference is not None else self.proj
         v = proj(f).to(x.dtype)                                                 # (B, T, dim)
-        return x + v * is_item.unsqueeze(-1).to(x.dtype)
+        v = v * is_item.unsqueeze(-1).to(x.dtype)
+        if self.spread:     # and at the token after each item token: the first of the title it precedes
+            v = v + F.pad(v[:, :-1], (0, 0, 1, 0))
+        return x + v
 
 
 class Llama(nn.Module):

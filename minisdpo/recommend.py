@@ -295,7 +295,7 @@ def load_run_tokenizer(run_dir: Path, config: dict) -> Tokenizer:
         raise RecommendError(f"RUN_DIR {run_dir}: cannot load the tokenizer ({e})") from None
 
 
-def item_tokens(run_dir: Path, config: dict, stage: str) -> tuple[SASRecRecommender, Path, int, int, bool] | None:
+def item_tokens(run_dir: Path, config: dict, stage: str) -> tuple[SASRecRecommender, Path, int, int, bool, bool] | None:
     """For a run trained with --item-tokens sasrec: its SASRec (RUN_DIR/sasrec) and the stage's
     projector file, with the layer and placeholder it was trained for; None for a run on titles
     only. A missing file is an error that names it."""
@@ -307,10 +307,10 @@ def item_tokens(run_dir: Path, config: dict, stage: str) -> tuple[SASRecRecommen
                              f"{config['item_tokens']}), but its SASRec ({run_dir / 'sasrec'}) is missing")
     projector = run_dir / stage / PROJECTOR_FILE
     try:
-        layer, placeholder, user = projector_layout(projector)
+        layer, placeholder, user, before = projector_layout(projector)
     except (OSError, ValueError) as e:
         raise RecommendError(f"RUN_DIR {run_dir}: the {_NAMES[stage]} reads item tokens: {e}") from None
-    return rec, projector, layer, placeholder, user
+    return rec, projector, layer, placeholder, user, before
 
 
 def load_model(run_dir: Path, stage: str, dtype: torch.dtype, device: torch.device, items=None):
@@ -323,8 +323,8 @@ def load_model(run_dir: Path, stage: str, dtype: torch.dtype, device: torch.devi
     try:
         model = from_pretrained(str(base), dtype=dtype, device=device)
         if items is not None:
-            rec, projector, layer, placeholder, user = items
-            attach(model, rec, layer, placeholder, user=user)
+            rec, projector, layer, placeholder, user, before = items
+            attach(model, rec, layer, placeholder, user=user, before=before)
             load_projector(model, projector)
         if stage != "sft":
             load_adapter(model, str(adapter_dir(run_dir, stage)))   # LoRA weights on the model's device
@@ -441,7 +441,7 @@ def run(argv: list[str] | None = None, stdin=None) -> list[dict]:
     tok = load_run_tokenizer(run_dir, config)
     items = item_tokens(run_dir, config, stage)
     if items is not None:   # item token ids continue the SFT model's vocabulary
-        tok = ItemTokenizer.of(tok, items[0], load_config(str(sft_model_dir(run_dir))).vocab_size)
+        tok = ItemTokenizer.of(tok, items[0], load_config(str(sft_model_dir(run_dir))).vocab_size, items[5])
     check_lengths(tok, queries, wheres, domain, max_len, args.max_new_tokens)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = run_dtype(config, args.dtype, device)

@@ -188,6 +188,7 @@ class ItemSetup:
     layer: int
     placeholder: int
     user: bool            # --item-tokens sasrec-user: candidates carry the user's representation
+    before: bool          # --item-position before: the item token precedes its title
 
 
 def run_sasrec(args: argparse.Namespace, env: Env, out: Path) -> SASRecRecommender:
@@ -240,7 +241,7 @@ def with_items(model: Llama, items: ItemSetup | None, projector: Path | None = N
     (seeded), or the one saved in ``projector``."""
     if items is None:
         return model
-    attach(model, items.rec, items.layer, items.placeholder, user=items.user, seed=seed)
+    attach(model, items.rec, items.layer, items.placeholder, user=items.user, before=items.before, seed=seed)
     if projector is not None:
         try:
             load_projector(model, projector)
@@ -662,8 +663,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         rec = run_sasrec(args, env, out)
         vocab_size = load_config(model_dir).vocab_size if model_dir else tok.vocab_size
         layer = 0 if args.item_layer == "input" else lora_boundary(n_layers, args.lora_layers)
-        items = ItemSetup(rec, layer, placeholder_id(tok), args.item_tokens == "sasrec-user")
-        tok = ItemTokenizer.of(tok, rec, vocab_size)
+        before = args.item_position == "before"
+        items = ItemSetup(rec, layer, placeholder_id(tok), args.item_tokens == "sasrec-user", before)
+        tok = ItemTokenizer.of(tok, rec, vocab_size, before)
         log(env, f"[items] an item token after every title: {len(rec.vocab)} SASRec items, projected into the "
                  f"residual stream entering layer {layer}")
     data = StageData(tok, domain, splits["train"], splits["val"])

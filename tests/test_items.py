@@ -34,15 +34,15 @@ def _sasrec(titles: list[str], seed: int = 0) -> SASRecRecommender:
     return SASRecRecommender(SASRec(len(vocab) + 2, dim=8), vocab, {})
 
 
-def _setup(rows, layer: int, dtype=torch.float32, seed: int = 0, user: bool = False):
+def _setup(rows, layer: int, dtype=torch.float32, seed: int = 0, user: bool = False, before: bool = False):
     model = tiny_llama(seed).to(dtype)
     titles = sorted({t for r in rows for t in (*r.history, *r.candidates)})[:-3]   # three unknown titles
     rec = _sasrec(titles, seed)
-    attach(model, rec, layer, placeholder=TOK.encode(" ")[0], user=user, seed=seed)
+    attach(model, rec, layer, placeholder=TOK.encode(" ")[0], user=user, before=before, seed=seed)
     with torch.no_grad():   # a projector far from its initialisation, whose output matters
         for p in model.items.proj.parameters():
             p.normal_(0.0, 0.5)
-    return model, ItemTokenizer.of(TOK, rec, model.args.vocab_size)
+    return model, ItemTokenizer.of(TOK, rec, model.args.vocab_size, before)
 
 
 def test_an_item_token_follows_every_title_and_the_text_is_unchanged():
@@ -63,20 +63,25 @@ def test_an_item_token_follows_every_title_and_the_text_is_unchanged():
     for title, pos in zip(titles, [k for k, i in enumerate(ids) if i >= TOK.vocab_size]):
         assert TOK.decode(ids[pos - len(title.encode()):pos]) == title
     assert text.count("\n") + 1 == len(TOK.decode([i for i in ids if i < TOK.vocab_size]).splitlines())
+    before = ItemTokenizer.of(TOK, rec, TOK.vocab_size, before=True)
+    ids = D.encode_prompt(before, row, "music")
+    for title, pos in zip(titles, [k for k, i in enumerate(ids) if i >= TOK.vocab_size]):
+        assert TOK.decode(ids[pos + 1:pos + 1 + len(title.encode())]) == title       # the title follows its token
     bad = D.Row(row.history, (row.candidates[0] + D.ITEM_MARK, *row.candidates[1:]), row.target)
     with pytest.raises(ValueError, match="marks item tokens"):
         D.encode_prompt(tok, bad, "music")
 
 
-@pytest.mark.parametrize("user", [False, True], ids=["items", "items+user"])
+@pytest.mark.parametrize("user,before", [(False, False), (True, False), (True, True)],
+                         ids=["items", "items+user", "items+user-before"])
 @pytest.mark.parametrize("layer", [0, 1], ids=["input", "boundary"])
 @pytest.mark.parametrize("backend", [pytorch_backend, ops], ids=["pytorch", "fused"])
-def test_the_cached_path_equals_the_whole_model_with_item_tokens(layer, backend, user):
+def test_the_cached_path_equals_the_whole_model_with_item_tokens(layer, backend, user, before):
     """The cache at layer 1 of a 2-layer model: with the projection entering at the boundary the
     cache holds the placeholder only and the projector runs on top of it; entering at the input,
     the cache holds its output. Both equal the whole model in float32, log-probs and gradients."""
     rows = random_rows(4, seed=2)
-    model, tok = _setup(rows, layer, user=user)
+    model, tok = _setup(rows, layer, user=user, before=before)
     cache = PrefixCache.build(model, tok, rows, "music", 256, 1, batch_size=2, progress=False)
     responses = [[r.target, *[c for c in r.candidates if c != r.target][:3]] for r in rows]
     objective = StageLoss(model, backend, negatives=3)
@@ -101,15 +106,16 @@ def test_the_cached_path_equals_the_whole_model_with_item_tokens(layer, backend,
     assert not torch.allclose(moved, loss.detach())
 
 
-@pytest.mark.parametrize("user", [False, True], ids=["items", "items+user"])
+@pytest.mark.parametrize("user,before", [(False, False), (True, False), (True, True)],
+                         ids=["items", "items+user", "items+user-before"])
 @pytest.mark.parametrize("layer", [0, 1], ids=["input", "boundary"])
-def test_projector_gradients_equal_those_of_a_plain_twin(layer, user):
+def test_projector_gradients_equal_those_of_a_plain_twin(layer, user, before):
     """The model's item tokens against the same computation written out by hand: the
     placeholder's ids through the layers below ``layer``, the projected features put in at the
     item positions with index_put, the layers above; same log-probs, same projector gradients
     (float32, within 1e-5)."""
     rows = random_rows(3, seed=3)
-    model, tok = _setup(rows, layer=layer, user=user)
+    model, tok = _setup(rows, layer=layer, user=user, before=before)
     batch = packed_batch(tok, rows, [[r.target, r.candidates[0]] for r in rows], 256, domain="music")
     weights = torch.randn(batch.labels.shape)
     V, items = model.args.vocab_size, model.items
@@ -140,7 +146,11 @@ def test_projector_gradients_equal_those_of_a_plain_twin(layer, user):
                     e = items.features[i - V]
                     features.append(e if u is None else torch.cat([e, torch.zeros_like(e)]))
         where = is_item.nonzero(as_tuple=True)
-        x = x.index_put(where, x[where] + items.proj(torch.stack(features)).to(x.dtype))
+        added = items.proj(torch.stack(features)).to(x.dtype)
+        x = x.index_put(where, x[where] + added)
+        if before:      # the title's first token, right after its item token, gets the same
+            after = (where[0], where[1] + 1)
+            x = x.index_put(after, x[after] + added)
         if layer == 0:   # the embedding is the residual stream entering layer 0: run the model on it by hand
             cos, sin = model._rope(batch.position_ids, x.dtype)
             allowed = batch.mask.view(-1, 1, *batch.mask.shape[1:])
