@@ -666,8 +666,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         before = args.item_position == "before"
         items = ItemSetup(rec, layer, placeholder_id(tok), args.item_tokens == "sasrec-user", before)
         tok = ItemTokenizer.of(tok, rec, vocab_size, before)
-        log(env, f"[items] an item token after every title: {len(rec.vocab)} SASRec items, projected into the "
-                 f"residual stream entering layer {layer}")
+        log(env, f"[items] an item token {args.item_position} every title ({args.item_tokens}): {len(rec.vocab)} "
+                 f"SASRec items, projected into the residual stream entering layer {layer}")
     data = StageData(tok, domain, splits["train"], splits["val"])
     summary = None
     try:
