@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--item-position", choices=("after", "before"), default="after",
       help="where a title's item token stands: 'after' the title (LLaRA), or 'before' it, the projection then "
            "entering at the title's first token too (the token a model copies to answer)")
+    a("--item-lr-scale", type=float, default=1.0,
+      help="the item tokens' projector learns at this many times the stage's learning rate (it starts from "
+           "random weights, the LoRA adapter from the identity)")
     a("--item-projector", choices=("train", "freeze"), default="train",
       help="whether the S-DPO and DPO stages keep training the item tokens' projector that SFT trained "
            "(the reference keeps SFT's) or freeze it; --item-layer input needs 'freeze' with --lora-layers N")
@@ -340,7 +343,7 @@ def _check(args: argparse.Namespace, given: set[str]) -> None:
     for name in ("limit_train", "limit_val", "limit_test", "max_steps", "eval_every", "threads"):
         if getattr(args, name) < 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("sft_lr", "sdpo_lr", "sft_epochs", "sdpo_epochs", "beta"):
+    for name in ("sft_lr", "sdpo_lr", "sft_epochs", "sdpo_epochs", "beta", "item_lr_scale"):
         v = getattr(args, name)
         if not (math.isfinite(v) and v > 0):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be a positive number, got {v}")

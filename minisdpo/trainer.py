@@ -88,6 +88,7 @@ class LoopConfig(Protocol):
     adam_betas: Sequence[float]
     seed: int
     no_progress: bool
+    item_lr_scale: float
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,10 @@ def train_stage(model: torch.nn.Module, spec: StageSpec, cfg: LoopConfig, data: 
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([p for _, p in params], lr=spec.lr, weight_decay=cfg.weight_decay,
+    # The item tokens' projector (minisdpo.items) at --item-lr-scale times the stage's rate.
+    groups = [{"params": [p for n, p in params if n.startswith("items.") == item], "lr": spec.lr * scale}
+              for item, scale in ((False, 1.0), (True, cfg.item_lr_scale))]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay,
                             betas=tuple(cfg.adam_betas))
     every = eval_interval(cfg.eval_every if spec.eval_every is None else spec.eval_every, total)
     objective = StageLoss(model, backend, packing=cfg.packing, negatives=spec.negatives, beta=cfg.beta)
