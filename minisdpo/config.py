@@ -37,10 +37,10 @@ SASREC_EPOCHS = 5
 MODEL_DEFAULTS = {
     "pretrained": {"limit_train": 512, "limit_val": 32, "limit_test": 200, "sft_lr": 5e-4, "sft_epochs": 0.5,
                    "sdpo_lr": 2e-4, "sdpo_epochs": 2.0, "lora_layers": 4, "lora_dropout": 0.0,
-                   "item_tokens": "sasrec"},
+                   "item_tokens": "sasrec-user", "item_lr_scale": 20.0},
     "scratch": {"limit_train": 8000, "limit_val": 200, "limit_test": 1000, "sft_lr": 2e-3, "sft_epochs": 2.0,
                 "sdpo_lr": 1e-3, "sdpo_epochs": 1.0, "lora_layers": "all", "lora_dropout": 0.1,
-                "item_tokens": "none"},
+                "item_tokens": "none", "item_lr_scale": 1.0},
 }
 
 
@@ -225,12 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
            "first layer of the S-DPO adapter (--lora-layers; the layers below read a placeholder token, so the "
            "frozen-prefix cache stays valid while the projector trains); 'input', the input embeddings as in "
            "LLaRA (the projector then trains in SFT only, which must run on every layer)")
-    a("--item-position", choices=("after", "before"), default="after",
+    a("--item-position", choices=("after", "before"), default="before",
       help="where a title's item token stands: 'after' the title (LLaRA), or 'before' it, the projection then "
            "entering at the title's first token too (the token a model copies to answer)")
-    a("--item-lr-scale", type=float, default=1.0,
+    a("--item-lr-scale", type=float, default=None,
       help="the item tokens' projector learns at this many times the stage's learning rate (it starts from "
-           "random weights, the LoRA adapter from the identity)")
+           "random weights, the LoRA adapter from the identity)" + _dflt("item_lr_scale"))
     a("--item-projector", choices=("train", "freeze"), default="train",
       help="whether the S-DPO and DPO stages keep training the item tokens' projector that SFT trained "
            "(the reference keeps SFT's) or freeze it; --item-layer input needs 'freeze' with --lora-layers N")

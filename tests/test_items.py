@@ -206,7 +206,7 @@ def test_a_saved_projector_loads_back_and_a_foreign_one_is_refused(tmp_path):
 
 def _run_flags(data_dir: Path, base: Path, out: Path, *extra: str) -> list[str]:
     from test_train import _flags
-    return _flags(data_dir, out, "--model", str(base), "--dtype", "float32", "--item-tokens", "sasrec",
+    return _flags(data_dir, out, "--model", str(base), "--dtype", "float32",
                   "--lora-layers", "1", "--sasrec-epochs", "1", "--lora-dropout", "0", *extra)
 
 
@@ -219,15 +219,20 @@ def checkpoint(tmp_path_factory):
     return d, _user_checkpoint(d, tmp_path_factory.mktemp("items-base") / "base", n_layers=3)
 
 
-@pytest.mark.parametrize("where", ["boundary", "input"])
+@pytest.mark.parametrize("where", ["boundary", "input", "sft-adapter"])
 def test_every_stage_trains_and_evaluates_with_item_tokens(checkpoint, tmp_path, where):
     data_dir, base = checkpoint
-    extra = ["--item-layer", where] + (["--item-projector", "freeze"] if where == "input" else [])
+    extra = {"boundary": ["--item-layer", "boundary"],
+             "input": ["--item-layer", "input", "--item-projector", "freeze", "--item-tokens", "sasrec",
+                       "--item-position", "after"],
+             # the SFT adapter continued, on the top layer from the base model's cache
+             "sft-adapter": ["--sdpo-init", "sft-adapter", "--sft-lora-layers", "1"]}[where]
     out = tmp_path / "run"
     summary = train.main(_run_flags(data_dir, base, out, "--max-steps", "3", "--compare-dpo", *extra))
     assert list(summary["models"]) == ["pop", "sasrec", "sft", "sdpo", "dpo"]
-    assert summary["item_tokens"] == {"source": "sasrec", "layer": 2 if where == "boundary" else 0,
-                                      "projector": "train" if where == "boundary" else "freeze"}
+    assert summary["item_tokens"] == {"source": "sasrec" if where == "input" else "sasrec-user",
+                                      "layer": 0 if where == "input" else 2,
+                                      "projector": "freeze" if where == "input" else "train"}
     for name in ("sft", "sdpo", "dpo"):
         assert (out / name / PROJECTOR_FILE).is_file()
     # The SFT model is a plain Hugging Face checkpoint (the projector is a file of its own), and
@@ -237,7 +242,7 @@ def test_every_stage_trains_and_evaluates_with_item_tokens(checkpoint, tmp_path,
     # SFT trained the projector; the preference stage trained it further or kept it.
     from safetensors.torch import load_file
     sft, sdpo = load_file(str(out / "sft" / PROJECTOR_FILE)), load_file(str(out / "sdpo" / PROJECTOR_FILE))
-    assert any(not torch.equal(sft[k], sdpo[k]) for k in sft) == (where == "boundary")
+    assert any(not torch.equal(sft[k], sdpo[k]) for k in sft) == (where != "input")
     # The run's SASRec is the baseline's: trained once, saved, read back in the evaluation.
     assert (out / "sasrec" / "model.safetensors").is_file()
     assert summary["baselines"]["sasrec"]["epochs_trained"] == 1

@@ -563,7 +563,7 @@ def test_sdpo_continues_the_sft_adapter_from_the_prefix_cache_and_evaluates_what
     from minisdpo.tokenizer import Tokenizer
     base = _user_checkpoint(data_dir, tmp_path / "base", n_layers=3)
     flags = ["--model", str(base), "--dtype", "float32", "--lora-layers", "1", "--max-steps", "3", "--lora-dropout", "0",
-             "--eval-every", "2", "--sdpo-init", "sft-adapter"]
+             "--eval-every", "2", "--sdpo-init", "sft-adapter", "--item-tokens", "none"]   # titles: the tokenizer below
     trained = _capture_trained(monkeypatch)
     out = tmp_path / "cached"
     cached = train.main(_flags(data_dir, out, *flags))
