@@ -28,6 +28,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
 namespace minisdpo::cpu::avx512 {
+constexpr int64_t kLanes = 16;
 #include "cpu_rows.h"
 }  // namespace minisdpo::cpu::avx512
 #pragma GCC pop_options
@@ -35,11 +36,13 @@ namespace minisdpo::cpu::avx512 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace minisdpo::cpu::avx2 {
+constexpr int64_t kLanes = 8;
 #include "cpu_rows.h"
 }  // namespace minisdpo::cpu::avx2
 #pragma GCC pop_options
 
 namespace minisdpo::cpu::baseline {
+constexpr int64_t kLanes = 4;
 #include "cpu_rows.h"
 }  // namespace minisdpo::cpu::baseline
 

@@ -2,7 +2,7 @@
 
 The reference is the specification (docs/design.md, the op contract): values and logits
 gradients through both outputs (loss and logps), every logits dtype, awkward shapes (odd V, V
-below and not a multiple of the 16-lane vector width, T = 1), ignored tokens and sequences,
+below and not a multiple of the vector widths, 4, 8 and 16 lanes, T = 1), ignored tokens and sequences,
 extreme logits, NaN and inf (NaN exactly where the reference has NaN), strided, offset and
 unaligned rows at V = 4096, 32000 and 32001, gradcheck, opcheck, torch.compile (and its fake
 kernels' shape checks), the in-place backward op of the linear ops, each CPU code path and the thread
@@ -563,7 +563,9 @@ def test_logits_bwd_in_place_rejects_overlapping_logits(device):
 
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("V", [1200, 1203])  # rows 64-byte aligned; rows at every offset
+# V below one vector of each copy (4, 8, 16 lanes) and between them, a row of 4 blocks of
+# kBlock = 1024 and its last one partial; rows 64-byte aligned (1200) and at every offset.
+@pytest.mark.parametrize("V", [3, 7, 12, 17, 1200, 1203, 4099])
 def test_cpu_capabilities_agree(monkeypatch, capability, dtype, V):
     monkeypatch.setenv("MINISDPO_CPU_CAPABILITY", capability)
     if ops.cpu_capability() != capability:
