@@ -12,6 +12,7 @@ checks the group loss of both the reference and the kernels.
 """
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -578,6 +579,19 @@ def test_cpu_capabilities_agree(monkeypatch, capability, dtype, V):
     rtol, atol = (1e-6, 1e-7) if dtype == torch.float32 else (1e-2, 1e-3)
     for a, b in zip(got, base):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def test_capability_request_is_capped_to_the_cpu(monkeypatch):
+    """A request above what the CPU runs reports the copy that runs instead, the best below it;
+    off x86-64 (aarch64) the portable copy is the only one, whatever the request."""
+    order = ["default", "avx2", "avx512"]
+    monkeypatch.delenv("MINISDPO_CPU_CAPABILITY", raising=False)
+    best = ops.cpu_capability()
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        assert best == "default"
+    for want in order:
+        monkeypatch.setenv("MINISDPO_CPU_CAPABILITY", want)
+        assert ops.cpu_capability() == order[min(order.index(want), order.index(best))]
 
 
 def test_bad_capability_env(monkeypatch):
