@@ -1,0 +1,48 @@
+"""python -m minisdpo.bench (the fused loss against its twin and the exp floor) on tiny logits:
+the fields of its JSON, and --capabilities, which times the fused op once per copy of the row
+kernels this CPU runs. No timing is checked, only that each measurement exists."""
+import json
+import os
+
+import pytest
+
+from minisdpo import bench, ops
+from minisdpo.bench import fused_loss
+
+TINY = ["--S", "4", "--T", "3", "--V", "40", "--K", "1", "--repeats", "1", "--no-compile",
+        "--dtype", "float32"]
+
+
+def test_bench_json(tmp_path):
+    path = tmp_path / "bench.json"
+    bench.main([*TINY, "--json", str(path)])
+    result = json.loads(path.read_text())
+    assert result["machine"]["cpu_capability"] == ops.cpu_capability()
+    entry = result["results"]["float32"]
+    assert entry["floor_s"]["exp"] > 0
+    assert set(entry["times_s"]) == {"fused", "eager"}
+    for times in entry["times_s"].values():
+        assert times["fwd"] > 0 and times["fwd+bwd"] > 0
+    assert set(entry["peak_extra_bytes"]) == {"fused", "eager"}
+
+
+def test_bench_every_capability(monkeypatch, tmp_path):
+    monkeypatch.delenv("MINISDPO_CPU_CAPABILITY", raising=False)
+    best = ops.cpu_capability()
+    path = tmp_path / "bench.json"
+    bench.main([*TINY, "--no-memory", "--capabilities", "all", "--json", str(path)])
+    times = json.loads(path.read_text())["results"]["float32"]["times_s"]
+    # Every copy from the CPU's best down to the portable one, each once; nothing above it.
+    caps = fused_loss.CAPABILITIES[fused_loss.CAPABILITIES.index(best):]
+    assert list(times) == [f"fused[{c}]" for c in caps] + ["eager"]
+    assert "MINISDPO_CPU_CAPABILITY" not in os.environ  # restored after each run
+
+
+@pytest.mark.parametrize("cap", ["default", "avx2", "avx512"])
+def test_capability_context_runs_that_copy(monkeypatch, cap):
+    monkeypatch.setenv("MINISDPO_CPU_CAPABILITY", "default")
+    if cap not in fused_loss.supported_capabilities([cap]):
+        pytest.skip(f"this CPU does not run {cap}")
+    with fused_loss.capability(cap):
+        assert ops.cpu_capability() == cap
+    assert os.environ["MINISDPO_CPU_CAPABILITY"] == "default"
