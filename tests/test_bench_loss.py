@@ -19,7 +19,7 @@ def test_bench_json(tmp_path):
     result = json.loads(path.read_text())
     assert result["machine"]["cpu_capability"] == ops.cpu_capability()
     entry = result["results"]["float32"]
-    assert entry["floor_s"]["exp"] > 0
+    assert entry["floor_s"]["exp"] > 0 and entry["floor_s"]["exp_fresh"] > 0
     assert set(entry["times_s"]) == {"fused", "eager"}
     for times in entry["times_s"].values():
         assert times["fwd"] > 0 and times["fwd+bwd"] > 0
@@ -46,3 +46,14 @@ def test_capability_context_runs_that_copy(monkeypatch, cap):
     with fused_loss.capability(cap):
         assert ops.cpu_capability() == cap
     assert os.environ["MINISDPO_CPU_CAPABILITY"] == "default"
+
+
+def test_interleaved_rounds_rotate():
+    """Each function runs once a round, warm-up rounds first; round r starts at the r-th one."""
+    from minisdpo.bench.common import interleaved_medians
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    medians = interleaved_medians(fns, repeats=4, device="cpu", warmup=1)
+    assert set(medians) == set("abc") and all(t >= 0 for t in medians.values())
+    assert "".join(calls) == "abc" + "abc" + "bca" + "cab" + "abc"

@@ -116,10 +116,14 @@ def time_all(variants: list[str], inputs, args: argparse.Namespace) -> tuple[dic
     """The floor and every variant's fwd and fwd+bwd, interleaved: ({"exp": s[, "copy": s,
     "copy_GBps": x]}, {variant: {"fwd": s, "fwd+bwd": s}}). The floor is
     torch.exp(logits, out=buf): one vectorised exp per logit, read and written once; on CUDA also
-    dst.copy_(src), whose bandwidth (bytes read + written per second) bounds the kernels."""
+    dst.copy_(src), whose bandwidth (bytes read + written per second) bounds the kernels; on the
+    CPU also torch.exp(logits) into a fresh tensor ("exp_fresh"), whose page faults every
+    backward pass pays for its fresh logits-sized gradient."""
     logits = inputs[0]
     buf = torch.empty_like(logits)
     fns = {"floor exp": lambda: torch.exp(logits, out=buf)}
+    if args.device == "cpu":
+        fns["floor exp_fresh"] = lambda: torch.exp(logits)
     if args.device == "cuda":
         fns["floor copy"] = lambda: buf.copy_(logits)
     for variant in variants:
@@ -128,6 +132,8 @@ def time_all(variants: list[str], inputs, args: argparse.Namespace) -> tuple[dic
             fns[f"{variant} {mode}"] = functools.partial(run_variant, variant, fn, inputs, args.K, backward)
     med = interleaved_medians(fns, args.repeats, args.device)
     floor = {"exp": med["floor exp"]}
+    if args.device == "cpu":
+        floor["exp_fresh"] = med["floor exp_fresh"]
     if args.device == "cuda":
         floor["copy"] = med["floor copy"]
         floor["copy_GBps"] = 2 * logits.numel() * logits.element_size() / floor["copy"] / 1e9
@@ -166,6 +172,9 @@ def report(dtype: str, logits: torch.Tensor, times: dict, floor: dict, memory: d
     mb = logits.numel() * logits.element_size() / 2**20
     print(f"\n## {dtype}: logits {tuple(logits.shape)} = {mb:.0f} MiB")
     floor_line = f"floor torch.exp(logits, out=buf): {floor['exp'] * 1e3:.1f} ms"
+    if "exp_fresh" in floor:
+        floor_line += (f"; into a fresh tensor, torch.exp(logits): {floor['exp_fresh'] * 1e3:.1f} ms "
+                       f"= {floor['exp_fresh'] / floor['exp']:.2f}x (its page faults)")
     if "copy" in floor:
         floor_line += f"; copy_: {floor['copy'] * 1e3:.2f} ms = {floor['copy_GBps']:.0f} GB/s"
     print(floor_line)
