@@ -48,12 +48,19 @@ def test_capability_context_runs_that_copy(monkeypatch, cap):
     assert os.environ["MINISDPO_CPU_CAPABILITY"] == "default"
 
 
-def test_interleaved_rounds_rotate():
-    """Each function runs once a round, warm-up rounds first; round r starts at the r-th one."""
+def test_interleaved_rounds_shuffle():
+    """Each function runs once a round, warm-up rounds first in the given order; the timed
+    rounds each in an order of their own, the same from run to run."""
     from minisdpo.bench.common import interleaved_medians
 
-    calls = []
-    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    medians = interleaved_medians(fns, repeats=4, device="cpu", warmup=1)
-    assert set(medians) == set("abc") and all(t >= 0 for t in medians.values())
-    assert "".join(calls) == "abc" + "abc" + "bca" + "cab" + "abc"
+    def run():
+        calls = []
+        fns = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+        medians = interleaved_medians(fns, repeats=6, device="cpu", warmup=1)
+        assert set(medians) == set("abcd") and all(t >= 0 for t in medians.values())
+        return ["".join(calls[i:i + 4]) for i in range(0, len(calls), 4)]
+
+    rounds = run()
+    assert rounds[0] == "abcd" and all(sorted(r) == list("abcd") for r in rounds[1:])
+    assert len(set(rounds[1:])) > 1
+    assert run() == rounds

@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import time
@@ -35,17 +36,19 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int, device
                         warmup: int = 2) -> dict[str, float]:
     """The median time of each function over `repeats` rounds, each round running every function
     once in turn (after `warmup` such rounds untimed): all of them see the same load, which on a
-    shared machine moves by the minute. Round r starts at the r-th function (a rotation), so that
-    no function always runs right after the same one: what one leaves behind (freed memory that
-    the next one's fresh buffers fault back in, for one) is spread over all of them."""
+    shared machine moves by the minute. Each timed round runs them in its own order (shuffled,
+    with a fixed seed), so that no function always runs right after the same one: what one
+    leaves behind (on a VM, freed memory that the next one's fresh buffer is slow to fault back
+    in) is spread over all of them."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
+    order = list(fns)
+    rng = random.Random(0)
+    times: dict[str, list[float]] = {name: [] for name in order}
+    for _ in range(repeats):
+        rng.shuffle(order)
+        for name in order:
             times[name].append(_seconds(fns[name], device))
     return {name: statistics.median(t) for name, t in times.items()}
 

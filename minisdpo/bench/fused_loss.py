@@ -4,13 +4,13 @@ Compares the fused op (minisdpo.ops.sdpo_loss) with the plain PyTorch twin
 (minisdpo.loss.sdpo_loss), eager and torch.compile'd, forward alone and forward+backward,
 against the floor of one vectorised exp per logit, ``torch.exp(logits, out=buf)`` over the same
 logits in the same process (docs/design.md section 7). Times are medians of --repeats rounds after
-two warm-up rounds, each round running the floor and every variant once in turn, so that ratios
-are measured side by side under the same load. ``--capabilities`` times the fused op once per
-CPU copy of its row kernels (``fused[avx2]``: under MINISDPO_CPU_CAPABILITY=avx2), beside the
-same floor and reference, which run ATen's own copy (ATEN_CPU_CAPABILITY caps that one, at
-startup). Peak memory of each variant is measured in its own
-process: on the CPU the growth of the peak resident set (VmHWM, or ru_maxrss) over its value
-once the inputs are allocated; on CUDA torch.cuda.max_memory_allocated over the memory allocated by the inputs.
+two warm-up rounds, each round running the floor and every variant once (in a shuffled order), so
+that ratios are measured side by side under the same load. ``--capabilities`` times the fused op
+once per CPU copy of its row kernels (``fused[avx2]``: under MINISDPO_CPU_CAPABILITY=avx2), beside
+the same floor and reference, which run ATen's own copy (ATEN_CPU_CAPABILITY caps that one, at
+startup). Peak memory of each variant is measured in its own process: on the CPU the growth of
+the peak resident set (VmHWM, or ru_maxrss) over its value once the inputs are allocated; on CUDA
+torch.cuda.max_memory_allocated over the memory allocated by the inputs.
 On CUDA the run also measures the device-to-device copy bandwidth over the logits.
 """
 from __future__ import annotations
