@@ -9,7 +9,7 @@
 // x86-64 baseline, SSE2; a NEON register on aarch64, whose baseline includes NEON). The code
 // uses GCC vector extensions, which clang implements too, of exactly that width: GCC lowers a
 // vector type wider than the target's registers to scalar code for its comparisons and selects
-// (vexp's clamps), which made copies with 16 lanes on AVX2 and SSE2 slower than plain loops.
+// (vexp's selects), which made copies with 16 lanes on AVX2 and SSE2 slower than plain loops.
 //
 // What the two row kernels compute is docs/method.md (the token log-probabilities, and the
 // gradient with respect to the logits); their contract is RowKernels in cpu_kernels.h.
@@ -40,19 +40,21 @@ constexpr uintptr_t kPrefetchBytes = 4096;
 
 // exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (Cody-Waite
 // split of ln 2 so that r is exact), exp(r) by its degree-6 Taylor polynomial (error < 2 ulp).
-// Below log(FLT_MIN) the result is flushed to 0; inputs here are x - max or x - lse <= ~0.
-// NaN gives NaN: the clamps compare with x on the side that keeps x when the comparison is
-// false (`x < lo ? lo : x`), and a NaN fails every comparison; exp(+inf - +inf) = exp(NaN) is
-// how a +inf logit makes its row's lse NaN, as in torch.log_softmax.
+// For x <= 88 (2^n with n <= 127), -inf and NaN; x - max and x - lse, the kernels' arguments,
+// are <= 0. Below log(FLT_MIN) the result is flushed to 0 by the last select, which also
+// drops whatever the steps before made of such an x (-inf gives NaN there; the integer steps
+// are unsigned, so they wrap). NaN gives NaN: every step keeps it and `x < lo` is false for
+// it; exp(+inf - +inf) = exp(NaN) is how a +inf logit makes its row's lse NaN, as in
+// torch.log_softmax. No clamp of x into range first: a clamp that keeps NaN is a compare and a
+// blend, and on AVX2, whose blend is several micro-ops on Intel cores, the two clamps and the
+// select cost about as much as the polynomial.
 // Inlined everywhere: a call would pass its vectors through memory.
-[[gnu::always_inline]] static inline vfloat vexp(vfloat x) {
-  const vfloat lo = vsplat(-87.33f), hi = vsplat(88.5f);
-  const vfloat xl = x < lo ? lo : x;
-  const vfloat xc = xl > hi ? hi : xl;
+[[gnu::always_inline]] static inline vfloat vexp_upto88(vfloat x) {
+  const vfloat lo = vsplat(-87.33f);
   const vfloat magic = vsplat(12582912.0f);                 // 1.5 * 2^23: rounds to integer
-  const vfloat t = xc * vsplat(1.44269504f) + magic;
+  const vfloat t = x * vsplat(1.44269504f) + magic;
   const vfloat n = t - magic;
-  const vfloat r = (xc - n * vsplat(0.693359375f)) - n * vsplat(-2.12194440e-4f);
+  const vfloat r = (x - n * vsplat(0.693359375f)) - n * vsplat(-2.12194440e-4f);
   vfloat p = vsplat(1.0f / 720.0f);
   p = p * r + vsplat(1.0f / 120.0f);
   p = p * r + vsplat(1.0f / 24.0f);
@@ -61,9 +63,16 @@ constexpr uintptr_t kPrefetchBytes = 4096;
   p = p * r + vsplat(1.0f);
   p = p * r + vsplat(1.0f);
   // 2^n: n + 127 in the exponent field (t's low mantissa bits hold n + 0x400000).
-  const vint scale_bits = (((vint)t - (vint)magic) + 127) << 23;
+  const vuint scale_bits = (((vuint)t - (vuint)magic) + 127u) << 23;
   const vfloat y = p * (vfloat)scale_bits;
   return x < lo ? vfloat{} : y;
+}
+
+// exp(x) for every x: as vexp_upto88, and +inf above 88.37, where 2^n would overflow (exp(x)
+// itself overflows float32 from 88.72 on). For the backward pass, whose lse comes from outside
+// the kernel; the forward pass's own x - max never needs it.
+[[gnu::always_inline]] static inline vfloat vexp(vfloat x) {
+  return x > vsplat(88.37f) ? vsplat(INFINITY) : vexp_upto88(x);
 }
 
 static inline float hmax(vfloat v) {
@@ -157,8 +166,8 @@ template <typename T>
   for (int k = 0; k < kAcc; ++k) acc[k] = vfloat{};
   int64_t i = b;
   for (; i + kAcc * kLanes <= e; i += kAcc * kLanes)
-    for (int k = 0; k < kAcc; ++k) acc[k] += vexp(vload(x + i + k * kLanes) - off);
-  for (; i < e; i += kLanes) acc[0] += vexp(vload(x + i) - off);
+    for (int k = 0; k < kAcc; ++k) acc[k] += vexp_upto88(vload(x + i + k * kLanes) - off);
+  for (; i < e; i += kLanes) acc[0] += vexp_upto88(vload(x + i) - off);
   for (int k = 1; k < kAcc; ++k) acc[0] += acc[k];
   return hsum(acc[0]);
 }
@@ -182,7 +191,7 @@ static float row_lse(const T* x, int64_t V) {
     const vfloat a = load_part(x, head, -INFINITY);
     const vfloat b = load_part(x + body_end, V - body_end, -INFINITY);
     const vfloat off = raise_max(hmax(vmax(a, b)), m, sum);
-    sum += hsum(vexp(a - off) + vexp(b - off));
+    sum += hsum(vexp_upto88(a - off) + vexp_upto88(b - off));
   }
   for (int64_t b = head; b < body_end; b += kBlock) {
     const int64_t e = std::min(body_end, b + kBlock);
