@@ -24,6 +24,10 @@ def test_bench_json(tmp_path):
     for times in entry["times_s"].values():
         assert times["fwd"] > 0 and times["fwd+bwd"] > 0
     assert set(entry["peak_extra_bytes"]) == {"fused", "eager"}
+    # Every timed run behind the medians: the floor's and each variant's, one per round.
+    assert set(entry["samples_s"]) == {"floor exp", "floor exp_fresh", "fused fwd", "fused fwd+bwd",
+                                       "eager fwd", "eager fwd+bwd"}
+    assert all(len(runs) == 1 for runs in entry["samples_s"].values())
 
 
 def test_bench_every_capability(monkeypatch, tmp_path):

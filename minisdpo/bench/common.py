@@ -33,13 +33,13 @@ def _seconds(fn: Callable[[], None], device: str) -> float:
 
 
 def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int, device: str,
-                        warmup: int = 2) -> dict[str, float]:
+                        warmup: int = 2, samples: dict[str, list[float]] | None = None) -> dict[str, float]:
     """The median time of each function over `repeats` rounds, each round running every function
     once in turn (after `warmup` such rounds untimed): all of them see the same load, which on a
     shared machine moves by the minute. Each timed round runs them in its own order (shuffled,
     with a fixed seed), so that no function always runs right after the same one: what one
     leaves behind (on a VM, freed memory that the next one's fresh buffer is slow to fault back
-    in) is spread over all of them."""
+    in) is spread over all of them. `samples`, when given, receives every timed run's seconds."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -50,6 +50,8 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int, device
         rng.shuffle(order)
         for name in order:
             times[name].append(_seconds(fns[name], device))
+    if samples is not None:
+        samples.update(times)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

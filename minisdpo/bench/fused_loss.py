@@ -112,9 +112,10 @@ def run_variant(variant: str, fn: Callable, inputs, K: int, backward: bool) -> N
         run_once(fn, inputs, K, backward)
 
 
-def time_all(variants: list[str], inputs, args: argparse.Namespace) -> tuple[dict, dict]:
+def time_all(variants: list[str], inputs, args: argparse.Namespace) -> tuple[dict, dict, dict]:
     """The floor and every variant's fwd and fwd+bwd, interleaved: ({"exp": s[, "copy": s,
-    "copy_GBps": x]}, {variant: {"fwd": s, "fwd+bwd": s}}). The floor is
+    "copy_GBps": x]}, {variant: {"fwd": s, "fwd+bwd": s}}, {"variant mode": [s, ...]}, the last
+    every timed run, for the spread behind each median). The floor is
     torch.exp(logits, out=buf): one vectorised exp per logit, read and written once; on CUDA also
     dst.copy_(src), whose bandwidth (bytes read + written per second) bounds the kernels; on the
     CPU also torch.exp(logits) into a fresh tensor ("exp_fresh"), whose page faults every
@@ -130,7 +131,8 @@ def time_all(variants: list[str], inputs, args: argparse.Namespace) -> tuple[dic
         fn = loss_fn(variant)
         for mode, backward in (("fwd", False), ("fwd+bwd", True)):
             fns[f"{variant} {mode}"] = functools.partial(run_variant, variant, fn, inputs, args.K, backward)
-    med = interleaved_medians(fns, args.repeats, args.device)
+    samples: dict[str, list[float]] = {}
+    med = interleaved_medians(fns, args.repeats, args.device, samples=samples)
     floor = {"exp": med["floor exp"]}
     if args.device == "cpu":
         floor["exp_fresh"] = med["floor exp_fresh"]
@@ -138,7 +140,7 @@ def time_all(variants: list[str], inputs, args: argparse.Namespace) -> tuple[dic
         floor["copy"] = med["floor copy"]
         floor["copy_GBps"] = 2 * logits.numel() * logits.element_size() / floor["copy"] / 1e9
     times = {v: {mode: med[f"{v} {mode}"] for mode in ("fwd", "fwd+bwd")} for v in variants}
-    return floor, times
+    return floor, times, samples
 
 
 def memory_child(args: argparse.Namespace) -> None:
@@ -215,11 +217,12 @@ def run(args: argparse.Namespace) -> dict:
     results = {"config": {k: v for k, v in vars(args).items() if k != "memory_child"}, "results": {}}
     for dtype in args.dtype:
         inputs = make_inputs(args, DTYPES[dtype])
-        floor, times = time_all(variants, inputs, args)
+        floor, times, samples = time_all(variants, inputs, args)
         del inputs
         memory = {} if args.no_memory else {v: peak_memory(v, dtype, args) for v in variants}
         report(dtype, _shape_only(args, dtype), times, floor, memory)
-        results["results"][dtype] = {"floor_s": floor, "times_s": times, "peak_extra_bytes": memory}
+        results["results"][dtype] = {"floor_s": floor, "times_s": times, "peak_extra_bytes": memory,
+                                     "samples_s": samples}
     return results
 
 
