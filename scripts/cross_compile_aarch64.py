@@ -15,8 +15,9 @@ checks, in the disassembly of the objects, that the portable row kernels are NEO
 on 4 float32 lanes in both, and no scalar select (``fcsel``) in row_grad, whose only selects are
 vexp's clamps (a vector type wider than NEON's registers turns those into scalar code).
 
-What it does not do: run anything on ARM, or use an aarch64 torch (the headers are the installed
-x86-64 wheel's, which hold the same declarations), or build for macOS itself (no Apple SDK).
+What it does not do: run anything on ARM (scripts/qemu_aarch64_tests.sh runs the tests under
+qemu-user, by hand), or use an aarch64 torch (the headers are the installed x86-64 wheel's, which
+hold the same declarations), or build for macOS itself (no Apple SDK).
 
     python scripts/cross_compile_aarch64.py [--compiler gcc|clang|all] [--keep DIR]
 

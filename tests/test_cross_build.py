@@ -6,7 +6,8 @@ target pragmas and __builtin_cpu_supports) is compiled only on x86-64 (docs/desi
 6); this test cross-compiles every csrc/*.cpp with Debian's aarch64-linux-gnu-g++, and with
 clang++ for the same target when it is installed, and checks that the portable row kernels come
 out as NEON code (scripts/cross_compile_aarch64.py). It is skipped only when the cross compiler
-is absent (CI installs it: .ci/run). Nothing runs on ARM here.
+is absent (CI installs it: .ci/run). Nothing runs on ARM here; scripts/qemu_aarch64_tests.sh
+runs the kernel tests on aarch64 under qemu-user, by hand.
 """
 import importlib.util
 import shutil
