@@ -9,7 +9,8 @@
 # test_bench_loss.py with that Python under qemu-aarch64. Left out: the torch.compile tests (no
 # aarch64 C compiler inside), and the two that start a second Python (without binfmt_misc,
 # qemu-user cannot exec an aarch64 binary). Timings under emulation mean nothing. Not part of
-# `make test`: it downloads about 800 MB. Manual, as root:
+# `make test`: it downloads about 150 MB (the torch wheel most of it) and fills about 800 MB of
+# WORKDIR. Manual, as root:
 #
 #   apt-get install g++-aarch64-linux-gnu qemu-user
 #   dpkg --add-architecture arm64 && apt-get update     # apt-get download of :arm64 needs it
