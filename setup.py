@@ -12,6 +12,10 @@ from torch.utils import cpp_extension
 
 DEBUG = os.environ.get("DEBUG", "0") == "1"
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Portable flags only: never a -march flag for the build machine. Vector code is chosen at run
+# time on x86-64 (csrc/cpu_kernels.cpp); scripts/cross_compile_aarch64.py reads this list and
+# compiles the same sources with it for aarch64.
+CXX_FLAGS = ["-std=c++20", "-fvisibility=hidden"]
 
 
 def _sources(pattern):
@@ -19,9 +23,7 @@ def _sources(pattern):
 
 
 def _extension():
-    # Portable flags only: never a -march flag for the build machine. Vector code is chosen at run time (csrc/*).
-    cxx = ["-O0", "-g"] if DEBUG else ["-O3", "-g0", "-DNDEBUG"]
-    cxx += ["-std=c++20", "-fvisibility=hidden"]
+    cxx = (["-O0", "-g"] if DEBUG else ["-O3", "-g0", "-DNDEBUG"]) + CXX_FLAGS
     sources = _sources("csrc/*.cpp")
     use_cuda = (
         cpp_extension.CUDA_HOME is not None

@@ -1,11 +1,15 @@
 // The CPU row kernels of minisdpo, with run-time choice of the instruction set.
 //
 // One row is the V logits of one token. csrc/cpu_kernels.cpp compiles the same row kernels
-// (csrc/cpu_rows.h) three times, each in its own namespace under its own `#pragma GCC target`,
-// the way ATen builds one copy of its kernels per CPU_CAPABILITY; the extension is built
-// without -march, and the copy to run is chosen at run time from what the CPU supports
-// (`__builtin_cpu_supports`), capped by the environment variable MINISDPO_CPU_CAPABILITY
-// (default | avx2 | avx512), which is read at every call so that tests can cover each copy.
+// (csrc/cpu_rows.h) once per instruction set, each copy in its own namespace, the way ATen
+// builds one copy of its kernels per CPU_CAPABILITY; the extension is built without -march. On
+// x86-64 there are three copies (AVX-512, AVX2 + FMA, the SSE2 baseline), each under its own
+// target pragma, and the copy to run is chosen at run time from what the CPU supports
+// (`__builtin_cpu_supports`); on any other architecture (aarch64) only the portable copy is
+// built, and it is the one that runs. Either way the choice is capped by the environment
+// variable MINISDPO_CPU_CAPABILITY (default | avx2 | avx512), which is read at every call so
+// that tests can cover each copy; a request above what the CPU supports (avx2 on aarch64)
+// runs, and reports, the best copy below it.
 #pragma once
 
 #include <cstdint>

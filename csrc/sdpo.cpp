@@ -24,7 +24,8 @@
 #include "sdpo.h"
 
 // An importable, empty Python module: importing minisdpo._C runs the registrations below.
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
+// PyMODINIT_FUNC is already extern "C" in C++ (clang warns about a second one).
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }

@@ -36,8 +36,8 @@ inline c10::ScalarType acc_dtype(c10::ScalarType dtype) { return at::toOpMathTyp
 // How many of a row's first V elements, starting at p, come before its first element on an
 // N * sizeof(T)-byte boundary (at most V, fewer than N): the row's head, read and written one
 // by one; after it every N-element vector access is aligned and none splits a cache line. A row
-// of V = 32001 or of an offset view starts anywhere. The CPU rows use N = 16 lanes
-// (csrc/cpu_rows.h), the CUDA kernels 16-byte packs (csrc/cuda/sdpo.cu).
+// of V = 32001 or of an offset view starts anywhere. The CPU rows use N = their copy's lanes
+// (16, 8 or 4, csrc/cpu_rows.h), the CUDA kernels 16-byte packs (csrc/cuda/sdpo.cu).
 template <int N, typename T>
 MINISDPO_HOST_DEVICE inline int64_t lead(const T* p, int64_t V) {
   constexpr uintptr_t kBytes = N * sizeof(T);

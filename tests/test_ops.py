@@ -2,7 +2,7 @@
 
 The reference is the specification (docs/design.md, the op contract): values and logits
 gradients through both outputs (loss and logps), every logits dtype, awkward shapes (odd V, V
-below and not a multiple of the 16-lane vector width, T = 1), ignored tokens and sequences,
+below and not a multiple of the vector widths, 4, 8 and 16 lanes, T = 1), ignored tokens and sequences,
 extreme logits, NaN and inf (NaN exactly where the reference has NaN), strided, offset and
 unaligned rows at V = 4096, 32000 and 32001, gradcheck, opcheck, torch.compile (and its fake
 kernels' shape checks), the in-place backward op of the linear ops, each CPU code path and the thread
@@ -12,6 +12,7 @@ checks the group loss of both the reference and the kernels.
 """
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -564,7 +565,9 @@ def test_logits_bwd_in_place_rejects_overlapping_logits(device):
 
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("V", [1200, 1203])  # rows 64-byte aligned; rows at every offset
+# V below one vector of each copy (4, 8, 16 lanes) and between them, a row of 4 blocks of
+# kBlock = 1024 and its last one partial; rows 64-byte aligned (1200) and at every offset.
+@pytest.mark.parametrize("V", [3, 7, 12, 17, 1200, 1203, 4099])
 def test_cpu_capabilities_agree(monkeypatch, capability, dtype, V):
     monkeypatch.setenv("MINISDPO_CPU_CAPABILITY", capability)
     if ops.cpu_capability() != capability:
@@ -577,6 +580,19 @@ def test_cpu_capabilities_agree(monkeypatch, capability, dtype, V):
     rtol, atol = (1e-6, 1e-7) if dtype == torch.float32 else (1e-2, 1e-3)
     for a, b in zip(got, base):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def test_capability_request_is_capped_to_the_cpu(monkeypatch):
+    """A request above what the CPU runs reports the copy that runs instead, the best below it;
+    off x86-64 (aarch64) the portable copy is the only one, whatever the request."""
+    order = ["default", "avx2", "avx512"]
+    monkeypatch.delenv("MINISDPO_CPU_CAPABILITY", raising=False)
+    best = ops.cpu_capability()
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        assert best == "default"
+    for want in order:
+        monkeypatch.setenv("MINISDPO_CPU_CAPABILITY", want)
+        assert ops.cpu_capability() == order[min(order.index(want), order.index(best))]
 
 
 def test_bad_capability_env(monkeypatch):

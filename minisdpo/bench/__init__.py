@@ -49,6 +49,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "small model, 3 for the large one)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device (default cpu)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
+    p.add_argument("--capabilities", nargs="+", default=None, metavar="CAP",
+                   choices=list(fused_loss.CAPABILITIES) + ["all"],
+                   help="time the fused op once per CPU copy of its row kernels (avx512, avx2, default, "
+                        "or all), each under MINISDPO_CPU_CAPABILITY=CAP, beside the same floor and "
+                        "reference; copies this CPU cannot run are left out (default: the fused op as "
+                        "the environment says, one row)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-process peak memory runs")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--linear", action="store_true",

@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import time
@@ -18,23 +19,44 @@ from minisdpo import ops
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def median_seconds(fn: Callable[[], None], repeats: int, device: str, warmup: int = 2) -> float:
-    for _ in range(warmup):
+def _seconds(fn: Callable[[], None], device: str) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    times = []
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int, device: str,
+                        warmup: int = 2, samples: dict[str, list[float]] | None = None) -> dict[str, float]:
+    """The median time of each function over `repeats` rounds, each round running every function
+    once in turn (after `warmup` such rounds untimed): all of them see the same load, which on a
+    shared machine moves by the minute. Each timed round runs them in its own order (shuffled,
+    with a fixed seed), so that no function always runs right after the same one: what one
+    leaves behind (on a VM, freed memory that the next one's fresh buffer is slow to fault back
+    in) is spread over all of them. `samples`, when given, receives every timed run's seconds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    order = list(fns)
+    rng = random.Random(0)
+    times: dict[str, list[float]] = {name: [] for name in order}
     for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        rng.shuffle(order)
+        for name in order:
+            times[name].append(_seconds(fns[name], device))
+    if samples is not None:
+        samples.update(times)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def median_seconds(fn: Callable[[], None], repeats: int, device: str, warmup: int = 2) -> float:
+    return interleaved_medians({"fn": fn}, repeats, device, warmup)["fn"]
 
 
 def peak_rss() -> int:
@@ -73,7 +95,12 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "threads": str(torch.get_num_threads()),
         "cpu": platform.processor() or platform.machine(),
+        "arch": platform.machine(),
+        # The row kernels' copy (minisdpo.ops.cpu_capability) and ATen's own (torch.exp, the
+        # eager reference), each capped by its environment variable (MINISDPO_CPU_CAPABILITY,
+        # ATEN_CPU_CAPABILITY).
         "cpu_capability": ops.cpu_capability(),
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
     }
     try:
