@@ -218,8 +218,9 @@ def build_top(model_dir: str, mode: str, batches: dict, K: int, lora: dict, drop
         titles = sorted({t for r in rows for t in (*r.history, *r.candidates)})
         torch.manual_seed(0)
         rec = SASRecRecommender(SASRec(len(titles) + 2), {t: i + 2 for i, t in enumerate(titles)}, {})
-        attach(model, rec, layers[0], placeholder_id(tok))
-        tok = ItemTokenizer.of(tok, rec, model.args.vocab_size)
+        # The run's default item tokens: the user's SASRec representation too, the token before its title.
+        attach(model, rec, layers[0], placeholder_id(tok), user=True, before=True)
+        tok = ItemTokenizer.of(tok, rec, model.args.vocab_size, before=True)
     extra: dict = {}
     if cached:
         domain = D.default_domain(DATA_SET)
