@@ -396,7 +396,7 @@ def run_sft(args: argparse.Namespace, data: StageData, env: Env, out: Path, back
 
 
 def preference_model(args: argparse.Namespace, env: Env, out: Path, model_dir: str | None,
-                     items: ItemSetup | None) -> tuple[Llama, str | None]:
+                     items: ItemSetup | None = None) -> tuple[Llama, str | None]:
     """The model a preference stage trains, with its frozen reference (``minisdpo.lora.reference``),
     and the directory of the base its adapter applies to (None: the run's SFT model).
 
