@@ -48,12 +48,21 @@ def test_step_model_json_and_losses_agree(model_dir, tmp_path):
     assert result["ours"]["loss"] == ours
 
 
+def cached_mb(written: dict) -> float:
+    return written["cached"]["cache_mb"]
+
+
 def test_step_model_top_layers_cached_and_uncached(model_dir, tmp_path):
     out = tmp_path / "step.json"
     bench.main(["--step", "--model", model_dir, "--dtype", "float32", "--groups", "2", "--lora-layers", "1",
-                "--no-hf-peft", "--repeats", "1", "--threads", "1", "--json", str(out)])
+                "--no-hf-peft", "--item-tokens", "--repeats", "1", "--threads", "1", "--json", str(out)])
     written = json.loads(out.read_text())
     assert "hf_peft" not in written and "speedup" not in written
+    # With item tokens: a longer prompt, another loss (the projector's output is in the input).
+    items = written["cached_items"]
+    assert items["ms_per_group"] > 0 and items["cache_mb"] > cached_mb(written)
+    assert written["item_tokens_cost"] == pytest.approx(items["ms"] / written["cached"]["ms"])
+    assert abs(items["loss"] - written["cached"]["loss"]) > 1e-6
     cached, top, uncached = written["cached"], written["uncached_top"], written["uncached"]
     for key in ("ms_per_group", "build_ms_per_row", "ref_ms_per_row", "peak_mb", "cache_mb"):
         assert cached[key] > 0, key

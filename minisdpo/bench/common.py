@@ -133,6 +133,11 @@ class WordTokenizer:
     def prompt_ids(self, text: str) -> list[int]:
         return self.encode(text, bos=True)
 
+    def prompt_pieces(self, text: str, sep: str | None = None) -> list[list[int]]:
+        """``prompt_ids`` cut at every ``sep`` (minisdpo.tokenizer.Tokenizer.prompt_pieces)."""
+        pieces = [text] if sep is None else text.split(sep)
+        return [self.encode(piece, bos=i == 0) for i, piece in enumerate(pieces)]
+
 
 def write_json(results: dict, path: str | None) -> None:
     if path:
