@@ -217,9 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
            "PyTorch twin (minisdpo.loss)")
     # collaborative item tokens
     a("--item-tokens", choices=ITEM_TOKENS, default=None,
-      help="'sasrec': every history and candidate title in the prompt is followed by an item token, the run's "
-           "SASRec embedding of the item through a trainable projector (LLaRA's hybrid prompt; the SASRec is "
-           "trained once into OUT/sasrec and is also the baseline); 'none': titles only" + _dflt("item_tokens"))
+      help="'sasrec': every history and candidate title in the prompt gets an item token (--item-position), the "
+           "run's SASRec embedding of the item through a trainable projector (LLaRA's hybrid prompt; the SASRec is "
+           "trained once into OUT/sasrec and is also the baseline); 'sasrec-user': a candidate's token also "
+           "carries SASRec's representation of the user's history; 'none': titles only" + _dflt("item_tokens"))
     a("--item-layer", choices=("boundary", "input"), default="boundary",
       help="where the item tokens' projection enters the model: 'boundary', the residual stream entering the "
            "first layer of the S-DPO adapter (--lora-layers; the layers below read a placeholder token, so the "

@@ -5,9 +5,10 @@ title in the prompt with one extra token whose input is a projection of the item
 from a trained, frozen SASRec. Here (docs/design.md section 8):
 
 * ``ItemTokenizer`` wraps the run's tokenizer: ``minisdpo.data.encode_prompt`` then puts the
-  item token of each history and candidate title after it. Item token ids continue the
-  language model's vocabulary: id ``vocab_size + j`` is SASRec's item ``j`` (an item SASRec
-  never saw is its unknown id). The response stays the title + EOS.
+  item token of each history and candidate title before it (``before``) or after it (LLaRA's
+  place). Item token ids continue the language model's vocabulary: ``vocab_size + j`` is
+  SASRec's item ``j`` in the history, ``vocab_size + N + j`` as a candidate (an item SASRec never
+  saw is its unknown id). The response stays the title + EOS.
 * ``attach`` gives the model an ``minisdpo.model.ItemTokens``: SASRec's item embeddings as the
   frozen feature table, a trainable projector into the model's hidden size, and the layer where
   the projection enters the residual stream (0: at the input embeddings, as LLaRA; the

@@ -309,12 +309,13 @@ class Llama(nn.Module):
 
     def _hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None, start: int = 0, *, first_layer: int = 0,
-                stop_layer: int | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
+                stop_layer: int | None = None, hidden: torch.Tensor | None = None,
+                items: bool = True) -> torch.Tensor:
         # The residual stream enters layer first_layer as `hidden` (the embedding when first_layer
         # is 0); with stop_layer it is returned as it enters that layer, before the final norm.
         # Item tokens (ItemTokens) read as their placeholder below items.layer and get their
         # features added on entering it: a model split at that layer splits before the addition.
-        items = self.items
+        items = self.items if items else None
         if hidden is None:
             ids = input_ids if items is None else input_ids.masked_fill(input_ids >= self.args.vocab_size,
                                                                         items.placeholder_id)
@@ -416,7 +417,8 @@ class Llama(nn.Module):
                     slot: int) -> torch.Tensor:
         """One new token per row (B,) at cache slot ``slot`` and RoPE positions (B,); logits (B, V)."""
         cache.key_valid[:, slot] = True
-        h = self._hidden(tokens[:, None], position_ids[:, None], cache.mask(slot, 1), cache, slot)
+        # A decoded token is never an item token (the LM head predicts vocabulary ids only).
+        h = self._hidden(tokens[:, None], position_ids[:, None], cache.mask(slot, 1), cache, slot, items=False)
         return self.lm_head(h[:, -1])
 
     @torch.no_grad()

@@ -243,11 +243,16 @@ def with_items(model: Llama, items: ItemSetup | None, projector: Path | None = N
         return model
     attach(model, items.rec, items.layer, items.placeholder, user=items.user, before=items.before, seed=seed)
     if projector is not None:
-        try:
-            load_projector(model, projector)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: {e}") from None
+        read_projector(model, projector)
     return model
+
+
+def read_projector(model: Llama, projector: Path) -> None:
+    """``minisdpo.items.load_projector``, a missing or foreign file an error line naming it."""
+    try:
+        load_projector(model, projector)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,10 +466,7 @@ def load_preference_model(out: Path, name: str, env: Env, sft_model: Llama, item
     if base == sft_model_dir(out):
         model = load_adapter(sft_model, str(adapter_dir(out, name)))
         if items is not None:
-            try:
-                load_projector(model, projector)
-            except (OSError, ValueError) as e:
-                raise SystemExit(f"error: {e}") from None
+            read_projector(model, projector)
         return model
     if not (base / "config.json").exists():
         raise SystemExit(f"error: the {name} adapter applies to the base model {base} (--sdpo-init sft-adapter), "
