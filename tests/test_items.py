@@ -4,10 +4,6 @@ the whole pipeline (train, resume, evaluation, recommend) with item tokens."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +20,6 @@ from minisdpo.items import PROJECTOR_FILE, ItemTokenizer, attach, load_projector
 from minisdpo.prefix import PrefixCache
 from minisdpo.step import StageLoss
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _sasrec(titles: list[str], seed: int = 0) -> SASRecRecommender:
@@ -264,15 +259,8 @@ def test_an_interrupted_run_with_item_tokens_resumes_like_an_uninterrupted_one(c
     for run in (straight, out):
         train.main(_run_flags(data_dir, base, run, "--stage", "sft", "--max-steps", "2"))
     train.main(_run_flags(data_dir, base, straight, *flags))
-    cmd = [sys.executable, "-m", "minisdpo.train", *_run_flags(data_dir, base, out, *flags)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = out / "sdpo" / "state.pt"
-    deadline = time.time() + 120
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "sdpo" / "done.json").exists(), "the run finished before it could be interrupted"
+    from test_train import kill_at_first_checkpoint
+    kill_at_first_checkpoint(_run_flags(data_dir, base, out, *flags), out / "sdpo")
     train.main(_run_flags(data_dir, base, out, *flags, "--resume"))
 
     def curve(run: Path) -> list[tuple]:

@@ -44,6 +44,19 @@ def _flags(data_dir: Path, out: Path, *extra: str) -> list[str]:
             "--lora-r", "4", "--eval-batch-size", "8", "--no-progress", "--seed", "3", *extra]
 
 
+def kill_at_first_checkpoint(argv: list[str], stage_dir: Path) -> None:
+    """Run python -m minisdpo.train ``argv`` in a process killed (SIGKILL) as soon as the stage in
+    ``stage_dir`` has written its first checkpoint, before it is done."""
+    proc = subprocess.Popen([sys.executable, "-m", "minisdpo.train", *argv], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (stage_dir / "state.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (stage_dir / "done.json").exists(), "the run finished before it could be interrupted"
+
+
 def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -139,15 +152,7 @@ def test_resume_after_interruption_matches_uninterrupted(data_dir, tmp_path):
     train.main(_flags(data_dir, straight, *flags))
 
     out = tmp_path / "interrupted"
-    cmd = [sys.executable, "-m", "minisdpo.train", *_flags(data_dir, out, *flags)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = out / "sft" / "state.pt"
-    deadline = time.time() + 120
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "sft" / "done.json").exists(), "the run finished before it could be interrupted"
+    kill_at_first_checkpoint(_flags(data_dir, out, *flags), out / "sft")
     train.main(_flags(data_dir, out, *flags, "--resume"))
 
     def curve(run: Path) -> list[tuple]:
