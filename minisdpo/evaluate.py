@@ -38,7 +38,7 @@ from minisdpo.loss import LossBackend, sequence_logps
 from minisdpo.prefix import PrefixCache
 from minisdpo.step import StageLoss, response_logits
 
-__all__ = ["judge", "named_candidate", "generate_answers", "evaluate_generation", "mcnemar", "ranking_scores",
+__all__ = ["judge", "named_candidate", "generate_answers", "evaluate_generation", "mcnemar", "paired_line", "ranking_scores",
            "evaluate_ranking", "rank_metrics"]
 
 
@@ -163,6 +163,12 @@ def mcnemar(hits_a: Sequence[bool], hits_b: Sequence[bool]) -> dict[str, float]:
     n, k = b + c, min(b, c)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n if n else 1.0
     return {"diff": (c - b) / len(hits_a), "b": b, "c": c, "p_value": min(1.0, 2 * tail)}
+
+
+def paired_line(a: str, b: str, test: dict[str, float]) -> str:
+    """One line of a results table for ``test = mcnemar(hits of b, hits of a)``: model a against b."""
+    return (f"{a} vs {b} hr@1: {test['diff']:+.4f} ({test['c']} rows hit only by {a}, {test['b']} only by {b}; "
+            f"McNemar p = {test['p_value']:.3f})")
 
 
 def rank_metrics(scores: torch.Tensor, target_index: torch.Tensor) -> dict[str, float]:

@@ -50,7 +50,7 @@ from minisdpo import data as D
 from minisdpo.baselines import SASRecRecommender, parse_baselines, run_baselines, train_sasrec
 from minisdpo.checkpoint import from_pretrained, load_config, save_pretrained
 from minisdpo.config import DEFAULT_MODEL, FREE_ON_RESUME, build_parser, recipe_summary, resolve_args
-from minisdpo.evaluate import evaluate_generation, evaluate_ranking, mcnemar
+from minisdpo.evaluate import evaluate_generation, evaluate_ranking, mcnemar, paired_line
 from minisdpo.items import PROJECTOR_FILE, ItemTokenizer, attach, load_projector, placeholder_id, save_projector
 from minisdpo.lora import (apply_lora, freeze_reference, load_adapter, mark_only_lora_as_trainable,
                            merge_and_unload, save_adapter, top_layers)
@@ -543,7 +543,7 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
         atomic_write_json({"answers": gen["answers"], "hits": gen["hits"], "metrics": res, "key": key}, record)
     # The baselines, first in the table as in the paper's (after the models, so that a missing
     # SFT model stops the stage before they are trained).
-    baselines, baseline_hits = eval_baselines(args, rows, env, out)
+    baselines, baseline_hits = eval_baselines(args, rows, env, out, rows_digest)
     results = {name: info.pop("metrics") for name, info in baselines.items()} | results
     # HR@1 of each other language model against SFT's on the same rows, with its noise.
     paired = {f"{name}_vs_sft": mcnemar(hits["sft"], hits[name]) for name in hits if name != "sft" and "sft" in hits}
@@ -570,11 +570,14 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
     return summary
 
 
-def eval_baselines(args: argparse.Namespace, rows: list[D.Row], env: Env, out: Path) -> tuple[dict, dict]:
+def eval_baselines(args: argparse.Namespace, rows: list[D.Row], env: Env, out: Path,
+                   rows_digest: str) -> tuple[dict, dict]:
     """The ``--baselines`` on ``rows`` (the language models' evaluation rows): each trained on the
     whole training split, reloaded here because ``--limit-train`` cut the run's copy; SASRec
     chooses its epochs (at most ``--sasrec-epochs``) on the whole validation split, and runs on
     one thread whatever ``--threads`` says (its tensors are small; see ``minisdpo.baselines``).
+    Each baseline's hits and metrics go to ``answers_NAME.json`` as the language models' do
+    (without answers), so that ``minisdpo.compare`` pairs them with other runs' models.
 
     Returns ({name: {"metrics": a row of the table, "seconds" (training and scoring), ...}},
     {name: hits}): a row of the table has the ranking hit as "hr@1", "valid_ratio" 1.0 (a
@@ -598,6 +601,8 @@ def eval_baselines(args: argparse.Namespace, rows: list[D.Row], env: Env, out: P
                       "seconds": res["seconds"][name], "train_rows": len(full["train"])}
         if name == "sasrec":
             info[name] |= {k: res["info"][name][k] for k in ("epoch", "epochs_trained", "val_hr@1_curve")}
+        atomic_write_json({"hits": hits[name], "metrics": info[name]["metrics"], "key": {"rows": rows_digest}},
+                          out / f"answers_{name}.json")
     return info, hits
 
 
@@ -609,9 +614,7 @@ def print_table(summary: dict) -> None:
         lines.append(f"{name:<{width}} " + " ".join(f"{res[c]:>12.4f}" if c in res else f"{'-':>12}" for c in cols))
     split = "test" if "test_rows" in summary else "val"
     for pair, t in summary.get("paired_hr@1", {}).items():
-        a, b = pair.split("_vs_")
-        lines.append(f"{a} vs {b} hr@1: {t['diff']:+.4f} ({t['c']} rows hit only by {a}, {t['b']} only by {b}; "
-                     f"McNemar p = {t['p_value']:.3f})")
+        lines.append(paired_line(*pair.split("_vs_"), t))
     lines.append(f"{split} rows: {summary[split + '_rows']}, wall time: {summary['wall_s']:.0f} s")
     print("\n".join(lines), flush=True)
 

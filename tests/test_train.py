@@ -18,6 +18,8 @@ import torch
 from conftest import toy_rows
 
 from minisdpo import config, train, trainer
+from minisdpo.compare import read_records
+from minisdpo.evaluate import mcnemar
 from minisdpo.step import StageLoss
 from minisdpo.checkpoint import from_pretrained, save_pretrained
 
@@ -81,6 +83,12 @@ def test_all_stages_end_to_end(data_dir, tmp_path, capsys):
         assert res["valid_ratio"] == 1.0 and res["hr@1"] == res["rank_hr@1"]
         assert summary["baselines"][name]["train_rows"] == 48
     assert 1 <= summary["baselines"]["sasrec"]["epoch"] <= summary["baselines"]["sasrec"]["epochs_trained"] <= 5
+    # Every model's hits, the baselines' too, are on disk: minisdpo.compare pairs them again.
+    records = read_records([str(out)])
+    assert sorted(records) == sorted(f"run/{name}" for name in summary["models"])
+    for pair, test in summary["paired_hr@1"].items():
+        a, b = pair.split("_vs_")
+        assert mcnemar(records[f"run/{b}"]["hits"], records[f"run/{a}"]["hits"]) == test
     table = capsys.readouterr().out
     assert "\npop " in table and "\nsasrec " in table and "sdpo vs pop hr@1:" in table
     records = _metrics(out)
