@@ -88,6 +88,8 @@ class PackedBatch:
     index: torch.Tensor            # (S, R) long: flat positions that predict each response token
     labels: torch.Tensor           # (S, R) long: the response tokens, -100 on padding
     num_tokens: int                # real (unpadded) positions of input_ids
+    out_pos: torch.Tensor          # (G, Q) long: the positions whose final hidden state a label reads
+    out_index: torch.Tensor        # (S, R) long: index, as flat positions in the (G * Q) out_pos
     # From the frozen-prefix cache (minisdpo.prefix.PrefixCache.batch): the residual stream
     # entering layer boundary_layer at every position, (G, L, dim); None: run the whole model.
     boundary: torch.Tensor | None = None
@@ -197,7 +199,11 @@ def packed_batch(tok: TokenizerLike, rows: Sequence[Row], responses: Sequence[Se
       response token: token 0 of every response from the prompt's last position, token j >= 1
       from the response's own position j - 1; 0 (any valid position) on padding;
     * ``labels`` (S, R) long: the response tokens, -100 on padding;
-    * ``num_tokens`` int: the real (unpadded) positions of ``input_ids``, for tokens/s.
+    * ``num_tokens`` int: the real (unpadded) positions of ``input_ids``, for tokens/s;
+    * ``out_pos`` (G, Q) long: the positions that ``index`` reads, the prompt's last and every
+      response position (a row's tail from P - 1 on), right-padded by repeating its last one.
+      The model's last layer computes only these queries (``Llama.forward``'s ``outputs``);
+    * ``out_index`` (S, R) long: ``index`` as flat positions in the (G * Q) states of ``out_pos``.
     """
     _check_max_len(max_len)
     if len(responses) != len(rows):
@@ -224,9 +230,14 @@ def pack_groups(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
     segment = torch.full((G, L), -1, dtype=torch.long)
     index = torch.zeros((S, R), dtype=torch.long)
     labels = torch.full((S, R), IGNORE_INDEX, dtype=torch.long)
+    # The positions a label reads: each row's tail from the prompt's last position on.
+    Q = max(n - len(p) + 1 for n, (p, _) in zip(lengths, groups))
+    out_pos = torch.zeros((G, Q), dtype=torch.long)
+    out_index = torch.zeros((S, R), dtype=torch.long)
     s = 0
     for g, (prompt, response_ids) in enumerate(groups):
         P = len(prompt)
+        out_pos[g] = torch.arange(P - 1, P - 1 + Q).clamp(max=lengths[g] - 1)
         ids, pos, seg = list(prompt), list(range(P)), [0] * P
         for i, r in enumerate(response_ids):
             start, n = len(ids), len(r) - 1                   # r[:-1] is fed in, r is predicted
@@ -235,6 +246,7 @@ def pack_groups(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
             seg += [1 + i] * n
             # token 0 from the prompt's last position, token j from the response's position j-1
             index[s, :len(r)] = g * L + torch.tensor([P - 1, *range(start, start + n)])
+            out_index[s, :len(r)] = g * Q + torch.tensor([0, *range(start - P + 1, start - P + 1 + n)])
             labels[s, :len(r)] = torch.tensor(r)
             s += 1
         input_ids[g, :len(ids)] = torch.tensor(ids)
@@ -246,7 +258,7 @@ def pack_groups(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
     sees = (q_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg)) & (k_pos <= q_pos)   # (G, L, L)
     mask = sees | (k_pos == q_pos)                                           # (G, L, L)
     return PackedBatch(input_ids=input_ids, position_ids=position_ids, mask=mask, index=index,
-                       labels=labels, num_tokens=sum(lengths))
+                       labels=labels, num_tokens=sum(lengths), out_pos=out_pos, out_index=out_index)
 
 
 # --------------------------------------------------------------------------------------------

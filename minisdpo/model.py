@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -142,6 +142,20 @@ class KVCache:
         return (allowed | (k_slot == q_slot))[:, None]                            # (B, 1, T, S)
 
 
+def pick(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """x (B, T, dim) at positions pos (B, Q) of each row: (B, Q, dim)."""
+    return x.gather(1, pos[..., None].expand(-1, -1, x.shape[-1]))
+
+
+class Queries(NamedTuple):
+    """The positions of a layer's only queries, (B, Q), with their RoPE (B, 1, Q, head_dim) and
+    their rows of the attention mask (B, 1, Q, T), True = may attend."""
+    pos: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -153,12 +167,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, start: int = 0, queries: Queries | None = None) -> torch.Tensor:
+        # queries: only these positions' outputs are computed (keys and values still come from all).
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, n_head, T, head_dim)
+        xq, q_cos, q_sin = (x, cos, sin) if queries is None else (pick(x, queries.pos), queries.cos, queries.sin)
+        Tq = xq.shape[1]
+        q = self.q_proj(xq).view(B, Tq, self.n_heads, self.head_dim).transpose(1, 2)   # (B, n_head, Tq, head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, q_cos, q_sin), apply_rope(k, cos, sin)
+        if queries is not None:
+            mask = queries.mask
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)                               # (B, n_kv_head, S, head_dim)
             # A cache kept wider than the model (see Llama.cache_dtype): attend in its dtype.
@@ -168,8 +187,8 @@ class Attention(nn.Module):
         # times (and summing their gradients back): with a KV cache the copy was of the whole
         # cache, every layer, every decoded token.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, n_head, T, head_dim)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim).to(x.dtype)  # (B, T, n_head * head_dim)
+                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, n_head, Tq, head_dim)
+        y = y.transpose(1, 2).reshape(B, Tq, self.n_heads * self.head_dim).to(x.dtype)  # (B, Tq, n_head * head_dim)
         return self.o_proj(y)
 
 
@@ -193,8 +212,10 @@ class Block(nn.Module):
         self.mlp = MLP(args)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+                cache: KVCache | None = None, start: int = 0, queries: Queries | None = None) -> torch.Tensor:
+        # With queries: (B, Q, dim), the output at those positions only.
+        residual = x if queries is None else pick(x, queries.pos)
+        x = residual + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start, queries)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -310,11 +331,13 @@ class Llama(nn.Module):
     def _hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None, start: int = 0, *, first_layer: int = 0,
                 stop_layer: int | None = None, hidden: torch.Tensor | None = None,
-                items: bool = True) -> torch.Tensor:
+                items: bool = True, outputs: torch.Tensor | None = None) -> torch.Tensor:
         # The residual stream enters layer first_layer as `hidden` (the embedding when first_layer
         # is 0); with stop_layer it is returned as it enters that layer, before the final norm.
         # Item tokens (ItemTokens) read as their placeholder below items.layer and get their
         # features added on entering it: a model split at that layer splits before the addition.
+        # outputs (B, Q): the final states of these positions only; the last layer computes
+        # their queries alone (no other position's output there is read).
         items = self.items if items else None
         if hidden is None:
             ids = input_ids if items is None else input_ids.masked_fill(input_ids >= self.args.vocab_size,
@@ -324,16 +347,26 @@ class Llama(nn.Module):
             x = hidden
         cos, sin = self._rope(position_ids, x.dtype)
         stop = self.args.n_layers if stop_layer is None else stop_layer
+        queries = None
+        if outputs is not None:
+            q_cos, q_sin = self._rope(position_ids.gather(1, outputs), x.dtype)
+            k_pos = torch.arange(x.shape[1], device=x.device)
+            q_mask = (k_pos <= outputs[..., None])[:, None] if mask is None else (   # (B, 1, Q, T)
+                mask[outputs][:, None] if mask.dim() == 2 else
+                mask.expand(x.shape[0], -1, -1, -1).gather(2, outputs[:, None, :, None].expand(-1, 1, -1, x.shape[1])))
+            queries = Queries(outputs, q_cos, q_sin, q_mask)
+            if first_layer == stop:
+                x = pick(x, outputs)
         for i in range(first_layer, stop):
             if items is not None and i == items.layer:
                 x = items.add(x, input_ids, self.args.vocab_size)
-            x = self.model.layers[i](x, cos, sin, mask, cache, start)
+            x = self.model.layers[i](x, cos, sin, mask, cache, start, queries if i == stop - 1 else None)
         return x if stop_layer is not None else self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 return_hidden: bool = False, *, stop_layer: int | None = None, first_layer: int = 0,
-                hidden: torch.Tensor | None = None) -> torch.Tensor:
+                hidden: torch.Tensor | None = None, outputs: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V), or final hidden states (B, T, dim) if return_hidden.
 
         attention_mask (B, T): 1 for real tokens, 0 for padding (left or right).
@@ -348,6 +381,11 @@ class Llama(nn.Module):
         ``first_layer=b, hidden=h`` starts from such states and runs layers b.. only (the
         embedding and the layers below b are skipped; input_ids still give the shape). Run with
         the same positions and mask, the two halves equal the whole forward pass.
+
+        outputs (B, Q) long: return the logits or hidden states of these positions only,
+        (B, Q, ...). Every layer but the last still runs on every position (the last one's keys
+        and values need them); the last computes the queries of these positions alone, so its
+        attention, MLP and LM head cost Q rows instead of T.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
@@ -374,6 +412,12 @@ class Llama(nn.Module):
                              f"{'given' if hidden is not None else 'None'}")
         if hidden is not None and hidden.shape != (B, T, self.args.dim):
             raise ValueError(f"hidden must have shape {(B, T, self.args.dim)}, got {tuple(hidden.shape)}")
+        if outputs is not None:
+            if stop_layer is not None:
+                raise ValueError("outputs selects final states: it does not go with stop_layer")
+            if outputs.dim() != 2 or outputs.shape[0] != B or outputs.dtype != torch.long:
+                raise ValueError(f"outputs must be a (B, Q) = ({B}, Q) long tensor of positions, "
+                                 f"got {tuple(outputs.shape)} {outputs.dtype}")
 
         allowed = None                                                  # None: plain causal
         if mask is not None:
@@ -390,7 +434,7 @@ class Llama(nn.Module):
         if allowed is not None:
             allowed = allowed | torch.eye(T, dtype=torch.bool, device=device)
         h = self._hidden(input_ids, position_ids, allowed, first_layer=first_layer, stop_layer=stop_layer,
-                         hidden=hidden)
+                         hidden=hidden, outputs=outputs)
         return h if return_hidden or stop_layer is not None else self.lm_head(h)
 
     def cache_dtype(self) -> torch.dtype:

@@ -71,10 +71,10 @@ def _plain_head(model: Any) -> bool:
 def response_hidden(model: Any, batch: PackedBatch) -> torch.Tensor:
     """The final hidden states that predict the response tokens of a ``packed_batch``, (S, R, dim).
 
-    ``model`` is called as ``model(input_ids, position_ids=..., mask=..., return_hidden=True)``
-    (minisdpo.model.Llama's signature) and must return (G, L, dim). Apply ``model.lm_head`` to
-    the result to get the logits that ``batch.labels`` scores: the LM head then runs on the
-    S * R response rows only.
+    ``model`` is called as ``model(input_ids, position_ids=..., mask=..., return_hidden=True,
+    outputs=batch.out_pos)`` (minisdpo.model.Llama's signature) and must return the (G, Q, dim)
+    states of those positions. Apply ``model.lm_head`` to the result to get the logits that
+    ``batch.labels`` scores: the LM head, like the last layer, runs on response rows only.
     """
     if not isinstance(batch, PackedBatch):
         raise TypeError(f"batch must be a minisdpo.batches.PackedBatch (from packed_batch), "
@@ -82,15 +82,16 @@ def response_hidden(model: Any, batch: PackedBatch) -> torch.Tensor:
     # A batch of the frozen-prefix cache (minisdpo.prefix) carries the residual stream entering
     # its boundary layer: the model runs from there.
     split = {} if batch.boundary is None else {"first_layer": batch.boundary_layer, "hidden": batch.boundary}
+    # Only the positions that predict a response token come out (the last layer runs on them alone).
     h = model(batch.input_ids, position_ids=batch.position_ids, mask=batch.mask,
-              return_hidden=True, **split)                                   # (G, L, dim)
-    G, L = batch.input_ids.shape
-    if h.dim() != 3 or h.shape[:2] != (G, L):
-        raise RuntimeError(f"model returned hidden states of shape {tuple(h.shape)}, expected ({G}, {L}, dim)")
-    S, R = batch.index.shape
+              return_hidden=True, outputs=batch.out_pos, **split)                # (G, Q, dim)
+    G, Q = batch.out_pos.shape
+    if h.dim() != 3 or h.shape[:2] != (G, Q):
+        raise RuntimeError(f"model returned hidden states of shape {tuple(h.shape)}, expected ({G}, {Q}, dim)")
+    S, R = batch.out_index.shape
     # index_select: its backward adds the gradients of the prompt's last position, shared by
     # every response of a group.
-    return h.flatten(0, 1).index_select(0, batch.index.flatten()).view(S, R, -1)  # (S, R, dim)
+    return h.flatten(0, 1).index_select(0, batch.out_index.flatten()).view(S, R, -1)  # (S, R, dim)
 
 
 def response_logits(model: Any, batch: PlainBatch | PackedBatch) -> torch.Tensor:

@@ -119,8 +119,8 @@ def test_to_keeps_every_field():
     packed = packed_batch(TOK, rows, [[r.target, *n] for r, n in zip(rows, negatives)], 512, domain="music")
     assert [f.name for f in dataclasses.fields(PlainBatch)] == ["input_ids", "attention_mask", "labels", "num_tokens"]
     assert [f.name for f in dataclasses.fields(PackedBatch)] == ["input_ids", "position_ids", "mask", "index",
-                                                                 "labels", "num_tokens", "boundary",
-                                                                 "boundary_layer"]
+                                                                 "labels", "num_tokens", "out_pos",
+                                                                 "out_index", "boundary", "boundary_layer"]
     # A batch of the frozen-prefix cache carries the boundary states too.
     G, L = packed.input_ids.shape
     packed = dataclasses.replace(packed, boundary=torch.randn(G, L, 8), boundary_layer=1)

@@ -124,8 +124,9 @@ class UnigramModel:
     """The same next-token distribution everywhere: EOS likely, every byte equally unlikely, so
     logp(title + EOS) falls with the title's length and shorter candidates rank higher."""
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, mask=None, return_hidden=False):
-        hidden = torch.zeros(*input_ids.shape, 1)
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, mask=None, return_hidden=False,
+                 outputs=None):
+        hidden = torch.zeros(*(input_ids.shape if outputs is None else outputs.shape), 1)
         return hidden if return_hidden else self.lm_head(hidden)
 
     def lm_head(self, hidden):
@@ -158,8 +159,9 @@ class BigramModel(torch.nn.Module):
                                                     generator=torch.Generator().manual_seed(0)))
         self.lm_head = torch.nn.Identity()      # the "hidden state" is already the logits
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, mask=None, return_hidden=False):
-        return self.table[input_ids]
+    def forward(self, input_ids, attention_mask=None, position_ids=None, mask=None, return_hidden=False,
+                outputs=None):
+        return self.table[input_ids if outputs is None else input_ids.gather(1, outputs)]
 
 
 def test_evaluate_ranking_matches_unbatched_scores():

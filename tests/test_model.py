@@ -106,6 +106,65 @@ def test_block_mask_packed_equals_separate():
     assert not torch.allclose(batched[1, P + len(r1):], packed[P + len(r1):], atol=1e-3)
 
 
+@pytest.mark.parametrize("masking", ["causal", "attention_mask", "mask_TT", "mask_BTT"])
+@pytest.mark.parametrize("first_layer", [0, 1, 2])
+def test_outputs_equal_the_full_forward_at_those_positions(masking, first_layer):
+    """outputs=pos: the last layer computes those queries only; logits, hidden states and every
+    gradient equal the full forward's at those positions (float32, 1e-5)."""
+    model = ours_from_hf(tiny_hf_model(**CONFIGS["head_dim_odd_vocab"])).train()
+    g = torch.Generator().manual_seed(5)
+    B, T = 3, 12
+    ids = torch.randint(3, 101, (B, T), generator=g)
+    kwargs = {}
+    if masking == "attention_mask":
+        kwargs["attention_mask"] = torch.ones(B, T, dtype=torch.long)
+        kwargs["attention_mask"][1, :4] = 0                                   # left padding
+    elif masking != "causal":
+        mask = torch.rand(T, T, generator=g) < 0.6
+        kwargs["mask"] = mask if masking == "mask_TT" else torch.stack([mask, mask.tril(), mask.T])
+    pos = torch.tensor([[0, 5, 5, 11], [3, 4, 9, 10], [11, 10, 2, 7]])     # any order, repeats allowed
+    if first_layer:
+        with torch.no_grad():
+            kwargs["hidden"] = model(ids, stop_layer=first_layer, **{k: v for k, v in kwargs.items()})
+        kwargs["hidden"].requires_grad_(True)
+        kwargs["first_layer"] = first_layer
+    w = torch.randn(B, 4, model.args.vocab_size, generator=g)
+    grads = []
+    for use_outputs in (False, True):
+        model.zero_grad()
+        if "hidden" in kwargs:
+            kwargs["hidden"].grad = None
+        out = model(ids, outputs=pos, **kwargs) if use_outputs else model(ids, **kwargs).gather(
+            1, pos[..., None].expand(-1, -1, model.args.vocab_size))
+        (out * w).sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                      None if "hidden" not in kwargs else kwargs["hidden"].grad.clone()))
+    (full, g_full, h_full), (picked, g_picked, h_picked) = grads
+    torch.testing.assert_close(picked, full, atol=1e-5, rtol=0)
+    assert g_full.keys() == g_picked.keys() and len(g_full) > 0
+    for name in g_full:     # relative to the gradient's largest entry (sums of many terms)
+        scale = g_full[name].abs().max().clamp(min=1e-6)
+        torch.testing.assert_close(g_picked[name] / scale, g_full[name] / scale, atol=1e-5, rtol=0,
+                                   msg=lambda m: f"{name}: {m}")
+    if h_full is not None:
+        scale = h_full.abs().max()
+        torch.testing.assert_close(h_picked / scale, h_full / scale, atol=1e-5, rtol=0)
+    with torch.no_grad():     # the hidden states, before the LM head
+        hid = model(ids, return_hidden=True, outputs=pos, **{k: v for k, v in kwargs.items()})
+        torch.testing.assert_close(model.lm_head(hid), full, atol=1e-5, rtol=0)
+
+
+def test_outputs_bad_input():
+    model = Llama(ModelArgs(vocab_size=50, dim=32, n_layers=2, n_heads=2, intermediate_size=64)).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    with pytest.raises(ValueError, match="outputs must be a \\(B, Q\\)"):
+        model(ids, outputs=torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="outputs must be"):
+        model(ids, outputs=torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="does not go with stop_layer"):
+        model(ids, outputs=torch.zeros(2, 2, dtype=torch.long), stop_layer=1)
+
+
 def test_bad_inputs_raise():
     model = Llama(ModelArgs(vocab_size=50, dim=32, n_layers=1, n_heads=2, intermediate_size=64)).eval()
     ids = torch.randint(0, 50, (2, 6))

@@ -79,6 +79,16 @@ def test_layout_by_hand():
             assert b.position_ids.flatten()[b.index[s, :n]].tolist() == list(range(P - 1, P - 1 + n))
             assert (b.index[s, n:] == 0).all()
             s += 1
+    # out_pos holds each row's tail from P - 1 on (padded with its last position), and out_index
+    # reads through it exactly the positions that index names.
+    Q = b.out_pos.shape[1]
+    assert Q == max(n - len(p) + 1 for n, (p, _) in zip(lengths, pieces))
+    for g, (prompt, _) in enumerate(pieces):
+        tail = list(range(len(prompt) - 1, lengths[g]))
+        assert b.out_pos[g].tolist() == tail + [lengths[g] - 1] * (Q - len(tail))
+    flat_pos = (torch.arange(G)[:, None] * L + b.out_pos).flatten()
+    real = b.labels != -100
+    assert torch.equal(flat_pos[b.out_index][real], b.index[real])
 
 
 def test_sdpo_responses_chosen_first_and_checked():
