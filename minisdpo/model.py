@@ -453,7 +453,8 @@ class Llama(nn.Module):
         T = input_ids.shape[1]
         cache.key_valid[:, :T] = attention_mask.bool()
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)   # (B, T)
-        h = self._hidden(input_ids, position_ids, cache.mask(0, T), cache, 0)
+        last = torch.full((input_ids.shape[0], 1), T - 1, dtype=torch.long, device=input_ids.device)
+        h = self._hidden(input_ids, position_ids, cache.mask(0, T), cache, 0, outputs=last)   # (B, 1, dim)
         return self.lm_head(h[:, -1])
 
     @torch.no_grad()
