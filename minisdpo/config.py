@@ -17,7 +17,9 @@ from minisdpo.baselines import BASELINES, parse_baselines
 from minisdpo.batches import LAYOUTS
 from minisdpo.items import ITEM_TOKENS
 from minisdpo.lora import DEFAULT_TARGETS
-from minisdpo.run import model_kind
+import torch
+
+from minisdpo.run import default_dtype, model_kind
 
 __all__ = ["DEFAULT_MODEL", "MODEL_DEFAULTS", "RECIPES", "RECIPE_BATCH", "FREE_ON_RESUME", "build_parser",
            "resolve_args", "apply_recipe", "recipe_summary"]
@@ -42,6 +44,29 @@ MODEL_DEFAULTS = {
                 "sdpo_lr": 1e-3, "sdpo_epochs": 1.0, "lora_layers": "all", "lora_dropout": 0.1,
                 "item_tokens": "none", "item_lr_scale": 1.0},
 }
+
+
+# --run-size: the share of the model's default --limit-train a run trains on. The pretrained
+# model's defaults fill 12 minutes on 2 cores that multiply bfloat16 natively (AVX512-BF16 or
+# AMX). In float32, on CPUs without them, every stage costs about three times as much
+# (docs/results.md, "On a CPU without native bfloat16"), so 'auto' trains on a quarter of the
+# rows there: same validation and test rows, a table as noisy, a model trained less. The choice
+# depends on the CPU's flags and --dtype only, never on a timing, so that a machine gives the
+# same table every time.
+RUN_SIZES = {"full": 1.0, "small": 0.25}
+
+
+def auto_run_size(args: argparse.Namespace) -> tuple[str, str]:
+    """(size, why) for --run-size auto: 'small' where the pretrained model computes in float32 on
+    a CPU, else 'full'."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if model_kind(args.model) == "scratch":
+        return "full", "--model scratch"
+    dtype = default_dtype(args.dtype, device, args.model)
+    if device.type != "cpu" or dtype != torch.float32:
+        return "full", f"{str(dtype).removeprefix('torch.')} on {device.type}"
+    why = "--dtype float32" if args.dtype else "float32: this CPU has no native bfloat16 (AVX512-BF16 or AMX)"
+    return "small", why + " on cpu"
 
 
 def _dflt(name: str) -> str:
@@ -135,7 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data", choices=("movielens", "lastfm", "json"), default="movielens", help="data set")
     a("--data-dir", default=None, help="directory of the data files (default: for movielens, the copy in the recbole wheel)")
     a("--domain", choices=D.DOMAINS, default=None, help="prompt domain (default: the data set's own)")
-    a("--limit-train", type=int, default=None, help="use at most N training rows (0: all)" + _dflt("limit_train"))
+    a("--limit-train", type=int, default=None, help="use at most N training rows (0: all)" + _dflt("limit_train")
+      + ", times --run-size's share")
+    a("--run-size", choices=("auto", *RUN_SIZES), default="auto",
+      help="the share of the default --limit-train to train on: 'full' all of it, 'small' a quarter (SFT, the "
+           "cache and S-DPO cost a quarter; validation and test rows stay); 'auto': small where a pretrained "
+           "model computes in float32 on a CPU (no AVX512-BF16 or AMX: every stage costs ~3x), so that the "
+           "default run stays near 12 minutes there; full otherwise. Fixed by the CPU's flags and --dtype, "
+           "never by a timing. An explicit --limit-train or --recipe sets the rows instead")
     a("--limit-val", type=int, default=None, help="use at most N validation rows for model selection (0: all)"
                                                   + _dflt("limit_val"))
     a("--limit-test", type=int, default=None, help="evaluate on at most N test rows (0: all)" + _dflt("limit_test"))
@@ -332,9 +364,21 @@ def _check(args: argparse.Namespace, given: set[str]) -> None:
     """Apply ``--recipe`` to the flags not in ``given`` (the flags on the command line), fill the
     model-dependent defaults, then reject bad values and combinations naming the flag."""
     apply_recipe(args, given)
+    rows_from = "--limit-train" if "limit_train" in given else (
+        f"--recipe {args.recipe}" if "limit_train" in getattr(args, "recipe_set", ()) else None)
+    if rows_from and args.run_size != "auto":
+        raise SystemExit(f"error: --run-size {args.run_size} scales the default --limit-train, but {rows_from} "
+                         f"sets the training rows: pass one of them")
     for name, value in MODEL_DEFAULTS[model_kind(args.model)].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    # --run-size becomes what it chose, and why (config.json and summary.json record both).
+    if rows_from:
+        args.run_size, args.run_size_why = "full", f"{rows_from} sets the rows"
+    else:
+        args.run_size, args.run_size_why = (auto_run_size(args) if args.run_size == "auto"
+                                            else (args.run_size, f"--run-size {args.run_size}"))
+        args.limit_train = max(1, round(args.limit_train * RUN_SIZES[args.run_size]))
     positive = ("batch_size", "grad_accum", "negatives", "lora_r", "max_len", "eval_batch_size",
                 "rank_batch_size", "ckpt_every", "dim", "layers", "heads", "kv_heads", "vocab_size",
                 "sasrec_epochs")
@@ -415,7 +459,8 @@ def _check_item_tokens(args: argparse.Namespace) -> None:
 
 # Flags a resumed run may change: where and how it runs, and what its evaluation reports (the
 # split, the table's rows, the ranking), never what a training stage computes. A resumed run
-# must repeat every other flag.
+# must repeat every other flag. (run_size_why is no flag: the reason for --run-size's choice,
+# which summary.json records; the choice itself, run_size and limit_train, must repeat.)
 FREE_ON_RESUME = {"stage", "out", "resume", "overwrite", "cache_dir", "eval_split", "eval_batch_size",
              "rank_batch_size", "no_ranking", "threads", "ckpt_every", "no_progress", "no_plots",
-             "baselines", "zero_shot"}
+             "baselines", "zero_shot", "run_size_why"}

@@ -559,6 +559,7 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
                             "cache_build_s": info.get("cache_build_s")}
     summary = {"models": results, "paired_hr@1": paired, f"{args.eval_split}_rows": len(rows),
                "stages": stages, "wall_s": time.time() - wall_start,
+               "run_size": {"size": args.run_size, "why": args.run_size_why, "limit_train": args.limit_train},
                "item_tokens": None if items is None else {"source": args.item_tokens, "layer": items.layer,
                                                           "projector": args.item_projector}}
     if baselines:
@@ -661,6 +662,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     out = prepare_out(args, env)
     log(env, f"data {args.data}: {len(splits['train'])} train / {len(splits['val'])} val / "
              f"{len(splits['test'])} test rows, domain {domain}; out {out}")
+    log(env, f"[size] {args.run_size} run ({args.run_size_why}): --limit-train {args.limit_train}"
+             + ("; --run-size full for the full one" if args.run_size == "small" else ""))
     if tok is None:
         tok = scratch_tokenizer(args, env, out, splits, domain, titles)
     items = None

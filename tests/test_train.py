@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import toy_rows
 
-from minisdpo import config, train, trainer
+from minisdpo import config, run, train, trainer
 from minisdpo.compare import read_records
 from minisdpo.evaluate import mcnemar
 from minisdpo.step import StageLoss
@@ -74,6 +74,7 @@ def test_all_stages_end_to_end(data_dir, tmp_path, capsys):
         assert res["hr@1"] <= res["valid_ratio"]
         assert res["rank_hr@1"] <= res["rank_hr@5"]
     assert json.loads((out / "summary.json").read_text())["models"] == summary["models"]
+    assert summary["run_size"] == {"size": "full", "why": "--model scratch", "limit_train": 8000}
     assert set(summary["paired_hr@1"]) == {"sdpo_vs_sft", "dpo_vs_sft"} | {
         f"{lm}_vs_{b}" for lm in ("sft", "sdpo", "dpo") for b in ("pop", "sasrec")}
     assert 0.0 <= summary["paired_hr@1"]["sdpo_vs_sft"]["p_value"] <= 1.0
@@ -537,6 +538,30 @@ def test_a_pretrained_model_trains_sft_on_every_layer_and_s_dpo_on_the_top_4(tmp
         configure("--packing", "none")
 
 
+def test_run_size_auto_trains_a_quarter_in_float32_on_a_cpu(tmp_path, monkeypatch):
+    """--run-size auto: the pretrained model's default rows where it computes in bfloat16, a
+    quarter of them in float32 on a CPU (no native bfloat16, or --dtype float32); decided by the
+    CPU's flags and the flags alone; an explicit --limit-train or --recipe sets the rows."""
+    def configure(*flags: str) -> argparse.Namespace:
+        return config.resolve_args(["--model", str(tmp_path), "--device", "cpu", *flags], lambda args: 30)
+    for native in (True, False):
+        monkeypatch.setattr(run, "cpu_has_bf16", lambda: native)
+        args = configure()
+        assert (args.run_size, args.limit_train) == (("full", 512) if native else ("small", 128))
+        assert ("no native bfloat16" in args.run_size_why) != native
+        assert (configure("--run-size", "full").limit_train, configure("--run-size", "small").limit_train) == (512, 128)
+        assert (configure("--dtype", "float32").run_size, configure("--dtype", "bfloat16").run_size) == ("small", "full")
+        given = configure("--limit-train", "64")
+        assert (given.run_size, given.limit_train, given.run_size_why) == ("full", 64, "--limit-train sets the rows")
+    assert configure("--recipe", "paper").limit_train == 0
+    scratch = config.resolve_args(["--model", "scratch", "--device", "cpu"])
+    assert (scratch.run_size, scratch.limit_train) == ("full", 8000)
+    with pytest.raises(SystemExit, match="--run-size small scales the default --limit-train, but --limit-train"):
+        configure("--run-size", "small", "--limit-train", "64")
+    with pytest.raises(SystemExit, match="but --recipe paper sets the training rows"):
+        configure("--run-size", "full", "--recipe", "paper")
+
+
 def test_eval_every_in_steps_or_as_a_fraction_of_the_stage():
     assert [trainer.eval_interval(e, 100) for e in (0, 16, 0.2, 0.1, 0.001)] == [0, 16, 20, 10, 1]
     assert trainer.eval_interval(0.1, 33) == 4 and trainer.eval_interval(0.2, 5) == 1   # rounded up
@@ -669,5 +694,5 @@ def test_resolve_args_parses_once_and_keeps_every_default_it_does_not_fill():
     parsed = vars(config.build_parser().parse_args(["--model", "scratch"]))
     resolved = vars(config.resolve_args(["--model", "scratch"]))
     for name, value in parsed.items():
-        if value is not None and name not in ("sft_lora_layers",):
+        if value is not None and name not in ("sft_lora_layers", "run_size"):   # run_size: what 'auto' chose
             assert resolved[name] == value and type(resolved[name]) is type(value), name
