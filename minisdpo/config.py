@@ -459,8 +459,9 @@ def _check_item_tokens(args: argparse.Namespace) -> None:
 
 # Flags a resumed run may change: where and how it runs, and what its evaluation reports (the
 # split, the table's rows, the ranking), never what a training stage computes. A resumed run
-# must repeat every other flag. (run_size_why is no flag: the reason for --run-size's choice,
-# which summary.json records; the choice itself, run_size and limit_train, must repeat.)
+# must repeat every other flag. --run-size acts only through the limit_train it sets, which
+# must repeat (so a run saved before the flag existed resumes); summary.json records the choice
+# and its reason (run_size_why, no flag).
 FREE_ON_RESUME = {"stage", "out", "resume", "overwrite", "cache_dir", "eval_split", "eval_batch_size",
              "rank_batch_size", "no_ranking", "threads", "ckpt_every", "no_progress", "no_plots",
-             "baselines", "zero_shot", "run_size_why"}
+             "baselines", "zero_shot", "run_size", "run_size_why"}

@@ -328,6 +328,10 @@ def test_resume_with_other_settings_is_refused(data_dir, tmp_path):
     train.main(_flags(data_dir, out, "--stage", "sft", "--max-steps", "1"))
     with pytest.raises(SystemExit, match="beta"):
         train.main(_flags(data_dir, out, "--stage", "sft", "--max-steps", "1", "--beta", "2", "--resume"))
+    # --run-size acts through the rows it sets: another share is another limit_train.
+    with pytest.raises(SystemExit, match="limit_train was 8000, now 2000"):
+        train.main(_flags(data_dir, out, "--stage", "sft", "--max-steps", "1", "--run-size", "small", "--resume"))
+    assert "run_size" not in json.loads((out / "config.json").read_text())
 
 
 @pytest.mark.parametrize("case", ["lastfm without --data-dir", "missing directory", "malformed row",
