@@ -349,12 +349,14 @@ class Llama(nn.Module):
         stop = self.args.n_layers if stop_layer is None else stop_layer
         queries = None
         if outputs is not None:
-            q_cos, q_sin = self._rope(position_ids.gather(1, outputs), x.dtype)
-            k_pos = torch.arange(x.shape[1], device=x.device)
-            q_mask = (k_pos <= outputs[..., None])[:, None] if mask is None else (   # (B, 1, Q, T)
-                mask[outputs][:, None] if mask.dim() == 2 else
-                mask.expand(x.shape[0], -1, -1, -1).gather(2, outputs[:, None, :, None].expand(-1, 1, -1, x.shape[1])))
-            queries = Queries(outputs, q_cos, q_sin, q_mask)
+            B, T = input_ids.shape
+            if mask is None:                                                   # causal
+                q_mask = torch.arange(T, device=x.device) <= outputs[..., None]   # (B, Q, T)
+            elif mask.dim() == 2:                                              # (T, T)
+                q_mask = mask[outputs]                                         # (B, Q, T)
+            else:                                                              # (B or 1, 1, T, T)
+                q_mask = mask.expand(B, 1, T, T)[:, 0].gather(1, outputs[..., None].expand(-1, -1, T))
+            queries = Queries(outputs, *self._rope(position_ids.gather(1, outputs), x.dtype), q_mask[:, None])
             if first_layer == stop:
                 x = pick(x, outputs)
         for i in range(first_layer, stop):
