@@ -4,7 +4,8 @@ A run of ``minisdpo.train`` writes each evaluated model's hits to ``OUT/answers_
 baselines' included, and its table pairs each language model with SFT and with each baseline.
 This command pairs models of different runs as well (item tokens against text-only, two seeds,
 two recipes): each PATH is a run directory (all its ``answers_*.json``) or one such file, and it
-prints each model's HR@1 and ValidRatio, then every pair with ``minisdpo.evaluate.mcnemar``.
+prints each model's HR@1 and ValidRatio, then every pair with ``minisdpo.evaluate.mcnemar``
+(a run directory's models in the order of its table: baselines, SFT, S-DPO, DPO).
 
 A model is named ``RUN/NAME`` (RUN the run directory's name), or ``LABEL`` when given as
 ``LABEL=PATH``. The pairs are only meaningful on the same rows in the same order, so every file
@@ -26,6 +27,16 @@ class CompareError(Exception):
     pass
 
 
+# A run directory's models in the order of minisdpo.train's table (others after, by name), so
+# that each pair reads "later vs earlier": S-DPO vs SFT, SFT vs popularity.
+TABLE_ORDER = ("pop", "sasrec", "zero-shot", "sft", "sdpo", "dpo")
+
+
+def _table_order(path: Path) -> tuple[int, str]:
+    name = path.stem.removeprefix("answers_")
+    return (TABLE_ORDER.index(name) if name in TABLE_ORDER else len(TABLE_ORDER), name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minisdpo.compare", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +56,7 @@ def read_records(specs: list[str]) -> dict[str, dict]:
         if path.is_dir():
             if sep:
                 raise CompareError(f"{spec}: a label names one file, not a run directory")
-            found = sorted(path.glob("answers_*.json"))
+            found = sorted(path.glob("answers_*.json"), key=_table_order)
             if not found:
                 raise CompareError(f"{path}: no answers_*.json (is it a run directory of minisdpo.train "
                                    "that reached its evaluation?)")

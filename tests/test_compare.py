@@ -25,13 +25,14 @@ def test_pairs_across_runs(tmp_path, capsys):
     _record(tmp_path / "text" / "answers_sdpo.json", text)
     lines = main([str(tmp_path / "items"), f"text-sdpo={tmp_path / 'text' / 'answers_sdpo.json'}"])
     assert capsys.readouterr().out.splitlines() == lines
-    # Files of a directory in name order, then the labelled file.
-    assert [line.split()[0] for line in lines[1:5]] == ["items/pop", "items/sdpo", "items/sft", "text-sdpo"]
-    assert lines[2].split()[1:] == ["0.6667", "1.0000"] and lines[3].split()[1:] == ["0.3333", "0.5000"]
+    # Files of a directory in the order of the run's table, then the labelled file.
+    assert [line.split()[0] for line in lines[1:5]] == ["items/pop", "items/sft", "items/sdpo", "text-sdpo"]
+    assert lines[3].split()[1:] == ["0.6667", "1.0000"] and lines[2].split()[1:] == ["0.3333", "0.5000"]
     pairs = [line for line in lines if " vs " in line]
     assert len(pairs) == 6   # every pair of 4 models once
+    assert pairs[3].startswith("items/sdpo vs items/sft hr@1:")
     t = mcnemar(sdpo, text)
-    assert pairs[4] == (f"text-sdpo vs items/sdpo hr@1: {t['diff']:+.4f} ({t['c']} rows hit only by text-sdpo, "
+    assert pairs[5] == (f"text-sdpo vs items/sdpo hr@1: {t['diff']:+.4f} ({t['c']} rows hit only by text-sdpo, "
                         f"{t['b']} only by items/sdpo; McNemar p = {t['p_value']:.3f})")
     assert t["b"] == 3 and t["c"] == 1
     assert lines[-1] == "rows: 6"
