@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data-dir", default=None, help="directory of the data files (default: for movielens, the copy in the recbole wheel)")
     a("--domain", choices=D.DOMAINS, default=None, help="prompt domain (default: the data set's own)")
     a("--limit-train", type=int, default=None, help="use at most N training rows (0: all)" + _dflt("limit_train")
-      + ", times --run-size's share")
+      + "; the default, not a given N, is scaled by --run-size")
     a("--run-size", choices=("auto", *RUN_SIZES), default="auto",
       help="the share of the default --limit-train to train on: 'full' all of it, 'small' a quarter (SFT, the "
            "cache and S-DPO cost a quarter; validation and test rows stay); 'auto': small where a pretrained "

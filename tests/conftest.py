@@ -1,5 +1,7 @@
 """Fixtures and helpers shared by several test files (import helpers with `from conftest import ...`)."""
+import importlib.util
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,16 @@ import torch
 
 from minisdpo.data import Row, sample_negatives
 from minisdpo.model import Llama, ModelArgs
+
+
+def load_script(name: str):
+    """The module of scripts/NAME.py (a script, not part of the package), imported by path."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")

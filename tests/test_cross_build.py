@@ -9,23 +9,14 @@ out as NEON code (scripts/cross_compile_aarch64.py). It is skipped only when the
 is absent (CI installs it: .ci/run). Nothing runs on ARM here; scripts/qemu_aarch64_tests.sh
 runs the kernel tests on aarch64 under qemu-user, by hand.
 """
-import importlib.util
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import load_script
 
 
 def _script():
-    path = ROOT / "scripts" / "cross_compile_aarch64.py"
-    spec = importlib.util.spec_from_file_location("cross_compile_aarch64", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("cross_compile_aarch64")
 
 
 def test_every_source_compiles_for_aarch64():

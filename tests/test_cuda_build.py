@@ -6,25 +6,16 @@ docs/design.md section 6) so that a syntax, type or template error fails CI with
 It is skipped only when nvcc is absent. Whether the kernels compute the right numbers is
 tests/test_ops.py's job, on a machine with a GPU (scripts/gpu_check.sh).
 """
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _checker():
-    spec = importlib.util.spec_from_file_location("check_cuda_compile", ROOT / "scripts" / "check_cuda_compile.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cuda_source_compiles_for_sm80_and_sm90():
-    checker = _checker()
+    checker = load_script("check_cuda_compile")
     nvcc = checker.find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found: the CUDA source cannot be compile-checked here")

@@ -125,7 +125,7 @@ def test_outputs_equal_the_full_forward_at_those_positions(masking, first_layer)
     pos = torch.tensor([[0, 5, 5, 11], [3, 4, 9, 10], [11, 10, 2, 7]])     # any order, repeats allowed
     if first_layer:
         with torch.no_grad():
-            kwargs["hidden"] = model(ids, stop_layer=first_layer, **{k: v for k, v in kwargs.items()})
+            kwargs["hidden"] = model(ids, stop_layer=first_layer, **kwargs)
         kwargs["hidden"].requires_grad_(True)
         kwargs["first_layer"] = first_layer
     w = torch.randn(B, 4, model.args.vocab_size, generator=g)
@@ -150,7 +150,7 @@ def test_outputs_equal_the_full_forward_at_those_positions(masking, first_layer)
         scale = h_full.abs().max()
         torch.testing.assert_close(h_picked / scale, h_full / scale, atol=1e-5, rtol=0)
     with torch.no_grad():     # the hidden states, before the LM head
-        hid = model(ids, return_hidden=True, outputs=pos, **{k: v for k, v in kwargs.items()})
+        hid = model(ids, return_hidden=True, outputs=pos, **kwargs)
         torch.testing.assert_close(model.lm_head(hid), full, atol=1e-5, rtol=0)
 
 
