@@ -33,13 +33,13 @@ from tqdm.auto import tqdm
 
 from minisdpo import loss
 from minisdpo.batches import collate, packed_batch
-from minisdpo.data import Row, TokenizerLike, encode_group, encode_prompt, padding_id, truncate_prompt
+from minisdpo.data import Row, TokenizerLike, encode_group, encode_prompt, padding_id
 from minisdpo.loss import LossBackend, sequence_logps
 from minisdpo.prefix import PrefixCache
 from minisdpo.step import StageLoss, response_logits
 
-__all__ = ["judge", "named_candidate", "generate_answers", "evaluate_generation", "mcnemar", "paired_line", "ranking_scores",
-           "evaluate_ranking", "rank_metrics"]
+__all__ = ["judge", "named_candidate", "generate_answers", "generate_answers_shared", "shares_bottom", "judge_answers",
+           "evaluate_generation", "mcnemar", "paired_line", "ranking_scores", "evaluate_ranking", "rank_metrics"]
 
 
 def named_candidate(answer: str, candidates: Sequence[str]) -> str | None:
@@ -88,6 +88,30 @@ def _check_common(rows: Sequence[Row], batch_size: int) -> None:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
 
+def _prompt(tok: TokenizerLike, row: Row, domain: str, max_len: int | None) -> list[int]:
+    """A row's prompt for generation: with ``max_len`` cut as in training and in the frozen-prefix
+    cache (``minisdpo.data.encode_group``: on the left, BOS kept, to fit the longest candidate)."""
+    if max_len is None:
+        return encode_prompt(tok, row, domain)
+    return encode_group(tok, row, row.candidates, max_len, domain)[0]
+
+
+def _answer(tok: TokenizerLike, new: list[int]) -> str:
+    """The decoded text of generated ids up to the first EOS."""
+    return tok.decode(new[:new.index(tok.eos_id)] if tok.eos_id in new else new)
+
+
+def _check_new(new: torch.Tensor, rows: int, max_new_tokens: int) -> None:
+    if new.dim() != 2 or new.shape[0] != rows or new.shape[1] > max_new_tokens:
+        raise RuntimeError(f"model.generate returned shape {tuple(new.shape)}, expected "
+                           f"({rows}, <= {max_new_tokens})")
+
+
+def _check_max_new_tokens(max_new_tokens: int) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+
+
 @torch.no_grad()
 def generate_answers(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: str,
                      batch_size: int = 16, max_new_tokens: int = 20,
@@ -99,16 +123,13 @@ def generate_answers(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain
     Prompts are left-padded (with attention_mask 0 on the padding) and passed to
     ``model.generate(input_ids, max_new_tokens, eos_id, attention_mask=...)``, which returns the
     new tokens only; an answer is the decoded text up to the first EOS. With ``max_len``, a
-    prompt is cut on the left (BOS kept) so that it and ``max_new_tokens`` fit, as in training.
-    Rows are batched by prompt length to save padding.
+    prompt is cut as in training (``encode_group``). Rows are batched by prompt length to save
+    padding. ``generate_answers_shared`` gives the same answers for several models at once.
     """
     _check_common(rows, batch_size)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    _check_max_new_tokens(max_new_tokens)
     device, pad_id = _device(model), padding_id(tok)
-    prompts = [encode_prompt(tok, row, domain) for row in rows]
-    if max_len is not None:
-        prompts = [truncate_prompt(p, max_new_tokens, max_len) for p in prompts]
+    prompts = [_prompt(tok, row, domain, max_len) for row in rows]
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(rows)
     with _eval_mode(model):
@@ -123,29 +144,94 @@ def generate_answers(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain
                 attention_mask[b, T - n:] = 1
             new = model.generate(input_ids.to(device), max_new_tokens, tok.eos_id,
                                  attention_mask=attention_mask.to(device))
-            if new.dim() != 2 or new.shape[0] != len(idx) or new.shape[1] > max_new_tokens:
-                raise RuntimeError(f"model.generate returned shape {tuple(new.shape)}, expected "
-                                   f"({len(idx)}, <= {max_new_tokens})")
+            _check_new(new, len(idx), max_new_tokens)
             for b, i in enumerate(idx):
-                ids = new[b].tolist()
-                if tok.eos_id in ids:
-                    ids = ids[:ids.index(tok.eos_id)]
-                answers[i] = tok.decode(ids)
+                answers[i] = _answer(tok, new[b].tolist())
     return answers
+
+
+def shares_bottom(a: Any, b: Any, layer: int) -> bool:
+    """Whether two ``minisdpo.model.Llama``s compute the same residual stream entering ``layer``:
+    the same (or equal) tensors in their embedding, layers 0..layer-1 and item tokens added
+    below ``layer``, under the same names."""
+    def bottom(model: Any) -> dict[str, torch.Tensor]:
+        items = getattr(model, "items", None)
+        keep = ("model.embed_tokens.", *(f"model.layers.{i}." for i in range(layer)),
+                *(("items.",) if items is not None and items.layer < layer else ()))
+        return {k: t for k, t in [*model.named_parameters(), *model.named_buffers()] if k.startswith(keep)}
+    x, y = bottom(a), bottom(b)
+    return x.keys() == y.keys() and all(t is y[k] or (t.shape == y[k].shape and torch.equal(t, y[k]))
+                                        for k, t in x.items())
+
+
+@torch.no_grad()
+def generate_answers_shared(models: Sequence[Any], tok: TokenizerLike, rows: Sequence[Row], domain: str,
+                            layer: int, max_len: int, batch_size: int = 16, max_new_tokens: int = 20,
+                            progress: bool = True, path: str | None = None,
+                            source: str = "") -> tuple[list[list[str]], PrefixCache]:
+    """``generate_answers`` of several models that share their bottom layers (a model and
+    adapters on its layers from ``layer`` on), from one pass of those layers over the rows.
+
+    That pass is the one that builds the rows' frozen-prefix cache at ``layer``
+    (``PrefixCache.build`` with ``path`` and ``source``; returned for the ranking): each packed
+    row ``[prompt, c_1, ..., c_C]`` runs through layers 0..layer-1 once, keeping their keys and
+    values, and each model then runs only its own layers over the prompt before decoding
+    (``Llama.generate``'s ``first_layer``). The prompts are cut as in the cache (``max_len``,
+    ``encode_group``), so the answers are ``generate_answers``'s with the same ``max_len``, up to
+    the rounding of a differently batched pass. ``models`` are ``minisdpo.model.Llama``s whose
+    bottom layers are equal (``shares_bottom``, else ValueError).
+    Returns (one list of answers per model, in the order of ``rows``; the cache).
+    """
+    _check_common(rows, batch_size)
+    _check_max_new_tokens(max_new_tokens)
+    if not models:
+        raise ValueError("models is empty")
+    n = models[0].args.n_layers
+    if not isinstance(layer, int) or not 1 <= layer < n:
+        raise ValueError(f"layer must be an int in [1, {n - 1}], got {layer!r}")
+    for m, model in enumerate(models[1:], 1):
+        if not shares_bottom(models[0], model, layer):
+            raise ValueError(f"models[{m}] differs from models[0] below layer {layer}: they must share "
+                             f"their embedding and layers 0..{layer - 1} (shares_bottom)")
+    prompts = [torch.tensor(_prompt(tok, row, domain, max_len)) for row in rows]
+    answers: list[list[str]] = [[""] * len(rows) for _ in models]
+
+    def generate(idx: list[int], batch: Any, states: torch.Tensor, kv: Any) -> None:
+        # Each packed row starts with its prompt: the prompts, right-padded, are its first T positions.
+        lens = torch.tensor([len(prompts[i]) for i in idx])                      # (G,)
+        T = int(lens.max())
+        if any(not torch.equal(batch.input_ids[g, :len(prompts[i])], prompts[i]) for g, i in enumerate(idx)):
+            raise RuntimeError("the packed rows do not start with generation's prompts")
+        mask = (torch.arange(T)[None] < lens[:, None]).to(states.device)         # (G, T)
+        ids = batch.input_ids[:, :T].to(states.device)
+        for m, model in enumerate(models):
+            new = model.generate(ids, max_new_tokens, tok.eos_id, attention_mask=mask, cache=kv,
+                                 first_layer=layer, hidden=states[:, :T])
+            _check_new(new, len(idx), max_new_tokens)
+            for g, i in enumerate(idx):
+                answers[m][i] = _answer(tok, new[g].tolist())
+
+    cache = PrefixCache.build(models[0], tok, rows, domain, max_len, layer, batch_size=batch_size, path=path,
+                              source=source, progress=progress, desc="generate", on_batch=generate,
+                              kv_slots=max_new_tokens)
+    return answers, cache
+
+
+def judge_answers(answers: Sequence[str], rows: Sequence[Row]) -> dict[str, Any]:
+    """HR@1 and ValidRatio of ``answers`` to ``rows`` by the paper's rule (``judge``): {"hr@1",
+    "valid_ratio", "n", "answers", "hits"}, ``hits`` one bool per row."""
+    judged = [judge(a, row.candidates, row.target) for a, row in zip(answers, rows, strict=True)]
+    n = len(rows)
+    return {"hr@1": sum(h for _, h in judged) / n, "valid_ratio": sum(v for v, _ in judged) / n,
+            "n": n, "answers": list(answers), "hits": [h for _, h in judged]}
 
 
 def evaluate_generation(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: str,
                         batch_size: int = 16, max_new_tokens: int = 20,
                         max_len: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """HR@1 and ValidRatio of the answers of ``generate_answers`` (same arguments), judged by
-    the paper's rule (``judge``). Returns {"hr@1", "valid_ratio", "n", "answers", "hits"},
-    ``answers`` and ``hits`` (one bool per row) in the order of ``rows``.
-    """
-    answers = generate_answers(model, tok, rows, domain, batch_size, max_new_tokens, max_len, progress)
-    judged = [judge(a, row.candidates, row.target) for a, row in zip(answers, rows)]
-    n = len(rows)
-    return {"hr@1": sum(h for _, h in judged) / n, "valid_ratio": sum(v for v, _ in judged) / n,
-            "n": n, "answers": answers, "hits": [h for _, h in judged]}
+    """``judge_answers`` of the answers of ``generate_answers`` (same arguments)."""
+    return judge_answers(generate_answers(model, tok, rows, domain, batch_size, max_new_tokens, max_len, progress),
+                         rows)
 
 
 def mcnemar(hits_a: Sequence[bool], hits_b: Sequence[bool]) -> dict[str, float]:

@@ -178,7 +178,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, q_cos, q_sin), apply_rope(k, cos, sin)
         if queries is not None:
             mask = queries.mask
-        if cache is not None:
+        if cache is not None and start == 0:
+            # A prefill: the cache holds nothing before these keys, so attend over them as they are,
+            # in the model's dtype, exactly as the forward pass does; the cache keeps a copy.
+            cache.update(self.layer, 0, k, v)
+        elif cache is not None:
             k, v = cache.update(self.layer, start, k, v)                               # (B, n_kv_head, S, head_dim)
             # A cache kept wider than the model (see Llama.cache_dtype): attend in its dtype.
             q = q.to(k.dtype)
@@ -368,7 +372,8 @@ class Llama(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 return_hidden: bool = False, *, stop_layer: int | None = None, first_layer: int = 0,
-                hidden: torch.Tensor | None = None, outputs: torch.Tensor | None = None) -> torch.Tensor:
+                hidden: torch.Tensor | None = None, outputs: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V), or final hidden states (B, T, dim) if return_hidden.
 
         attention_mask (B, T): 1 for real tokens, 0 for padding (left or right).
@@ -388,6 +393,10 @@ class Llama(nn.Module):
         (B, Q, ...). Every layer but the last still runs on every position (the last one's keys
         and values need them); the last computes the queries of these positions alone, so its
         attention, MLP and LM head cost Q rows instead of T.
+
+        cache (KVCache of B rows and at least T slots): the keys and values of the layers run are
+        also written to its slots 0..T-1, for ``generate`` to continue from (``generate``'s
+        ``first_layer``); the result is the same as without it.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
@@ -414,6 +423,9 @@ class Llama(nn.Module):
                              f"{'given' if hidden is not None else 'None'}")
         if hidden is not None and hidden.shape != (B, T, self.args.dim):
             raise ValueError(f"hidden must have shape {(B, T, self.args.dim)}, got {tuple(hidden.shape)}")
+        if cache is not None and (cache.key_valid.shape[0] != B or cache.max_len < T):
+            raise ValueError(f"cache must hold {B} rows of at least {T} slots, "
+                             f"got {cache.key_valid.shape[0]} rows of {cache.max_len}")
         if outputs is not None:
             if stop_layer is not None:
                 raise ValueError("outputs selects final states: it does not go with stop_layer")
@@ -435,7 +447,7 @@ class Llama(nn.Module):
             allowed = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
         if allowed is not None:
             allowed = allowed | torch.eye(T, dtype=torch.bool, device=device)
-        h = self._hidden(input_ids, position_ids, allowed, first_layer=first_layer, stop_layer=stop_layer,
+        h = self._hidden(input_ids, position_ids, allowed, cache, 0, first_layer=first_layer, stop_layer=stop_layer,
                          hidden=hidden, outputs=outputs)
         return h if return_hidden or stop_layer is not None else self.lm_head(h)
 
@@ -450,13 +462,18 @@ class Llama(nn.Module):
         return param.dtype
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run left-padded prompts (B, T) through the model into slots 0..T; logits of the last slot (B, V)."""
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache, *,
+                first_layer: int = 0, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Run padded prompts (B, T) through the model into slots 0..T-1; logits of each row's last
+        real token (B, V). Each row's real tokens are one run (left- or right-padded).
+        With ``first_layer`` b > 0 the layers below b are already in ``cache`` and ``hidden``
+        (B, T, dim) is the residual stream entering b (``forward``'s ``stop_layer``)."""
         T = input_ids.shape[1]
         cache.key_valid[:, :T] = attention_mask.bool()
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)   # (B, T)
-        last = torch.full((input_ids.shape[0], 1), T - 1, dtype=torch.long, device=input_ids.device)
-        h = self._hidden(input_ids, position_ids, cache.mask(0, T), cache, 0, outputs=last)   # (B, 1, dim)
+        last = T - 1 - attention_mask.flip(-1).long().argmax(-1, keepdim=True)   # (B, 1)
+        h = self._hidden(input_ids, position_ids, cache.mask(0, T), cache, 0, first_layer=first_layer,
+                         hidden=hidden, outputs=last)                                # (B, 1, dim)
         return self.lm_head(h[:, -1])
 
     @torch.no_grad()
@@ -470,11 +487,21 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | Sequence[int] | None,
-                 attention_mask: torch.Tensor | None = None, pad_id: int | None = None) -> torch.Tensor:
-        """Greedy decoding of left-padded prompts; returns only the new tokens (B, n), n <= max_new_tokens.
+                 attention_mask: torch.Tensor | None = None, pad_id: int | None = None, *,
+                 cache: KVCache | None = None, first_layer: int = 0,
+                 hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy decoding of padded prompts; returns only the new tokens (B, n), n <= max_new_tokens.
 
-        A row stops after its first EOS; later slots of that row hold ``pad_id`` (default: the
-        first EOS id). Decoding ends when every row has stopped or after max_new_tokens.
+        Each row's real tokens (attention_mask 1) must be one run: left- or right-padded. A row
+        stops after its first EOS; later slots of that row hold ``pad_id`` (default: the first
+        EOS id). Decoding ends when every row has stopped or after max_new_tokens.
+
+        To continue from layers run before (several models sharing their bottom layers decode
+        from one pass of them): ``cache`` (B rows, at least T + max_new_tokens slots) holds the
+        keys and values of layers 0..first_layer-1 at slots 0..T-1 (``forward(..., cache=)``),
+        and ``hidden`` (B, T, dim) the residual stream entering ``first_layer``. Only the layers
+        from ``first_layer`` on run over the prompts; decoded tokens run through every layer and
+        take slots T.., so one cache serves several models in turn.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
@@ -485,8 +512,25 @@ class Llama(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != (B, T):
             raise ValueError(f"attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
-        if bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("generate needs left-padded prompts: attention_mask[:, -1] must be 1")
+        real = attention_mask.bool()
+        count = real.sum(-1)
+        first = real.long().argmax(-1)
+        last = T - 1 - real.flip(-1).long().argmax(-1)
+        if bool((count == 0).any()) or bool((last - first + 1 != count).any()):
+            raise ValueError("every row of attention_mask needs its real tokens in one run (left- or "
+                             "right-padded), at least one")
+        n = self.args.n_layers
+        if not (isinstance(first_layer, int) and 0 <= first_layer <= n - 1):
+            raise ValueError(f"first_layer must be an int in [0, {n - 1}], got {first_layer!r}")
+        if first_layer and (cache is None or hidden is None):
+            raise ValueError("first_layer > 0 needs the cache of the layers below it and hidden, the "
+                             "residual stream entering it")
+        if hidden is not None and (not first_layer or hidden.shape != (B, T, self.args.dim)):
+            raise ValueError(f"hidden goes with first_layer > 0 and must have shape {(B, T, self.args.dim)}, "
+                             f"got {tuple(hidden.shape)} with first_layer={first_layer}")
+        if cache is not None and (cache.key_valid.shape[0] != B or cache.max_len < T + max_new_tokens):
+            raise ValueError(f"cache must hold {B} rows of at least T + max_new_tokens = {T + max_new_tokens} "
+                             f"slots, got {cache.key_valid.shape[0]} rows of {cache.max_len}")
         eos = torch.tensor([] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id),
                            dtype=torch.long, device=input_ids.device)
         if pad_id is None:
@@ -494,9 +538,10 @@ class Llama(nn.Module):
 
         was_training = self.training
         self.eval()
-        cache = KVCache(self.args, B, T + max_new_tokens, self.cache_dtype(), input_ids.device)
-        logits = self.prefill(input_ids, attention_mask, cache)            # (B, V)
-        position = attention_mask.long().sum(-1)                            # (B,) next RoPE position
+        if cache is None:
+            cache = KVCache(self.args, B, T + max_new_tokens, self.cache_dtype(), input_ids.device)
+        logits = self.prefill(input_ids, attention_mask, cache, first_layer=first_layer, hidden=hidden)   # (B, V)
+        position = count                                                    # (B,) next RoPE position
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         out = []
         for step in range(max_new_tokens):

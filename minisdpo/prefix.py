@@ -27,13 +27,14 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from minisdpo.batches import PackedBatch, pack_groups, packed_batch
 from minisdpo.data import Row, TokenizerLike, encode_group, padding_id
+from minisdpo.model import KVCache
 
 __all__ = ["PrefixCache"]
 
@@ -76,7 +77,9 @@ class PrefixCache:
     @classmethod
     def build(cls, model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: str, max_len: int, layer: int,
               *, batch_size: int = 8, path: str | Path | None = None, source: str = "",
-              progress: bool = True, desc: str = "prefix cache") -> PrefixCache:
+              progress: bool = True, desc: str = "prefix cache",
+              on_batch: Callable[[list[int], PackedBatch, torch.Tensor, KVCache], None] | None = None,
+              kv_slots: int = 0) -> PrefixCache:
         """Run ``model``'s embedding and layers 0..layer-1 over every row with all its candidates.
 
         ``model`` is called as ``model(input_ids, position_ids=..., mask=..., stop_layer=layer)``
@@ -84,6 +87,13 @@ class PrefixCache:
         memory-mapped file in that directory, which a later call with the same rows, domain,
         max_len, layer and ``source`` (a name for the weights below ``layer``) reads back
         instead of building again.
+
+        ``on_batch(row_ids, batch, states, kv)``, when given, is called after each batch's pass with
+        the rows' indices, their ``PackedBatch``, the states entering ``layer`` (G, L, dim) and a
+        ``KVCache`` holding the keys and values of layers 0..layer-1 at slots 0..L-1, followed
+        by ``kv_slots`` free slots: what ``Llama.generate(..., first_layer=layer)`` continues
+        from, the prompt being positions 0..prompt_lens[i]-1 of each packed row. The pass is
+        then always run (a cache on file is built again).
         """
         if not rows:
             raise ValueError("rows is empty")
@@ -97,8 +107,11 @@ class PrefixCache:
         param = next(model.parameters())
         dim, dtype, device = model.args.dim, param.dtype, param.device
         fingerprint = _fingerprint(rows, domain, max_len, layer, source)
+        if not isinstance(kv_slots, int) or kv_slots < 0:
+            raise ValueError(f"kv_slots must be an int >= 0, got {kv_slots!r}")
         if path is not None:
             path = Path(path)
+        if path is not None and on_batch is None:
             cached = cls._load(path, fingerprint, rows, tok, domain, max_len, layer, dim, dtype)
             if cached is not None:
                 return cached
@@ -135,9 +148,10 @@ class PrefixCache:
                 idx = order[start:start + batch_size]
                 part = [rows[i] for i in idx]
                 b = packed_batch(tok, part, [r.candidates for r in part], max_len, domain=domain)
+                G, L = b.input_ids.shape
+                kv = None if on_batch is None else KVCache(model.args, G, L + kv_slots, model.cache_dtype(), device)
                 h = model(b.input_ids.to(device), position_ids=b.position_ids.to(device), mask=b.mask.to(device),
-                          stop_layer=layer)                                   # (G, L, dim)
-                L = b.input_ids.shape[1]
+                          stop_layer=layer, cache=kv)                         # (G, L, dim)
                 for g, i in enumerate(idx):
                     a, n = int(offsets[i]), int(row_lens[i])
                     # The layout above must be packed_batch's: segment c starts where index says.
@@ -146,6 +160,8 @@ class PrefixCache:
                         raise RuntimeError("the prefix cache's layout disagrees with packed_batch's")
                     hidden[a:a + n] = h[g, :n].to("cpu", dtype)
                     ids[a:a + n] = b.input_ids[g, :n]
+                if on_batch is not None:
+                    on_batch(idx, b, h, kv)
         model.train(was_training)
         build_s = time.time() - t0
         index = {"ids": ids, "offsets": offsets, "starts": starts, "lengths": lengths_t, "prompt_lens": prompt_lens_t}

@@ -34,6 +34,7 @@ order, their models and caches, and the report.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -50,7 +51,8 @@ from minisdpo import data as D
 from minisdpo.baselines import SASRecRecommender, parse_baselines, run_baselines, train_sasrec
 from minisdpo.checkpoint import from_pretrained, load_config, save_pretrained
 from minisdpo.config import DEFAULT_MODEL, FREE_ON_RESUME, build_parser, recipe_summary, resolve_args
-from minisdpo.evaluate import evaluate_generation, evaluate_ranking, mcnemar, paired_line
+from minisdpo.evaluate import (evaluate_generation, evaluate_ranking, generate_answers_shared, judge_answers,
+                               mcnemar, paired_line, shares_bottom)
 from minisdpo.items import PROJECTOR_FILE, ItemTokenizer, attach, load_projector, placeholder_id, save_projector
 from minisdpo.lora import (apply_lora, freeze_reference, load_adapter, mark_only_lora_as_trainable,
                            merge_and_unload, save_adapter, top_layers)
@@ -297,26 +299,32 @@ def sft_boundary(args: argparse.Namespace, model_args: ModelArgs) -> int:
     return lora_boundary(model_args.n_layers, args.sft_lora_layers)
 
 
-def prefix_cache(model: Llama, rows: list[D.Row], split: str, layer: int, args: argparse.Namespace,
-                 data: StageData, env: Env, out: Path, stats: dict) -> PrefixCache:
-    """The frozen-prefix cache of ``rows`` at ``layer`` for ``model``, built once and kept under
-    the run directory: OUT/cache when the layers below ``layer`` are the base model's (every
-    stage shares it), OUT/sft/cache when SFT changed them (rebuilt with the SFT model).
-    With ``--sdpo-init sft-adapter`` a preference stage's model is the base model with the SFT
-    adapter on the same top layers (check_args: --lora-layers = --sft-lora-layers), so its layers
-    below ``layer`` are the base model's and it shares OUT/cache, as the merged SFT model does
-    when SFT changed only the layers from ``layer`` on. ``stats`` gathers its size and build time
-    for the stage's summary."""
+def cache_place(model: Llama, split: str, layer: int, args: argparse.Namespace, out: Path) -> tuple[Path, str]:
+    """Where the frozen-prefix cache of ``split`` at ``layer`` for ``model`` is kept, and the name
+    of the weights below ``layer`` (``PrefixCache.build``'s ``source``): OUT/cache when those
+    layers are the base model's (every stage shares it), OUT/sft/cache when SFT changed them
+    (rebuilt with the SFT model). With ``--sdpo-init sft-adapter`` a preference stage's model is
+    the base model with the SFT adapter on the same top layers (check_args: --lora-layers =
+    --sft-lora-layers), so its layers below ``layer`` are the base model's and it shares
+    OUT/cache, as the merged SFT model does when SFT changed only the layers from ``layer`` on."""
     # With item tokens entering below ``layer`` the states hold the SFT projector's output too.
     items = model.items is not None
     base = layer <= sft_boundary(args, model.args) and not (items and model.items.layer < layer)
     where = (out / "cache" if base else out / "sft" / "cache") / f"{split}-layer{layer}"
+    return where, ("base" if base else "sft") + ("+items" if items else "")
+
+
+def prefix_cache(model: Llama, rows: list[D.Row], split: str, layer: int, args: argparse.Namespace,
+                 data: StageData, env: Env, out: Path, stats: dict) -> PrefixCache:
+    """The frozen-prefix cache of ``rows`` at ``layer`` for ``model``, built once and kept under
+    the run directory (``cache_place``). ``stats`` gathers its size and build time for the
+    stage's summary."""
+    where, source = cache_place(model, split, layer, args, out)
     t0 = time.time()
     for turn in ("main", "others") if env.world > 1 else ("main",):   # the main process writes it
         if (turn == "main") == env.main:
             cache = PrefixCache.build(model, data.tok, rows, data.domain, args.max_len, layer,
-                                      batch_size=args.rank_batch_size, path=where,
-                                      source=("base" if base else "sft") + ("+items" if items else ""),
+                                      batch_size=args.rank_batch_size, path=where, source=source,
                                       progress=not args.no_progress and env.main, desc=f"prefix cache {split}")
         barrier(env)
     seconds = time.time() - t0
@@ -457,6 +465,13 @@ def run_preference(name: str, k: int, args: argparse.Namespace, data: StageData,
     barrier(env)
 
 
+def sharing_copy(model: Llama, layer: int) -> Llama:
+    """A deep copy of ``model`` whose embedding and layers below ``layer`` are ``model``'s own
+    tensors, not copies: an adapter on the top layers loads into it without doubling the rest."""
+    shared = [*model.model.embed_tokens.parameters(), *(p for block in model.model.layers[:layer] for p in block.parameters())]
+    return copy.deepcopy(model, {id(p): p for p in shared})
+
+
 def load_preference_model(out: Path, name: str, env: Env, sft_model: Llama, items: ItemSetup | None) -> Llama:
     """The trained model of preference stage ``name`` for evaluation: its adapter on the base it
     applies to (``minisdpo.run.adapter_base``): loaded into ``sft_model`` (replacing an adapter
@@ -484,27 +499,18 @@ def made_by(out: Path, name: str) -> dict[str, dict | None]:
 
 def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.Row]], domain: str, env: Env,
              out: Path, wall_start: float, backend, items: ItemSetup | None = None) -> dict:
+    """Evaluate the run's models on ``--eval-split`` (each one's record kept in answers_NAME.json,
+    read back by ``--resume``), then the baselines; write summary.json and print the table.
+
+    With ``--lora-layers N`` the SFT model and the preference models on its top layers share
+    layers 0..b-1 (b = n_layers - N): one pass of them over the rows serves every model's
+    generation and builds the rows' frozen-prefix cache, from which each model's ranking runs
+    its top layers (``minisdpo.evaluate.generate_answers_shared``)."""
     rows = splits[args.eval_split]
     progress = not args.no_progress
     results, hits = {}, {}
-    data = StageData(tok, domain, splits["train"], splits["val"])
-    prefix: PrefixCache | None = None
-
-    def ranking_prefix(model: Llama, name: str) -> PrefixCache | None:
-        """With --lora-layers N the ranking runs the adapters' top layers from one frozen-prefix
-        cache of the rows, for every model whose layers below are the ones that built it: the
-        SFT model and its adapters always, the pretrained model where SFT left them alone."""
-        nonlocal prefix
-        layer = lora_boundary(model.args.n_layers, args.lora_layers)
-        # The pretrained model reads titles only (it has no projector): not the run's prompts.
-        if not layer or args.no_ranking or (name == "zero-shot" and (items or layer > sft_boundary(args, model.args))):
-            return None
-        if prefix is None:
-            prefix = prefix_cache(model, rows, args.eval_split, layer, args, data, env, out, {})
-        return prefix
-
-    sft_model = None
     rows_digest = hashlib.sha256(json.dumps([dataclasses.astuple(r) for r in rows]).encode()).hexdigest()
+    todo = []
     for name in ("zero-shot",) * args.zero_shot + ("sft", "sdpo", "dpo"):
         if name == "sft" and args.zero_shot and not sft_model_dir(out).exists():
             break  # --stage eval --zero-shot before any training: the pretrained model only
@@ -518,29 +524,64 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
         if None not in key["stages"].values() and saved.get("key") == key:
             log(env, f"[eval] {name}: read back from {record}")
             results[name], hits[name] = saved["metrics"], saved["hits"]
-            continue
-        model_tok = tok
-        if name == "zero-shot":  # the pretrained model before SFT, in the run's dtype, on titles only
-            model = from_pretrained(resolve_model(args, env), dtype=env.dtype, device=env.device)
-            model_tok = getattr(tok, "tok", tok)
-        elif name == "sft":
-            model = sft_model = load_sft_model(out, env, items)
         else:
-            if sft_model is None:   # the SFT model's evaluation was read back
-                sft_model = load_sft_model(out, env, items)
-            model = load_preference_model(out, name, env, sft_model, items)
-        log(env, f"[eval] {name}: generation on {len(rows)} {args.eval_split} rows")
-        gen = evaluate_generation(model, model_tok, rows, domain, batch_size=args.eval_batch_size,
-                                  max_len=args.max_len, progress=progress)
-        res = {"hr@1": gen["hr@1"], "valid_ratio": gen["valid_ratio"]}
-        hits[name] = gen["hits"]
-        if not args.no_ranking:
-            res |= {k: v for k, v in evaluate_ranking(model, model_tok, rows, domain, batch_size=args.rank_batch_size,
-                                                       max_len=args.max_len, progress=progress,
-                                                       prefix=ranking_prefix(model, name),
-                                                       backend=backend).items() if k != "n"}
-        results[name] = res
-        atomic_write_json({"answers": gen["answers"], "hits": gen["hits"], "metrics": res, "key": key}, record)
+            todo.append((name, key))
+
+    def cache_at(model: Llama, layer: int) -> tuple[Path, str]:
+        return cache_place(model, args.eval_split, layer, args, out)
+
+    def evaluate(group: list[tuple[str, dict, Llama, Tokenizer]], layer: int) -> None:
+        """Generation and ranking of models that share their layers below ``layer`` (0: each
+        model on its own), each one's record written when it is done."""
+        names = ", ".join(name for name, *_ in group)
+        prefix, answers = None, {}
+        if layer:
+            where, source = cache_at(group[0][2], layer)
+            t0 = time.time()
+            log(env, f"[eval] {names}: generation on {len(rows)} {args.eval_split} rows from one pass of layers "
+                     f"0..{layer - 1}" + ("" if args.no_ranking else f", which builds the rows' frozen-prefix cache ({where})"))
+            found, prefix = generate_answers_shared([m for _, _, m, _ in group], group[0][3], rows, domain, layer,
+                                                    args.max_len, batch_size=args.eval_batch_size, progress=progress,
+                                                    path=None if args.no_ranking else where, source=source)
+            answers = {name: a for (name, *_), a in zip(group, found)}
+            log(env, f"[eval] {names}: generated in {time.time() - t0:.1f} s")
+        for name, key, model, model_tok in group:
+            if layer:
+                gen = judge_answers(answers[name], rows)
+            else:
+                log(env, f"[eval] {name}: generation on {len(rows)} {args.eval_split} rows")
+                gen = evaluate_generation(model, model_tok, rows, domain, batch_size=args.eval_batch_size,
+                                          max_len=args.max_len, progress=progress)
+            res = {"hr@1": gen["hr@1"], "valid_ratio": gen["valid_ratio"]}
+            hits[name] = gen["hits"]
+            if not args.no_ranking:
+                res |= {k: v for k, v in evaluate_ranking(model, model_tok, rows, domain,
+                                                           batch_size=args.rank_batch_size, max_len=args.max_len,
+                                                           progress=progress, prefix=prefix,
+                                                           backend=backend).items() if k != "n"}
+            results[name] = res
+            atomic_write_json({"answers": gen["answers"], "hits": gen["hits"], "metrics": res, "key": key},
+                              out / f"answers_{name}.json")
+
+    keys = dict(todo)
+    if "zero-shot" in keys:  # the pretrained model before SFT, in the run's dtype, on titles only
+        model = from_pretrained(resolve_model(args, env), dtype=env.dtype, device=env.device)
+        layer = lora_boundary(model.args.n_layers, args.lora_layers)
+        # With item tokens the run's prompts are not the ones it reads: no cache of them.
+        evaluate([("zero-shot", keys.pop("zero-shot"), model, getattr(tok, "tok", tok))],
+                 layer if not items and layer <= sft_boundary(args, model.args) else 0)
+        del model
+    if keys:
+        sft_model = load_sft_model(out, env, items)
+        layer = lora_boundary(sft_model.args.n_layers, args.lora_layers)
+        group = [(name, key, sft_model if name == "sft" else
+                  load_preference_model(out, name, env, sharing_copy(sft_model, layer), items), tok)
+                 for name, key in keys.items()]
+        # The models whose layers below ``layer`` are the first one's run from one pass of them.
+        shared = [g for g in group if layer and shares_bottom(group[0][2], g[2], layer)]
+        if shared:
+            evaluate(shared, layer)
+        evaluate([g for g in group if not any(g is h for h in shared)], 0)
     # The baselines, first in the table as in the paper's (after the models, so that a missing
     # SFT model stops the stage before they are trained).
     baselines, baseline_hits = eval_baselines(args, rows, env, out, rows_digest)

@@ -3,6 +3,7 @@ ValidRatio with a scripted model, ranking metrics with models whose scores are k
 evaluators end to end on a tiny random Llama."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,9 +11,11 @@ import torch
 
 from minisdpo import ops
 from minisdpo.data import Row, encode_prompt, encode_response, format_prompt
-from minisdpo.evaluate import (_ranking_scores_unpacked, evaluate_generation, evaluate_ranking, judge,
-                               rank_metrics, ranking_scores)
+from minisdpo.evaluate import (_ranking_scores_unpacked, evaluate_generation, evaluate_ranking, generate_answers,
+                               generate_answers_shared, judge, rank_metrics, ranking_scores)
+from minisdpo.lora import apply_lora
 from minisdpo.model import Llama, ModelArgs
+from minisdpo.prefix import PrefixCache
 
 from conftest import TOK, ByteTokenizer
 
@@ -249,6 +252,49 @@ def test_ranking_scores_with_the_fused_lm_head_equal_the_logits_path(dtype, tol)
     assert fused.dtype == plain.dtype == torch.float32 and fused.shape == (5, 20)
     torch.testing.assert_close(fused, plain, rtol=tol, atol=tol)
     assert plain.std(1).min() > 0.1
+
+
+def _tuned_copy(model: Llama, layers: list[int]) -> Llama:
+    """A copy of ``model`` with LoRA far from zero on ``layers``."""
+    tuned = copy.deepcopy(model).float()
+    apply_lora(tuned, r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], layers=layers)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 3.0)
+    return tuned.to(next(model.parameters()).dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("max_len", [512, 490])
+def test_generate_answers_shared_equals_each_model_alone(max_len, dtype):
+    # One pass of layer 0 over the packed rows serves both models' generation and builds the
+    # rows' frozen-prefix cache: the answers of each model's own generate_answers (whose prompts
+    # are cut the same way, also when max_len cuts them) and the cache PrefixCache.build makes.
+    model, rows = _twenty_candidates_on_tiny_llama(seed=2, dtype=dtype)
+    tuned = _tuned_copy(model, [1])
+    alone = [generate_answers(m, TOK, rows, "music", batch_size=2, max_new_tokens=8, max_len=max_len,
+                              progress=False) for m in (model, tuned)]
+    shared, cache = generate_answers_shared([model, tuned], TOK, rows, "music", 1, max_len, batch_size=2,
+                                            max_new_tokens=8, progress=False)
+    assert shared == alone
+    assert alone[0] != alone[1] and len(set(alone[1])) > 1          # the answers tell models and rows apart
+    built = PrefixCache.build(model, TOK, rows, "music", max_len, 1, batch_size=2, progress=False)
+    assert torch.equal(cache.hidden, built.hidden) and torch.equal(cache.prompt_lens, built.prompt_lens)
+    if max_len == 490:   # rows 0 and 1 cut, the others whole
+        assert (cache.prompt_lens < torch.tensor([len(encode_prompt(TOK, r, "music")) for r in rows])).any()
+
+
+def test_generate_answers_shared_bad_input(tmp_path):
+    model, rows = _twenty_candidates_on_tiny_llama(seed=2)
+    with pytest.raises(ValueError, match=r"models\[1\] differs from models\[0\] below layer 1"):
+        generate_answers_shared([model, _tuned_copy(model, [0])], TOK, rows, "music", 1, 512, progress=False)
+    with pytest.raises(ValueError, match="layer must be an int in \\[1, 1\\]"):
+        generate_answers_shared([model], TOK, rows, "music", 2, 512, progress=False)
+    with pytest.raises(ValueError, match="models is empty"):
+        generate_answers_shared([], TOK, rows, "music", 1, 512, progress=False)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_answers_shared([model], TOK, rows, "music", 1, 512, max_new_tokens=0, progress=False)
 
 
 def test_mcnemar_exact_test_by_hand():

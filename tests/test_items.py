@@ -215,8 +215,12 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("where", ["boundary", "input", "sft-adapter"])
-def test_every_stage_trains_and_evaluates_with_item_tokens(checkpoint, tmp_path, where):
+def test_every_stage_trains_and_evaluates_with_item_tokens(checkpoint, tmp_path, where, monkeypatch):
     data_dir, base = checkpoint
+    passes = []   # the models of each shared pass of the bottom layers
+    shared = train.generate_answers_shared
+    monkeypatch.setattr(train, "generate_answers_shared",
+                        lambda models, *a, **k: passes.append(len(models)) or shared(models, *a, **k))
     extra = {"boundary": ["--item-layer", "boundary"],
              "input": ["--item-layer", "input", "--item-projector", "freeze", "--item-tokens", "sasrec",
                        "--item-position", "after"],
@@ -225,6 +229,12 @@ def test_every_stage_trains_and_evaluates_with_item_tokens(checkpoint, tmp_path,
     out = tmp_path / "run"
     summary = train.main(_run_flags(data_dir, base, out, "--max-steps", "3", "--compare-dpo", *extra))
     assert list(summary["models"]) == ["pop", "sasrec", "sft", "sdpo", "dpo"]
+    # The three models generated from one pass of the layers below the top one; evaluated each on
+    # its own (the whole model run for every one) they score the same.
+    assert passes == [3]
+    monkeypatch.setattr(train, "shares_bottom", lambda *a: False)
+    alone = train.main(_run_flags(data_dir, base, out, "--stage", "eval", "--compare-dpo", *extra))
+    assert passes == [3] and alone["models"] == summary["models"]
     assert summary["item_tokens"] == {"source": "sasrec" if where == "input" else "sasrec-user",
                                       "layer": 0 if where == "input" else 2,
                                       "projector": "freeze" if where == "input" else "train"}

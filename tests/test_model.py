@@ -1,4 +1,6 @@
 """minisdpo.model.Llama against transformers' LlamaForCausalLM on tiny random configs."""
+import copy
+
 import pytest
 import torch
 
@@ -176,10 +178,12 @@ def test_bad_inputs_raise():
         model(ids, attention_mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match="position_ids"):
         model(ids, position_ids=torch.arange(5))
-    right_padded = torch.ones(2, 6, dtype=torch.long)
-    right_padded[1, -2:] = 0
-    with pytest.raises(ValueError, match="left-padded"):
-        model.generate(ids, 3, eos_id=2, attention_mask=right_padded)
+    holes = torch.ones(2, 6, dtype=torch.long)
+    holes[1, 2] = 0
+    with pytest.raises(ValueError, match="one run"):
+        model.generate(ids, 3, eos_id=2, attention_mask=holes)
+    with pytest.raises(ValueError, match="one run"):
+        model.generate(ids, 3, eos_id=2, attention_mask=torch.zeros(2, 6, dtype=torch.long))
     with pytest.raises(ValueError, match="n_kv_heads"):
         ModelArgs(dim=32, n_heads=4, n_kv_heads=3)
 
@@ -193,3 +197,76 @@ def test_bfloat16_keeps_float32_rope():
         low = model.to(torch.bfloat16)(ids)
     assert low.dtype == torch.bfloat16 and model._inv_freq.dtype == torch.float32
     assert (low.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def _two_models_sharing_the_bottom(dtype: torch.dtype) -> tuple[Llama, Llama]:
+    """A random 3-layer Llama and a copy with LoRA (far from zero) on its top layer only."""
+    from minisdpo.lora import apply_lora
+    torch.manual_seed(0)
+    base = Llama(ModelArgs(vocab_size=90, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=128))
+    tuned = copy.deepcopy(base)
+    apply_lora(tuned, r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], layers=[2])
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 3.0)
+    return base.to(dtype).eval(), tuned.to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("left", [True, False], ids=["left_pad", "right_pad"])
+def test_prefill_is_the_forward_pass(dtype, left):
+    # A prefill attends over the keys it writes, in the model's dtype (a bfloat16 model on the CPU
+    # keeps a float32 cache, Llama.cache_dtype): its logits are the forward pass's, bit for bit.
+    model, _ = _two_models_sharing_the_bottom(dtype)
+    ids, mask = padded_batch(model.args.vocab_size, T=12, pad=4, left=left)
+    last = 11 - mask.flip(-1).argmax(-1, keepdim=True)                           # (2, 1)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, outputs=last)[:, 0]
+        cache = KVCache(model.args, 2, 12, model.cache_dtype(), "cpu")
+        assert torch.equal(model.prefill(ids, mask, cache), full)
+        # forward(..., cache=) writes the same keys and values and returns the same states.
+        again = KVCache(model.args, 2, 12, model.cache_dtype(), "cpu")
+        assert torch.equal(model(ids, attention_mask=mask, outputs=last, cache=again)[:, 0], full)
+    for a, b in zip(cache.k + cache.v, again.k + again.v):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generate_continues_from_one_pass_of_shared_bottom_layers(dtype):
+    # Layers 0..1 run once over right-padded prompts into a cache; each model then runs its top
+    # layer and decodes from it, in turn on the same cache: the tokens of each model's own generate.
+    base, tuned = _two_models_sharing_the_bottom(dtype)
+    ids, mask = padded_batch(base.args.vocab_size, T=12, pad=4, left=False)
+    with torch.no_grad():
+        cache = KVCache(base.args, 2, 12 + 8, base.cache_dtype(), "cpu")
+        states = base(ids, attention_mask=mask, stop_layer=2, cache=cache)          # (2, 12, dim)
+        alone = [m.generate(ids, 8, eos_id=None, attention_mask=mask) for m in (base, tuned)]
+        assert not torch.equal(alone[0], alone[1])                  # the top layer matters
+        for m, expected in zip((base, tuned, base), alone + alone[:1]):
+            got = m.generate(ids, 8, eos_id=None, attention_mask=mask, cache=cache, first_layer=2, hidden=states)
+            assert torch.equal(got, expected)
+    if dtype == torch.float32:   # right padding decodes as left padding does
+        left_ids, left_mask = padded_batch(base.args.vocab_size, T=12, pad=4, left=True)
+        left_ids[1, 4:] = ids[1, :8]
+        assert torch.equal(tuned.generate(left_ids, 8, eos_id=None, attention_mask=left_mask), alone[1])
+
+
+def test_generate_from_a_layer_bad_input():
+    base, _ = _two_models_sharing_the_bottom(torch.float32)
+    ids, mask = padded_batch(base.args.vocab_size, T=12, pad=4, left=False)
+    cache = KVCache(base.args, 2, 12 + 8, torch.float32, "cpu")
+    with torch.no_grad():
+        states = base(ids, attention_mask=mask, stop_layer=2, cache=cache)
+        with pytest.raises(ValueError, match="first_layer > 0 needs the cache"):
+            base.generate(ids, 8, None, attention_mask=mask, first_layer=2, hidden=states)
+        with pytest.raises(ValueError, match="hidden goes with first_layer"):
+            base.generate(ids, 8, None, attention_mask=mask, cache=cache, hidden=states)
+        with pytest.raises(ValueError, match="hidden goes with first_layer"):
+            base.generate(ids, 8, None, attention_mask=mask, cache=cache, first_layer=2, hidden=states[:, :5])
+        with pytest.raises(ValueError, match="first_layer must be"):
+            base.generate(ids, 8, None, attention_mask=mask, cache=cache, first_layer=3, hidden=states)
+        with pytest.raises(ValueError, match="at least T \\+ max_new_tokens = 21"):
+            base.generate(ids, 9, None, attention_mask=mask, cache=cache, first_layer=2, hidden=states)
+        with pytest.raises(ValueError, match="cache must hold 2 rows of at least 12 slots"):
+            base(ids, stop_layer=2, cache=KVCache(base.args, 2, 11, torch.float32, "cpu"))

@@ -121,9 +121,11 @@ def test_resume_reads_back_the_models_already_evaluated(data_dir, tmp_path, monk
     out = tmp_path / "run"
     flags = ["--negatives", "3", "--max-steps", "2", "--baselines", "none"]
     first = train.main(_flags(data_dir, out, *flags))
-    generated = []
-    real = train.evaluate_generation
-    monkeypatch.setattr(train, "evaluate_generation", lambda *a, **k: generated.append(1) or real(*a, **k))
+    generated = []   # one entry per model generated, on its own or beside others
+    alone, shared = train.evaluate_generation, train.generate_answers_shared
+    monkeypatch.setattr(train, "evaluate_generation", lambda *a, **k: generated.append(1) or alone(*a, **k))
+    monkeypatch.setattr(train, "generate_answers_shared",
+                        lambda models, *a, **k: generated.extend([1] * len(models)) or shared(models, *a, **k))
 
     (out / "answers_sdpo.json").unlink()   # as if stopped while the S-DPO model was generating
     again = train.main(_flags(data_dir, out, *flags, "--resume"))
