@@ -13,7 +13,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #ifdef __linux__
@@ -37,18 +39,85 @@ namespace {
 // Enough rows per task that a task does at least ~32k elements of work (ATen's GRAIN_SIZE).
 int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / V); }
 
-// A fresh logits-sized gradient costs mostly page faults on first touch, far fewer in 2 MB pages
-// than in 4 KB ones (docs/benchmarks.md). Ask Linux for transparent huge pages over the
-// buffer, as PyTorch does for every allocation under THP_MEM_ALLOC_ENABLE=1; a no-op where
-// THP is off or the buffer is small.
-void advise_huge_pages(const at::Tensor& t) {
+// The logits' gradient, from a cache of one block. A fresh logits-sized buffer costs mostly
+// page faults on first touch: about as much as the backward pass itself in 2 MB pages, and
+// several times more when Linux compacts memory to find them (docs/benchmarks.md). A training
+// loop asks for a gradient of about the same size every step, so the block of the last large
+// gradient freed is kept, and the next one that fits it (between half its size and all of it)
+// takes it, its pages already in memory; the block kept before is freed. Large buffers only
+// (glibc serves smaller ones from memory it keeps anyway); empty_cache() frees the block.
+class BlockCache {
+ public:
+  static constexpr size_t kMinBytes = size_t{32} << 20;
+  static constexpr size_t kHuge = size_t{2} << 20;
+
+  // A block of at least `bytes` (a multiple of 2 MB), its size in *size.
+  void* take(size_t bytes, size_t* size) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (block_ != nullptr && size_ >= bytes && size_ / 2 <= bytes) {
+        void* p = block_;
+        *size = size_;
+        block_ = nullptr;
+        return p;
+      }
+    }
+    *size = (bytes + kHuge - 1) / kHuge * kHuge;
+    void* p = nullptr;
+    TORCH_CHECK(posix_memalign(&p, kHuge, *size) == 0, "minisdpo: out of memory allocating ",
+                *size, " bytes for the logits' gradient");
 #ifdef __linux__
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+    // Ask Linux for transparent huge pages over the block, as PyTorch does for every allocation
+    // under THP_MEM_ALLOC_ENABLE=1; a no-op where THP is off.
+    madvise(p, *size, MADV_HUGEPAGE);
 #endif
+    return p;
+  }
+
+  // Called when the tensor of a block taken above is freed: keep it, free the one kept before.
+  void give(void* p, size_t size) {
+    void* old = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      old = block_;
+      block_ = p;
+      size_ = size;
+    }
+    std::free(old);
+  }
+
+  void clear() {
+    void* old = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      old = block_;
+      block_ = nullptr;
+      size_ = 0;
+    }
+    std::free(old);
+  }
+
+ private:
+  std::mutex mu_;
+  void* block_ = nullptr;
+  size_t size_ = 0;
+};
+
+// Never destroyed: a gradient may be freed after static destructors have run.
+BlockCache& block_cache() {
+  static BlockCache* cache = new BlockCache;
+  return *cache;
+}
+
+// An uninitialised contiguous tensor like `like`, from the block cache when it is large.
+at::Tensor gradient_like(const at::Tensor& like) {
+  const size_t bytes = static_cast<size_t>(like.numel()) * like.element_size();
+  if (bytes < BlockCache::kMinBytes) return at::empty(like.sizes(), like.options());
+  size_t size = 0;
+  void* p = block_cache().take(bytes, &size);
+  return at::from_blob(
+      p, like.sizes(), [size](void* q) { block_cache().give(q, size); },
+      like.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
 // Per row r = s * T + t: lse[r] and tok[r] = logits[s, t, y] - lse[r] (0 for both if ignored).
@@ -183,8 +252,7 @@ at::Tensor logits_bwd_cpu(const at::Tensor& coef, const at::Tensor& logits,
                           const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index) {
   check_logits_bwd(coef, logits, labels, lse);
   const at::Tensor x = rows_contiguous(logits);
-  at::Tensor grad = at::empty(logits.sizes(), logits.options());
-  advise_huge_pages(grad);
+  at::Tensor grad = gradient_like(logits);
   const at::Tensor c = coef.to(lse.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "logits_bwd", [&] {
     backward_rows<scalar_t>(c, x, labels, lse, ignore_index, grad);
@@ -211,6 +279,9 @@ void logits_bwd_inplace_cpu(at::Tensor& logits, const at::Tensor& coef, const at
 // The CPU capability the next call will use (default | avx2 | avx512), for tests and benchmarks.
 std::string cpu_capability() { return cpu::capability_name(cpu::current_capability()); }
 
+// Free the block the CPU backward pass keeps for the next gradient (BlockCache above).
+void empty_cache() { block_cache().clear(); }
+
 }  // namespace minisdpo
 
 TORCH_LIBRARY(minisdpo, m) {
@@ -230,6 +301,7 @@ TORCH_LIBRARY(minisdpo, m) {
       "logits_bwd_(Tensor(a!) logits, Tensor coef, Tensor labels, Tensor lse, int ignore_index) "
       "-> ()");
   m.def("cpu_capability() -> str", &minisdpo::cpu_capability);
+  m.def("empty_cache() -> ()", &minisdpo::empty_cache);
 }
 
 TORCH_LIBRARY_IMPL(minisdpo, CPU, m) {

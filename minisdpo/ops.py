@@ -33,7 +33,7 @@ import torch
 from . import _C  # noqa: F401  (loading the extension registers torch.ops.minisdpo)
 from .loss import accumulation_dtype
 
-__all__ = ["sdpo_loss", "token_logps", "sdpo_linear_loss", "linear_token_logps", "cpu_capability"]
+__all__ = ["sdpo_loss", "token_logps", "sdpo_linear_loss", "linear_token_logps", "cpu_capability", "empty_cache"]
 
 _ops = torch.ops.minisdpo
 
@@ -412,6 +412,14 @@ def _linear_token_logps(hidden, weight, labels, ignore_index=-100, chunk_rows=0,
     tok, *_ = _ops.linear_token_logps_fwd(hidden, weight, labels, ignore_index, chunk_rows,
                                           _save_dtok(hidden, weight, grad_path))
     return tok
+
+
+def empty_cache() -> None:
+    """Free the block of memory the CPU backward pass of ``sdpo_loss`` / ``token_logps`` keeps
+    for the next logits' gradient: the block of the last large gradient freed, reused by the next
+    one of about its size, so that a training step does not pay the page faults of a fresh
+    logits-sized buffer (csrc/sdpo.cpp, ``BlockCache``)."""
+    _ops.empty_cache()
 
 
 def cpu_capability() -> str:

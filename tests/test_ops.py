@@ -545,6 +545,35 @@ def test_logits_bwd_in_place(device, dtype, V, layout):
     assert torch.count_nonzero(want[labels == -100]).item() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_large_gradient_reuses_the_block_of_the_last_one(dtype):
+    """On the CPU a logits' gradient of 32 MiB or more takes the block of the last one freed when
+    it fits (csrc/sdpo.cpp, BlockCache): the same memory, holding the old gradient, written over
+    in full, ignored rows and sequences included; a small one takes other memory."""
+    V = 8 * 2**20 // dtype.itemsize   # 8 MiB rows, 4 x 1 x V = 32 MiB of logits
+    ops.empty_cache()
+    first, labels, ref = make_inputs(4, 1, V, 1, dtype, seed=14)
+    labels[:, 0] = torch.randint(0, V, (4,))
+    grad = loss_and_grad(ops.sdpo_loss, first, labels, ref, 1)[2]
+    kept = grad.data_ptr()
+    assert torch.count_nonzero(grad).item() > 0
+    del grad                                           # back into the cache
+    logits, labels, ref = make_inputs(4, 1, V, 1, dtype, seed=15)
+    labels[1, 0] = -100                                # an ignored row (and sequence): zeros
+    got = loss_and_grad(ops.sdpo_loss, logits, labels, ref, 1)[2]
+    assert got.data_ptr() == kept
+    want = loss_and_grad(torch_loss.sdpo_loss, logits.float(), labels, ref, 1)[2]
+    torch.testing.assert_close(got.float(), want, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
+    assert torch.count_nonzero(got[1]).item() == 0
+    del got
+    half = make_inputs(2, 1, V, 1, dtype, seed=16)     # 16 MiB: below the cache's size
+    assert loss_and_grad(ops.sdpo_loss, *half, 1)[2].data_ptr() != kept
+    again = loss_and_grad(ops.sdpo_loss, logits, labels, ref, 1)[2]
+    assert again.data_ptr() == kept
+    del again
+    ops.empty_cache()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_logits_bwd_in_place_rejects_overlapping_logits(device):
     """An expanded view holds one memory location for several logits, which cannot take
