@@ -19,7 +19,10 @@ prompt (``minisdpo.batches.packed_batch``) and the LM head runs on their tokens 
 passes; ``python -m minisdpo.train`` scores them with its loss backend's LM head, by default the
 fused one of ``minisdpo.ops``.
 
-Prompts and responses are tokenised by ``minisdpo.data`` exactly as in training.
+Prompts and responses are tokenised by ``minisdpo.data`` exactly as in training. Models that
+share their bottom layers (the SFT model and the adapters on its top layers) generate from one
+pass of those layers, the pass that builds the rows' frozen-prefix cache for the ranking
+(``generate_answers_shared``): train.py's evaluation.
 """
 from __future__ import annotations
 

@@ -527,16 +527,13 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
         else:
             todo.append((name, key))
 
-    def cache_at(model: Llama, layer: int) -> tuple[Path, str]:
-        return cache_place(model, args.eval_split, layer, args, out)
-
     def evaluate(group: list[tuple[str, dict, Llama, Tokenizer]], layer: int) -> None:
         """Generation and ranking of models that share their layers below ``layer`` (0: each
         model on its own), each one's record written when it is done."""
         names = ", ".join(name for name, *_ in group)
         prefix, answers = None, {}
         if layer:
-            where, source = cache_at(group[0][2], layer)
+            where, source = cache_place(group[0][2], args.eval_split, layer, args, out)
             t0 = time.time()
             log(env, f"[eval] {names}: generation on {len(rows)} {args.eval_split} rows from one pass of layers "
                      f"0..{layer - 1}" + ("" if args.no_ranking else f", which builds the rows' frozen-prefix cache ({where})"))
