@@ -114,8 +114,8 @@ class KVCache:
     """Keys and values of every layer, preallocated for ``max_len`` slots.
 
     Slots are explicit positions in the cache; they are shared by the whole batch, while RoPE
-    positions (``position_ids``) are per row, so left-padded prompts of different lengths share
-    one cache. ``key_valid`` (B, max_len) marks the slots that hold real tokens.
+    positions (``position_ids``) are per row, so padded prompts of different lengths (left or
+    right) share one cache. ``key_valid`` (B, max_len) marks the slots that hold real tokens.
     """
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int,
