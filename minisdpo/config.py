@@ -12,13 +12,13 @@ import math
 import os
 from collections.abc import Callable
 
+import torch
+
 from minisdpo import data as D
 from minisdpo.baselines import BASELINES, parse_baselines
 from minisdpo.batches import LAYOUTS
 from minisdpo.items import ITEM_TOKENS
 from minisdpo.lora import DEFAULT_TARGETS
-import torch
-
 from minisdpo.run import default_dtype, model_kind
 
 __all__ = ["DEFAULT_MODEL", "MODEL_DEFAULTS", "RECIPES", "RECIPE_BATCH", "FREE_ON_RESUME", "build_parser",

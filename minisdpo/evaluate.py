@@ -91,14 +91,6 @@ def _check_common(rows: Sequence[Row], batch_size: int) -> None:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
 
-def _prompt(tok: TokenizerLike, row: Row, domain: str, max_len: int | None) -> list[int]:
-    """A row's prompt for generation: with ``max_len`` cut as in training and in the frozen-prefix
-    cache (``minisdpo.data.encode_group``: on the left, BOS kept, to fit the longest candidate)."""
-    if max_len is None:
-        return encode_prompt(tok, row, domain)
-    return encode_group(tok, row, row.candidates, max_len, domain)[0]
-
-
 def _answer(tok: TokenizerLike, new: list[int]) -> str:
     """The decoded text of generated ids up to the first EOS."""
     return tok.decode(new[:new.index(tok.eos_id)] if tok.eos_id in new else new)
@@ -132,7 +124,8 @@ def generate_answers(model: Any, tok: TokenizerLike, rows: Sequence[Row], domain
     _check_common(rows, batch_size)
     _check_max_new_tokens(max_new_tokens)
     device, pad_id = _device(model), padding_id(tok)
-    prompts = [_prompt(tok, row, domain, max_len) for row in rows]
+    prompts = [encode_prompt(tok, row, domain) if max_len is None else
+               encode_group(tok, row, row.candidates, max_len, domain)[0] for row in rows]
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(rows)
     with _eval_mode(model):
@@ -196,15 +189,11 @@ def generate_answers_shared(models: Sequence[Any], tok: TokenizerLike, rows: Seq
         if not shares_bottom(models[0], model, layer):
             raise ValueError(f"models[{m}] differs from models[0] below layer {layer}: they must share "
                              f"their embedding and layers 0..{layer - 1} (shares_bottom)")
-    prompts = [torch.tensor(_prompt(tok, row, domain, max_len)) for row in rows]
     answers: list[list[str]] = [[""] * len(rows) for _ in models]
 
-    def generate(idx: list[int], batch: Any, states: torch.Tensor, kv: Any) -> None:
+    def generate(idx: list[int], lens: torch.Tensor, batch: Any, states: torch.Tensor, kv: Any) -> None:
         # Each packed row starts with its prompt: the prompts, right-padded, are its first T positions.
-        lens = torch.tensor([len(prompts[i]) for i in idx])                      # (G,)
         T = int(lens.max())
-        if any(not torch.equal(batch.input_ids[g, :len(prompts[i])], prompts[i]) for g, i in enumerate(idx)):
-            raise RuntimeError("the packed rows do not start with generation's prompts")
         mask = (torch.arange(T)[None] < lens[:, None]).to(states.device)         # (G, T)
         ids = batch.input_ids[:, :T].to(states.device)
         for m, model in enumerate(models):

@@ -512,11 +512,10 @@ class Llama(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != (B, T):
             raise ValueError(f"attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
-        real = attention_mask.bool()
+        real = attention_mask.long()
         count = real.sum(-1)
-        first = real.long().argmax(-1)
-        last = T - 1 - real.flip(-1).long().argmax(-1)
-        if bool((count == 0).any()) or bool((last - first + 1 != count).any()):
+        first, last = real.argmax(-1), T - 1 - real.flip(-1).argmax(-1)   # (B,) each row's first and last real token
+        if bool(((count == 0) | (last - first + 1 != count)).any()):
             raise ValueError("every row of attention_mask needs its real tokens in one run (left- or "
                              "right-padded), at least one")
         n = self.args.n_layers

@@ -78,7 +78,7 @@ class PrefixCache:
     def build(cls, model: Any, tok: TokenizerLike, rows: Sequence[Row], domain: str, max_len: int, layer: int,
               *, batch_size: int = 8, path: str | Path | None = None, source: str = "",
               progress: bool = True, desc: str = "prefix cache",
-              on_batch: Callable[[list[int], PackedBatch, torch.Tensor, KVCache], None] | None = None,
+              on_batch: Callable[[list[int], torch.Tensor, PackedBatch, torch.Tensor, KVCache], None] | None = None,
               kv_slots: int = 0) -> PrefixCache:
         """Run ``model``'s embedding and layers 0..layer-1 over every row with all its candidates.
 
@@ -88,12 +88,12 @@ class PrefixCache:
         max_len, layer and ``source`` (a name for the weights below ``layer``) reads back
         instead of building again.
 
-        ``on_batch(row_ids, batch, states, kv)``, when given, is called after each batch's pass with
-        the rows' indices, their ``PackedBatch``, the states entering ``layer`` (G, L, dim) and a
-        ``KVCache`` holding the keys and values of layers 0..layer-1 at slots 0..L-1, followed
+        ``on_batch(row_ids, prompt_lens, batch, states, kv)``, when given, is called after each
+        batch's pass with the rows' indices, their prompts' lengths (G,) (a packed row's prompt is
+        its first positions), their ``PackedBatch``, the states entering ``layer`` (G, L, dim) and
+        a ``KVCache`` holding the keys and values of layers 0..layer-1 at slots 0..L-1, followed
         by ``kv_slots`` free slots: what ``Llama.generate(..., first_layer=layer)`` continues
-        from, the prompt being positions 0..prompt_lens[i]-1 of each packed row. The pass is
-        then always run (a cache on file is built again).
+        from. The pass is then always run (a cache on file is built again).
         """
         if not rows:
             raise ValueError("rows is empty")
@@ -161,7 +161,7 @@ class PrefixCache:
                     hidden[a:a + n] = h[g, :n].to("cpu", dtype)
                     ids[a:a + n] = b.input_ids[g, :n]
                 if on_batch is not None:
-                    on_batch(idx, b, h, kv)
+                    on_batch(idx, prompt_lens_t[idx], b, h, kv)
         model.train(was_training)
         build_s = time.time() - t0
         index = {"ids": ids, "offsets": offsets, "starts": starts, "lengths": lengths_t, "prompt_lens": prompt_lens_t}

@@ -510,7 +510,7 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
     progress = not args.no_progress
     results, hits = {}, {}
     rows_digest = hashlib.sha256(json.dumps([dataclasses.astuple(r) for r in rows]).encode()).hexdigest()
-    todo = []
+    todo = {}   # name: the key of its record, for the models evaluated now
     for name in ("zero-shot",) * args.zero_shot + ("sft", "sdpo", "dpo"):
         if name == "sft" and args.zero_shot and not sft_model_dir(out).exists():
             break  # --stage eval --zero-shot before any training: the pretrained model only
@@ -525,7 +525,7 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
             log(env, f"[eval] {name}: read back from {record}")
             results[name], hits[name] = saved["metrics"], saved["hits"]
         else:
-            todo.append((name, key))
+            todo[name] = key
 
     def evaluate(group: list[tuple[str, dict, Llama, Tokenizer]], layer: int) -> None:
         """Generation and ranking of models that share their layers below ``layer`` (0: each
@@ -560,20 +560,19 @@ def run_eval(args: argparse.Namespace, tok: Tokenizer, splits: dict[str, list[D.
             atomic_write_json({"answers": gen["answers"], "hits": gen["hits"], "metrics": res, "key": key},
                               out / f"answers_{name}.json")
 
-    keys = dict(todo)
-    if "zero-shot" in keys:  # the pretrained model before SFT, in the run's dtype, on titles only
+    if "zero-shot" in todo:  # the pretrained model before SFT, in the run's dtype, on titles only
         model = from_pretrained(resolve_model(args, env), dtype=env.dtype, device=env.device)
         layer = lora_boundary(model.args.n_layers, args.lora_layers)
         # With item tokens the run's prompts are not the ones it reads: no cache of them.
-        evaluate([("zero-shot", keys.pop("zero-shot"), model, getattr(tok, "tok", tok))],
+        evaluate([("zero-shot", todo.pop("zero-shot"), model, getattr(tok, "tok", tok))],
                  layer if not items and layer <= sft_boundary(args, model.args) else 0)
         del model
-    if keys:
+    if todo:
         sft_model = load_sft_model(out, env, items)
         layer = lora_boundary(sft_model.args.n_layers, args.lora_layers)
         group = [(name, key, sft_model if name == "sft" else
                   load_preference_model(out, name, env, sharing_copy(sft_model, layer), items), tok)
-                 for name, key in keys.items()]
+                 for name, key in todo.items()]
         # The models whose layers below ``layer`` are the first one's run from one pass of them.
         shared = [g for g in group if layer and shares_bottom(group[0][2], g[2], layer)]
         if shared:
